@@ -20,11 +20,54 @@ import torch
 
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            # other processes competing for the cores change every figure: the 1-minute load average says how many
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+PEAK_RSS_METHOD = ("VmHWM of /proc/self/status, reset (clear_refs) before each benchmark" if
+                   os.path.exists("/proc/self/clear_refs") else "ru_maxrss of getrusage (peak of the whole process)")
+
+
+def reset_peak_rss() -> None:
+    """Start a benchmark's own peak resident memory (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB since the last reset_peak_rss (where Linux allows one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def children_peak_rss_mb() -> float:
+    """The largest peak resident memory of any child process (the scoring pool's workers) so far."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def per_segment_chars_per_s(scorer, texts: list[str], budget_s: float) -> tuple[float, int]:
+    """What the reference code did: the scorer called on one segment at a time (segments as the scorer cuts
+    them), for at most `budget_s` seconds; characters scored per second and segments scored."""
+    chars = n = 0
+    t = time.perf_counter()
+    for text in texts:
+        for a, b in scorer.segment(text):
+            scorer.score_texts([text[a:b]])
+            chars += b - a
+            n += 1
+            if time.perf_counter() - t > budget_s:
+                return chars / (time.perf_counter() - t), n
+    return chars / max(time.perf_counter() - t, 1e-9), n
 
 
 def bench_score(quick: bool) -> dict:
@@ -34,6 +77,7 @@ def bench_score(quick: bool) -> dict:
     from phf.demo import config_path
     from phf.config import load_config
 
+    reset_peak_rss()
     cfg = load_config(config_path("pep8", "mle"))
     docs = list(Corpus(CorpusConfig(**{**cfg.corpus.__dict__, "max_documents": 60 if quick else 300})))
     texts = [d.text for d in docs]
@@ -45,6 +89,9 @@ def bench_score(quick: bool) -> dict:
     scorer.score_texts(texts)
     dt = time.perf_counter() - t
     out.update(lines_per_s_1proc=round(lines / dt), mb_per_s_1proc=round(chars / 1e6 / dt, 3))
+    rate, n = per_segment_chars_per_s(scorer, texts, 5 if quick else 20)
+    out.update(mb_per_s_per_segment=round(rate / 1e6, 4), per_segment_lines_timed=n,
+               speedup_vs_per_segment=round(out["mb_per_s_1proc"] / (rate / 1e6), 2))
     workers = os.cpu_count() or 1
     if workers > 1:
         import multiprocessing as mp
@@ -57,6 +104,8 @@ def bench_score(quick: bool) -> dict:
             pool.map(_score_batch, chunks)
             dt = time.perf_counter() - t
         out.update({f"lines_per_s_{workers}proc": round(lines / dt), f"mb_per_s_{workers}proc": round(chars / 1e6 / dt, 3)})
+        out["worker_peak_rss_mb"] = round(children_peak_rss_mb())
+    out.update(peak_rss_mb=round(peak_rss_mb()), peak_rss_method=PEAK_RSS_METHOD)
     return out
 
 
@@ -88,20 +137,23 @@ def train_flops_per_token(model, context: int) -> float:
     return 6 * n + 12 * cfg.n_layer * context * cfg.n_embd
 
 
-def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, dtype: str, lr: float) -> float:
-    """Tokens/s of phf's training step (the loop of phf/train.py without logging), after `warm` steps."""
+def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, dtype: str, lr: float,
+              compile: bool = False) -> float:
+    """Tokens/s of phf's training step (the loop of phf/train.py without logging), after `warm` steps (which
+    include the compilation with `compile`, as train.compile does)."""
     from phf.config import TrainConfig
     from phf.train import autocast, get_batch, make_optimizer
 
     model.train()
     opt = make_optimizer(model, TrainConfig(lr=lr))
+    fwd = torch.compile(model) if compile else model
     dev = torch.device("cpu")
     for step in range(steps + warm):
         if step == warm:
             t = time.perf_counter()
         x, y, s = get_batch(stream, T, B, 0, step, 0, dev)
         with autocast(dev, dtype):
-            out = model(x)
+            out = fwd(x)
         loss = objective.loss(out, y, s) / y.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -150,21 +202,32 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
     from phf.model import build_model, count_parameters
     from phf.tokenizer import EOS, load_tokenizer
 
+    reset_peak_rss()
     cfg, data = _demo_data(data_dir, quick)
     tok = load_tokenizer(data.tokenizer_file)
     vocab, eos = tok.get_vocab_size(), tok.token_to_id(EOS)
     stream = data.streams["train"]
     B, T = cfg.train.batch_size, cfg.model.block_size
     steps, warm = (6, 2) if quick else (30, 5)
-    torch.manual_seed(0)
-    phf_tps = _phf_loop(build_model(cfg.model, vocab, eos), stream, data.objective, B, T, steps, warm,
-                        cfg.train.dtype, cfg.train.lr)
+
+    def phf(compile: bool = False) -> float:
+        torch.manual_seed(0)
+        return _phf_loop(build_model(cfg.model, vocab, eos), stream, data.objective, B, T, steps, warm,
+                         cfg.train.dtype, cfg.train.lr, compile)
+
+    # phf is measured before and after the reference and averaged, so a load that changes meanwhile (other
+    # processes on the machine) weighs on both sides alike
+    phf_before = phf()
     torch.manual_seed(0)
     demo_model = build_model(cfg.model, vocab, eos)
     ref_tps = _reference_trainer(demo_model, stream, B, T, steps, warm, cfg.train.lr)
+    phf_tps = (phf_before + phf()) / 2
     out = {"threads": torch.get_num_threads(), "parameters": count_parameters(demo_model), "batch": B, "context": T,
            "dtype": cfg.train.dtype, "phf_tokens_per_s": round(phf_tps, 1), "reference_tokens_per_s": round(ref_tps, 1),
            "speedup_vs_reference": round(phf_tps / ref_tps, 3)}
+    if not quick:  # train.compile=true (the compilation, tens of seconds, is not counted)
+        out["phf_compiled_tokens_per_s"] = round(phf(compile=True), 1)
+        out["speedup_compiled_vs_reference"] = round(out["phf_compiled_tokens_per_s"] / ref_tps, 3)
     out["peak_bf16_gflops"] = round(peak_matmul_gflops(torch.bfloat16), 1)
     out["peak_fp32_gflops"] = round(peak_matmul_gflops(torch.float32), 1)
     big_cfg = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256)
@@ -174,8 +237,21 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
     big_tps = _phf_loop(big, stream, data.objective, 8, 256, big_steps, big_warm, "bf16", 1e-3)
     achieved = big_tps * train_flops_per_token(big, 256) / 1e9
     out.update(mfu_model_parameters=count_parameters(big), mfu_model_tokens_per_s=round(big_tps, 1),
-               mfu_model_gflops=round(achieved, 1), mfu_bf16=round(achieved / out["peak_bf16_gflops"], 3),
-               peak_rss_mb=round(peak_rss_mb()))
+               mfu_model_gflops=round(achieved, 1), mfu_bf16=round(achieved / out["peak_bf16_gflops"], 3))
+    # the same with one thread against the one-thread peak: how much of the MFU the second thread costs
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+        try:
+            peak1 = peak_matmul_gflops(torch.bfloat16)
+            torch.manual_seed(0)
+            tps1 = _phf_loop(build_model(big_cfg, vocab, eos), stream, data.objective, 8, 256, big_steps, big_warm,
+                             "bf16", 1e-3)
+        finally:
+            torch.set_num_threads(threads)
+        out.update(peak_bf16_gflops_1thread=round(peak1, 1), mfu_model_tokens_per_s_1thread=round(tps1, 1),
+                   mfu_bf16_1thread=round(tps1 * train_flops_per_token(big, 256) / 1e9 / peak1, 3))
+    out.update(peak_rss_mb=round(peak_rss_mb()), peak_rss_method=PEAK_RSS_METHOD)
     return out
 
 
@@ -185,6 +261,7 @@ def bench_sample(quick: bool, data_dir: Path) -> dict:
     from phf.tokenizer import EOS, load_tokenizer
 
     cfg, data = _demo_data(data_dir, quick)
+    reset_peak_rss()  # sampling only: data preparation is the training benchmark's
     tok = load_tokenizer(data.tokenizer_file)
     torch.manual_seed(0)
     model = build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id(EOS)).eval()
@@ -196,7 +273,9 @@ def bench_sample(quick: bool, data_dir: Path) -> dict:
     rows = generate_ids(model, [[eos]] * 64, new, -1, [], 0.7, 0.9, g)  # eos -1: never stop early
     dt = time.perf_counter() - t
     n = sum(len(r) for r in rows)
-    return {"batch": 64, "new_tokens": new, "tokens_per_s": round(n / dt, 1), "peak_rss_mb": round(peak_rss_mb())}
+    return {"batch": 64, "new_tokens": new, "kv_cache": True, "tokens_per_s": round(n / dt, 1),
+            "parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": round(peak_rss_mb()),
+            "peak_rss_method": PEAK_RSS_METHOD}
 
 
 def bench_score_prose(quick: bool) -> dict:
@@ -208,6 +287,7 @@ def bench_score_prose(quick: bool) -> dict:
     from phf.scorers import get_scorer
     from phf.sentences import sentence_spans
 
+    reset_peak_rss()
     budget = 300_000 if quick else 2_000_000
     texts, chars = [], 0
     try:
@@ -234,6 +314,9 @@ def bench_score_prose(quick: bool) -> dict:
         t = time.perf_counter()
         scorer.score_texts(sample)
         out[f"{name}_chars_per_s"] = round(n / (time.perf_counter() - t))
+        rate, _ = per_segment_chars_per_s(scorer, texts, 3 if quick else 10)
+        out[f"{name}_chars_per_s_per_segment"] = round(rate)
+    out.update(peak_rss_mb=round(peak_rss_mb()), peak_rss_method=PEAK_RSS_METHOD)
     return out
 
 
@@ -252,35 +335,54 @@ def run(what: str = "all", quick: bool = False) -> dict:
 
 def format_figures(f: dict) -> str:
     m = f["machine"]
-    lines = [f"machine: {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads), {m['platform']}"]
+    lines = [f"machine: {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}), {m['platform']}"
+             + (f", 1-minute load average {m['load_average_1min']} when the benchmark started"
+                if m.get("load_average_1min") is not None else "")]
     if "score" in f:
         s = f["score"]
         procs = sorted(int(k.rsplit("_", 1)[1][:-4]) for k in s if k.startswith("lines_per_s_"))
         lines.append(f"score  (pep8, {s['documents']} files, {s['lines']:,} lines, {s['mb']} MB): " + ", ".join(
             f"{s[f'lines_per_s_{n}proc']:,} lines/s ({s[f'mb_per_s_{n}proc']:.2f} MB/s) with {n} process"
             f"{'es' if n > 1 else ''}" for n in procs))
+        lines.append(f"       one segment (line) at a time, as the reference code scored: {s['mb_per_s_per_segment']:.3f} "
+                     f"MB/s, so batching per file is {s['speedup_vs_per_segment']:.1f}x faster; peak RSS "
+                     f"{s['peak_rss_mb']} MB" + (f" (largest worker {s['worker_peak_rss_mb']} MB)"
+                                                 if "worker_peak_rss_mb" in s else ""))
     if "score_prose" in f:
         s = f["score_prose"]
         if "skipped" in s:
             lines.append(f"score  (prose): skipped, {s['skipped']}")
         else:
             def rate(key: str) -> str:
-                return "not installed" if s.get(key) is None else f"{s[key] / 1e3:,.0f}K chars/s"
+                if s.get(key) is None:
+                    return "not installed"
+                return f"{s[key] / 1e3:,.0f}K chars/s" if s[key] >= 10_000 else f"{s[key]:,} chars/s"
 
             lines.append(f"score  (prose, {s['documents']} Debian changelogs and copyright files, {s['mb']} MB, "
                          f"1 process): pii {rate('pii_chars_per_s')}, pii-ner {rate('pii-ner_chars_per_s')}, "
                          f"toxicity {rate('toxicity_chars_per_s')}; sentence segmentation alone "
                          f"{rate('sentences_chars_per_s')}")
+            lines.append("       one sentence at a time: " + ", ".join(
+                f"{name} {rate(f'{name}_chars_per_s_per_segment')}" for name in ("pii", "pii-ner", "toxicity"))
+                + f"; peak RSS {s['peak_rss_mb']} MB")
     if "train" in f:
         t = f["train"]
         lines.append(f"train  ({t['parameters'] / 1e6:.2f}M params, batch {t['batch']} x {t['context']}, {t['dtype']}, "
-                     f"{t['threads']} threads): phf {t['phf_tokens_per_s']:,.0f} tokens/s, HF Trainer "
-                     f"{t['reference_tokens_per_s']:,.0f} tokens/s ({t['speedup_vs_reference']:.2f}x)")
+                     f"{t['threads']} thread{'s' if t['threads'] != 1 else ''}): phf {t['phf_tokens_per_s']:,.0f} tokens/s, HF Trainer "
+                     f"{t['reference_tokens_per_s']:,.0f} tokens/s ({t['speedup_vs_reference']:.2f}x)"
+                     + (f"; phf with train.compile {t['phf_compiled_tokens_per_s']:,.0f} tokens/s "
+                        f"({t['speedup_compiled_vs_reference']:.2f}x)" if "phf_compiled_tokens_per_s" in t else ""))
         lines.append(f"       peak matmul: bf16 {t['peak_bf16_gflops']:,.0f} GFLOP/s, fp32 {t['peak_fp32_gflops']:,.0f} "
                      f"GFLOP/s; {t['mfu_model_parameters'] / 1e6:.1f}M model: {t['mfu_model_tokens_per_s']:,.0f} "
                      f"tokens/s = {t['mfu_model_gflops']:,.0f} GFLOP/s = {100 * t['mfu_bf16']:.0f}% of bf16 peak; "
                      f"peak RSS {t['peak_rss_mb']} MB")
+        if "mfu_bf16_1thread" in t:
+            lines.append(f"       with 1 thread: bf16 peak {t['peak_bf16_gflops_1thread']:,.0f} GFLOP/s, "
+                         f"{t['mfu_model_tokens_per_s_1thread']:,.0f} tokens/s = {100 * t['mfu_bf16_1thread']:.0f}% "
+                         f"of the 1-thread bf16 peak")
     if "sample" in f:
         s = f["sample"]
-        lines.append(f"sample (batch {s['batch']}, KV cache, {s['new_tokens']} new tokens): {s['tokens_per_s']:,.0f} tokens/s")
+        lines.append(f"sample (batch {s['batch']}, KV cache, {s['new_tokens']} new tokens): {s['tokens_per_s']:,.0f} tokens/s"
+                     f"; peak RSS {s['peak_rss_mb']} MB")
+    lines.append(f"peak RSS: {PEAK_RSS_METHOD}")
     return "\n".join(lines)

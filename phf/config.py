@@ -55,9 +55,13 @@ class ScoringConfig:
     """How a `module:callable` scorer's documents are cut into the segments it scores: `lines` or `sentences`
     ("" = lines). Registered scorers segment their own way (pep8: lines; pii, toxicity: sentences)."""
     workers: int = 0
-    """Processes that score in parallel; 0 = one per CPU core."""
+    """Processes that score in parallel; 0 = one per CPU core (with the ray backend: per CPU of the cluster)."""
     shard_documents: int = 64
     """Documents per Parquet shard; a killed scoring run redoes at most the unfinished shards."""
+    backend: str = "local"
+    """Where shards are scored: `local` (a process pool on this machine) or `ray` (Ray Data over the cluster that
+    `ray.init()` finds, e.g. via RAY_ADDRESS, else a local Ray instance; `pip install 'phf[ray]'`). Both write the
+    same shards and manifest, on the machine that runs `phf score`; Ray workers must see the corpus files."""
 
     def validate(self) -> None:
         if self.segmenter not in ("", "lines", "sentences"):
@@ -65,6 +69,8 @@ class ScoringConfig:
         if self.workers < 0:
             raise PhfError("scoring.workers must be >= 0 (0 means one per core)")
         _check_positive("scoring.shard_documents", self.shard_documents)
+        if self.backend not in ("local", "ray"):
+            raise PhfError(f"scoring.backend must be one of local, ray; got {self.backend!r}")
 
 
 @dataclass
@@ -88,8 +94,9 @@ class ObjectiveConfig:
     threshold: float | None = None
     """Filtering, conditional, unlikelihood: documents (filtering) or segments scoring above this are misaligned;
     0 means any positive score is. None = `threshold_quantile` if set, else the task's default (filtering: the
-    median training document score; conditional and unlikelihood: 0 for pep8 and pii, the median training
-    document score for toxicity)."""
+    median training document score; conditional and unlikelihood: 0 for pep8 and pii; for toxicity, conditional
+    0.5 (the classifier's own decision threshold, per sentence) and unlikelihood the median training document
+    score)."""
     threshold_quantile: float | None = None
     """Set the threshold to this quantile (0 to 1) of the training split's document scores, for scorers whose
     absolute values mean nothing elsewhere; used only when `threshold` is None. None = the task's default."""
@@ -140,6 +147,10 @@ class ModelConfig:
     """Context length in tokens (GPT-2's n_positions)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual paths."""
+    tie_word_embeddings: bool = True
+    """Share one matrix between the input embeddings and the output layer (GPT-2's default). false gives the
+    output layer its own weights, so a token's input embedding is free to mean something other than the
+    direction that predicts it (the control tokens of conditional training: see the README's toxicity task)."""
 
     def validate(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -175,6 +186,10 @@ class TrainConfig:
     """Autocast precision: `bf16` or `fp32`."""
     compile: bool = False
     """Compile the model with torch.compile (faster steps after a compile of tens of seconds)."""
+    parallel: str = "ddp"
+    """How several processes (torchrun) share the model: `ddp` (a full copy per rank, gradients all-reduced) or
+    `fsdp` (FSDP2: parameters, gradients and optimizer state sharded over ranks per transformer block, for models
+    that do not fit one device). Checkpoints are the same full HF folders either way; one process ignores it."""
     threads: int = 0
     """torch intra-op threads; 0 = one per core (divided among local ranks)."""
     seed: int = 42
@@ -187,6 +202,16 @@ class TrainConfig:
     """Save a resumable checkpoint every this many steps (0 = only at the end)."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps."""
+    eval_samples: int = 0
+    """At each evaluation also sample this many unconditional samples (deployed conditioning), score them and log
+    their mean misalignment (`eval_misalignment_mean`): misalignment against tokens seen. 0 = off."""
+    early_stopping_patience: int = 0
+    """Stop when validation loss has not improved for this many evaluations in a row and restore the best
+    weights (the final checkpoint is the best one). 0 = off; needs train.eval_every."""
+    early_stopping_min_delta: float = 0.0
+    """An evaluation improves on the best only if its validation loss is lower by more than this."""
+    trackers: list[str] = field(default_factory=list)
+    """Where metrics go besides metrics.jsonl: `tensorboard`, `wandb` (offline), each an optional extra."""
 
     def validate(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -203,10 +228,19 @@ class TrainConfig:
             raise PhfError("train.weight_decay and train.grad_clip must be >= 0")
         if self.dtype not in ("bf16", "fp32"):
             raise PhfError(f"train.dtype must be one of bf16, fp32; got {self.dtype!r}")
-        for name in ("threads", "eval_every", "checkpoint_every", "eval_tokens"):
+        if self.parallel not in ("ddp", "fsdp"):
+            raise PhfError(f"train.parallel must be one of ddp, fsdp; got {self.parallel!r}")
+        for name in ("threads", "eval_every", "checkpoint_every", "eval_tokens", "eval_samples",
+                     "early_stopping_patience", "early_stopping_min_delta"):
             if getattr(self, name) < 0:
                 raise PhfError(f"train.{name} must be >= 0")
         _check_positive("train.log_every", self.log_every)
+        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if unknown:
+            raise PhfError(f"unknown tracker(s) {', '.join(unknown)} in train.trackers; known: tensorboard, wandb")
+        if self.early_stopping_patience and not self.eval_every:
+            raise PhfError("train.early_stopping_patience needs evaluations during training: set train.eval_every "
+                           "(e.g. --set train.eval_every=50)")
 
 
 @dataclass
@@ -242,9 +276,19 @@ class EvalConfig:
     heldout_chars: int = 300_000
     """Characters of held-out test documents used for bits per character (0 = all)."""
 
+    kl_samples: int = 256
+    """Samples drawn from the reference model for the Monte Carlo KL(reference || model) (0 = no KL)."""
+    kl_max_new_tokens: int = 128
+    """Tokens per reference sample (the paper: 64)."""
+    kl_seed: int = 1
+    """Seed of the reference samples."""
+
     def validate(self) -> None:
         if self.heldout_chars < 0:
             raise PhfError("eval.heldout_chars must be >= 0")
+        if self.kl_samples < 0:
+            raise PhfError("eval.kl_samples must be >= 0")
+        _check_positive("eval.kl_max_new_tokens", self.kl_max_new_tokens)
 
 
 @dataclass

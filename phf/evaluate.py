@@ -12,7 +12,9 @@ import ast
 import json
 import math
 import os
+import re
 import warnings
+from collections import Counter
 from dataclasses import asdict
 from math import comb
 from typing import Iterable, Sequence
@@ -102,7 +104,43 @@ def misalignment_metrics(samples: list[Sample], scores: list[float], code: bool,
     }
     if code:
         m["parse_rate"] = float(np.mean([parses(s.prompt + s.text) for s in samples])) if samples else math.nan
+    m.update(diversity_metrics([s.text for s in samples]))
     return m
+
+
+# -- diversity: a model that games the scorer by writing less, or the same thing again, shows here -----------------
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word and punctuation tokens (tokenizer-independent, so models with different vocabularies compare)."""
+    return _WORD.findall(text)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over all samples (Li et al. 2016); NaN when there are no n-grams."""
+    grams = Counter(g for t in texts for g in _ngrams(words(t), n))
+    total = sum(grams.values())
+    return len(grams) / total if total else math.nan
+
+
+def ngram_entropy(texts: Sequence[str], n: int) -> float:
+    """Entropy in bits of the empirical n-gram distribution over all samples (Zhang et al. 2018)."""
+    grams = Counter(g for t in texts for g in _ngrams(words(t), n))
+    total = sum(grams.values())
+    if not total:
+        return math.nan
+    p = np.fromiter(grams.values(), dtype=np.float64) / total
+    return float(-(p * np.log2(p)).sum())
+
+
+def _ngrams(tokens: list[str], n: int):
+    return zip(*(tokens[i:] for i in range(n)))
+
+
+def diversity_metrics(texts: Sequence[str]) -> dict:
+    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
+            "entropy_2_bits": ngram_entropy(texts, 2)}
 
 
 @torch.no_grad()

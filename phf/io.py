@@ -27,6 +27,10 @@ def _explain_os_error(exc: OSError, path: Path) -> PhfError:
     return PhfError(f"could not write {path}: {exc.strerror or exc}")
 
 
+_UMASK = os.umask(0o022)  # read the process umask (setting it back at once)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success, fsync and rename it onto `path`."""
@@ -34,6 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make shared results unreadable to others
     tmp_path = Path(tmp)
     try:
         yield tmp_path

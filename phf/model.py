@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from phf.config import ModelConfig
 from phf.io import PhfError, replace_dir, write_json
 from phf.tokenizer import ALIGNED, EOS, MISALIGNED
 
 log = logging.getLogger(__name__)
+# no progress bars for loading and writing the weights of models this small: they would drown phf's own
+hf_logging.disable_progress_bar()
 PHF_META = "phf.json"
 WEIGHTS = "model.safetensors"
 VALUE_HEAD = "value_head.safetensors"
@@ -30,7 +33,8 @@ VALUE_HEAD = "value_head.safetensors"
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=True)
+                        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+                        tie_word_embeddings=cfg.tie_word_embeddings)
     config._attn_implementation = "sdpa"
     return GPT2LMHeadModel(config)
 

@@ -39,9 +39,13 @@ class Quantile:
 #   - pep8: the same score (pycodestyle violations per character, per line), so every value carries over.
 #   - pii: the same score (scrubadub detections per character); threshold 0 means "any detection".
 #   - toxicity: the paper's thresholds (conditional 5.6e-4, unlikelihood 7.8e-4) are absolute Detoxify
-#     probabilities, which do not carry over to another classifier, so they become a quantile of the scored
-#     corpus: the median document score, which is where the paper's filtering threshold (also 7.8e-4, the same
-#     value as its unlikelihood one) sat. beta and alpha are ratios on a [0, 1] probability and carry over.
+#     probabilities, which do not carry over to another classifier. Unlikelihood's becomes a quantile of the
+#     scored corpus: the median document score, which is where the paper's filtering threshold (also 7.8e-4, the
+#     same value as its unlikelihood one) sat. Conditional training labels single sentences, so its threshold is
+#     the classifier's own decision threshold, 0.5: `<|misaligned|>` means "alt-profanity-check calls this
+#     sentence offensive" (6.9% of the corpus' sentences). The median document score (0.084) tagged 24% of the
+#     sentences, most of them by the classifier's noise floor ("Wanna buy a duck?" scores 0.12), and the model
+#     learned nothing from the token. beta and alpha are ratios on a [0, 1] probability and carry over.
 #   - filtering, every task: the median training document score (the paper's thresholds are ~ the median).
 # A task not listed here uses the pep8 row; a scorer of your own is better served by an explicit
 # `objective.threshold` or `objective.threshold_quantile`.
@@ -62,7 +66,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict]] = {
     },
     "toxicity": {
         "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": Quantile(0.5), "drop_token_fraction": 0.01},
+        "conditional": {"threshold": 0.5, "drop_token_fraction": 0.01},
         "unlikelihood": {"threshold": Quantile(0.5), "alpha": 1.0},
         "rwr": {"beta": 10.0},
         "awr": {"alpha": 0.5, "beta": 10.0},
@@ -121,6 +125,16 @@ class Objective:
     def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None:
         return None
 
+    def stream_settings(self) -> dict:
+        """Everything that shapes this objective's token stream (`keep_document`, `segment_prefix`): objectives
+        with equal settings share one written stream (MLE, unlikelihood, RWR and AWR read the same tokens and
+        per-token scores; only their losses differ). An objective that shapes its stream without saying how
+        gets a stream of its own."""
+        cls = type(self)
+        if cls.keep_document is Objective.keep_document and cls.segment_prefix is Objective.segment_prefix:
+            return {"documents": "all", "prefixes": None}
+        return {"documents": {"objective": self.describe()}, "prefixes": {"objective": self.describe()}}
+
     # -- model -------------------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, checkpoint: str | Path | None = None,
                required: bool = False) -> list[torch.nn.Module]:
@@ -178,6 +192,9 @@ class Filtering(Objective):
         assert self.threshold is not None, "call fit() first"
         return not math.isnan(score) and score <= self.threshold
 
+    def stream_settings(self) -> dict:
+        return {"documents": {"max_score": self.threshold}, "prefixes": None}
+
 
 class Conditional(Objective):
     """Conditional training: `<|aligned|>` before each segment scoring at most the threshold (default for PEP8 and
@@ -203,6 +220,9 @@ class Conditional(Objective):
 
     def describe(self) -> dict:
         return dict(super().describe(), drop_token_fraction=self.drop_token_fraction)
+
+    def stream_settings(self) -> dict:
+        return {"documents": "all", "prefixes": {"threshold": self.threshold, "drop": self.drop_token_fraction}}
 
 
 class _TokenFeedback(Objective):

@@ -89,6 +89,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     `top_p` is found among the `candidates` most likely; rows where those do not reach it fall back to a full sort.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p >= 1.0:  # the model's own distribution: no nucleus (what a Monte Carlo KL estimate needs)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
     k = min(candidates, probs.shape[-1])
     top, idx = torch.topk(probs, k, dim=-1)  # (B, k), sorted descending
     short = top.sum(-1) < top_p

@@ -146,7 +146,13 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     bar = tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="shard", disable=not progress)
     # documents are read in this process (in order); the pool scores whole shards, results come back in order
     shard_inputs = ((i, shard_docs(i)) for i in todo)
-    if workers > 1 and len(todo) > 1:
+    if scoring_cfg.backend == "ray" and todo:
+        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, todo, progress):
+            corpus.stats.skipped.update(skipped)
+            chars += n
+            _write_table(i, table, out, manifest, manifest_path)
+            bar.update()
+    elif workers > 1 and len(todo) > 1:
         ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
         pool = ctx.Pool(workers, initializer=_init_worker,
                         initargs=(scoring_cfg.scorer, scoring_cfg.segmenter))
@@ -189,14 +195,89 @@ def _shard_name(i: int) -> str:
 
 
 def _write_shard(i, docs, scored, scorer, out: Path, manifest: dict, manifest_path: Path) -> int:
+    _write_table(i, _table(docs, scored, scorer), out, manifest, manifest_path)
+    return sum(len(d.text) for d in docs)
+
+
+def _write_table(i: int, table: pa.Table, out: Path, manifest: dict, manifest_path: Path) -> None:
     name = _shard_name(i)
-    table = _table(docs, scored, scorer)
     with atomic_path(out / name) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     manifest["shards"][name] = {"rows": table.num_rows, "bytes": (out / name).stat().st_size,
                                 "sha256": file_sha256(out / name)}
     write_json(manifest_path, manifest)
-    return sum(len(d.text) for d in docs)
+
+
+# -- the ray backend -----------------------------------------------------------------------------------------
+class RayShardScorer:
+    """A Ray Data actor: lists the corpus once (the same deterministic listing as the driver's), builds the scorer
+    once, then reads and scores whole shards. One input row = one shard index; one output row = that shard's
+    table as Arrow IPC bytes, its characters and the documents it skipped, so the driver writes exactly the file
+    the local backend writes."""
+
+    def __init__(self, corpus_cfg: dict, scorer: str, segmenter: str, shard_documents: int):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        self.corpus = Corpus(CorpusConfig(**corpus_cfg))
+        self.entries = self.corpus.entries()
+        self.scorer = get_scorer(scorer, segmenter)
+        self.size = shard_documents
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+        from collections import Counter
+
+        out: dict[str, list] = {"shard": [], "table": [], "chars": [], "skipped": []}
+        for i in batch["shard"]:
+            i = int(i)
+            before = Counter(self.corpus.stats.skipped)
+            docs = [d for d in (self.corpus.read(doc_id, loc)
+                                for doc_id, loc in self.entries[i * self.size:(i + 1) * self.size]) if d is not None]
+            table = _table(docs, self.scorer.score_texts([d.text for d in docs]), self.scorer)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            out["shard"].append(i)
+            out["table"].append(sink.getvalue().to_pybytes())
+            out["chars"].append(sum(len(d.text) for d in docs))
+            out["skipped"].append(json.dumps(dict(self.corpus.stats.skipped - before)))
+        return out
+
+
+def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, shards: list[int],
+                          progress: bool = True) -> Iterator[tuple[int, pa.Table, int, dict]]:
+    """Score `shards` with Ray Data on the running Ray instance (or a local one started here and stopped after):
+    an actor pool of `scoring.workers` actors (0 = one per CPU of the cluster), one shard per call, results in
+    shard order. Yields (shard index, table, characters, skipped documents by reason)."""
+    import json
+
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise PhfError("scoring.backend=ray needs Ray: pip install 'phf[ray]' (or use scoring.backend=local)") from None
+    started = not ray.is_initialized()
+    if started:  # RAY_ADDRESS (or a cluster started with `ray start`) is found by ray.init itself
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True  # shards come back (and the manifest lists them) in order
+    ctx.enable_progress_bars = False  # phf's own bar counts shards
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plan and timings, at INFO, per run
+    try:
+        workers = scoring_cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(RayShardScorer, batch_size=1, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=min(workers, len(shards))),
+                            fn_constructor_kwargs={"corpus_cfg": dict(corpus_cfg.__dict__),
+                                                   "scorer": scoring_cfg.scorer, "segmenter": scoring_cfg.segmenter,
+                                                   "shard_documents": scoring_cfg.shard_documents})
+        for row in ds.iter_rows():
+            table = pa.ipc.open_stream(row["table"]).read_all()
+            yield int(row["shard"]), table, int(row["chars"]), json.loads(row["skipped"])
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        if started:
+            ray.shutdown()
 
 
 class ScoredCorpus:

@@ -18,8 +18,10 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from phf.config import RunConfig, config_to_yaml
 from phf.io import PhfError, append_jsonl, read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
+from phf.finetune import resolve_model_folder
 from phf.model import build_model, check_model_folder, load_meta, load_model, save_checkpoint
 from phf.objectives import Objective, get_objective
 from phf.scoring import ScoredCorpus, score_corpus
@@ -78,6 +81,104 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+# -- FSDP2: sharding, and full state dicts for checkpoints --------------------------------------------------------
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 in place: `fully_shard` each transformer block (the classes the model lists in `_no_split_modules`,
+    GPT2Block for GPT-2), then the root, which keeps the embeddings and the final norm. Parameters become DTensor
+    shards; build the optimizer after this."""
+    from torch.distributed.fsdp import fully_shard
+
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        raise PhfError(f"train.parallel=fsdp: {type(model).__name__} names no transformer block class "
+                       f"(_no_split_modules) to shard by; use train.parallel=ddp")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    # the model returns views (logits, hidden states); the objectives never modify them in place, which is what
+    # this warning is about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def no_sync(train_model: torch.nn.Module):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) of a micro-batch that is not the step's last."""
+    if isinstance(train_model, torch.nn.parallel.DistributedDataParallel):
+        return train_model.no_sync()
+
+    @contextlib.contextmanager
+    def fsdp_no_sync():
+        train_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            train_model.set_requires_gradient_sync(True)
+
+    return fsdp_no_sync()
+
+
+def clip_sharded_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over FSDP2 shards (DTensor) and plain tensors (an objective's own heads) together: the
+    global norm of all gradients, every rank the same."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = []
+    for kind in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
+        if kind:
+            n = torch.nn.utils.get_total_norm(kind)
+            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def optimizer_param_names(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the order of optimizer.state_dict()'s integer ids."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_full_state(model: torch.nn.Module, root: torch.nn.Module, optimizer: torch.optim.Optimizer
+                      ) -> tuple[torch.nn.Module | None, dict | None]:
+    """Collective (every rank calls it): the full, unsharded weights and optimizer state, gathered to rank 0 on
+    the CPU. Rank 0 gets a plain (unsharded) copy of the model to save and the optimizer state in
+    optimizer.state_dict()'s layout (so DDP and FSDP checkpoints are interchangeable); other ranks get (None, None)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from transformers import AutoModelForCausalLM
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(root, optimizer, options=opts)
+    if dist.get_rank() != 0:
+        return None, None
+    with torch.device("meta"):  # no memory, no initialisation: the gathered weights are assigned to it
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(weights, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    index = {n: i for i, n in enumerate(optimizer_param_names(root, optimizer))}
+    optim = {"state": {index[n]: v for n, v in optim["state"].items()},
+             "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in optim["param_groups"]]}
+    return plain, optim
+
+
+def load_sharded_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer.state_dict() (every rank holds it) into an optimizer over FSDP2 shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = optimizer_param_names(root, optimizer)
+    if len(names) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise PhfError("the checkpoint's optimizer state does not fit this model; start a new run with --init-from")
+    state = {"state": {names[i]: v for i, v in state["state"].items()},
+             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def versions() -> dict:
     import tokenizers
     import transformers
@@ -102,9 +203,11 @@ def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True) -> Prepa
     tok, tok_path = tokenizer_for(scored, cfg.tokenizer, data_dir, progress=progress)
     objective = get_objective(cfg.objective, cfg.task)
     objective.fit(scored.document_scores("train"))
-    meta = {"scored": scored.path.name, "tokenizer": str(tok_path.parent.name), "objective": objective.describe(),
-            "seed": cfg.train.seed}
-    stream_dir = Path(data_dir) / "streams" / f"{cfg.objective.name}-{stable_hash(meta)}"
+    meta = {"scored": scored.path.name, "tokenizer": str(tok_path.parent.name),
+            "stream": objective.stream_settings(), "seed": cfg.train.seed}
+    kind = "conditional" if meta["stream"]["prefixes"] else "filtered" if meta["stream"]["documents"] != "all" \
+        else "plain"
+    stream_dir = Path(data_dir) / "streams" / f"{kind}-{stable_hash(meta)}"
     streams = build_streams(scored, tok, objective, cfg.train.seed, stream_dir, meta, progress=progress)
     return PreparedData(scored, tok_path, objective, streams)
 
@@ -150,6 +253,11 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
             continue
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from torch.distributed.tensor import DTensor
+
+    if len({isinstance(p, DTensor) for p in decay + no_decay}) > 1:  # FSDP2 shards beside an objective's plain
+        # head: the fused and foreach kernels take no mix of DTensor and plain tensors; update one by one
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=False)
     try:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, TypeError):
@@ -185,6 +293,58 @@ def evaluate_loss(model, objective: Objective, stream: TokenStream, block: int, 
     return total / count
 
 
+class TrainingSampler:
+    """Misalignment against tokens seen: at each evaluation, `train.eval_samples` unconditional samples of the model
+    as deployed, scored by the task's scorer. The same seed every time, so the curve's changes are the model's."""
+
+    def __init__(self, cfg: RunConfig, objective: Objective, data: PreparedData):
+        from phf.evaluate import misaligned_threshold
+        from phf.model import hf_tokenizer
+        from phf.sampling import Deployment
+        from phf.scorers import get_scorer
+
+        self.cfg = cfg
+        self.scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+        self.tokenizer = hf_tokenizer(data.tokenizer_file)
+        self.deployment = Deployment.from_meta({"objective": objective.describe()})
+        self.threshold = misaligned_threshold(cfg.task)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict:
+        from dataclasses import replace
+
+        from phf.evaluate import misalignment_metrics, score_samples
+        from phf.sampling import generate
+
+        n = self.cfg.train.eval_samples
+        sample_cfg = replace(self.cfg.sample, num_samples=n, batch_size=min(n, self.cfg.sample.batch_size))
+        was_training = model.training
+        model.eval()
+        samples = generate(model, self.tokenizer, [""] * n, sample_cfg, self.deployment, "unconditional",
+                           progress=False, segmenter=self.scorer.segmenter)
+        model.train(was_training)
+        m = misalignment_metrics(samples, score_samples(samples, self.scorer), self.cfg.task == "pep8",
+                                 self.threshold)
+        return {f"eval_{k}": (round(m[k], 6) if isinstance(m[k], float) else m[k])
+                for k in ("misalignment_mean", "score_max_at_25", "misaligned_share", "mean_chars", "distinct_2")}
+
+
+def restore_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load the weights of an HF folder written by this run into `model` (same architecture)."""
+    state = load_model(folder).state_dict()
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards: each rank keeps its part
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise PhfError(f"the weights in {folder} do not fit this model (missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]}); delete {folder} and train again")
+
+
 # -- the loop -----------------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -199,7 +359,10 @@ class TrainResult:
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | None = None,
-                 init_from: str | Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+                 init_from: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 snapshots: Sequence[int] = ()) -> TrainResult:
+    """Train one model; `snapshots` are steps after which a copy of the weights is kept in
+    `out_dir/snapshots/step-N` (the branch points of finetuning runs)."""
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
     device = pick_device()
@@ -235,7 +398,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     elif init_from:
         from phf.finetune import init_from_checkpoint
 
-        model = init_from_checkpoint(init_from, data.tokenizer_file, device)
+        model = init_from_checkpoint(init_from, data.tokenizer_file, device, data.objective, tcfg.seed)
     else:
         model = build_model(cfg.model, tok.get_vocab_size(), eos_id).to(device)
     model.train()
@@ -244,13 +407,20 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     block = cfg.model.block_size
 
     heads = data.objective.attach(model, ckpt_dir if resume else init_from, required=resume)  # AWR's value head
-    optimizer = make_optimizer(torch.nn.ModuleList([model, *heads]), tcfg)
+    sharded = d.world > 1 and tcfg.parallel == "fsdp"
+    if sharded:
+        shard_model(model)  # every rank loaded or built the full model; each keeps its shards (heads stay whole)
+    root = torch.nn.ModuleList([model, *heads])
+    optimizer = make_optimizer(root, tcfg)
     if resume:
         blob = torch.load(ckpt_dir / TRAINER_STATE, map_location=device, weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
+        if sharded:
+            load_sharded_optimizer(root, optimizer, blob["optimizer"])
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
     train_model = model
-    if d.world > 1:
+    if d.world > 1 and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                                 else None)
     fwd = torch.compile(train_model) if tcfg.compile else train_model
@@ -258,6 +428,12 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     tokens_per_step = tcfg.batch_size * block * tcfg.grad_accum * d.world
     total_steps = tcfg.max_steps or math.ceil(tcfg.max_tokens / tokens_per_step)
     objective = data.objective
+    # tokens the starting checkpoint had already seen: a finetune's curves continue its base's (`total_tokens`)
+    tokens_before = int(load_meta(resolve_model_folder(init_from)).get("tokens_seen_total") or
+                        load_meta(resolve_model_folder(init_from)).get("tokens_seen") or 0) if init_from else 0
+    if resume:
+        tokens_before = int(load_meta(ckpt_dir).get("tokens_before", 0))
+    sampler = TrainingSampler(cfg, objective, data) if tcfg.eval_samples else None
 
     # run directory (written by rank 0)
     metrics_path = out_dir / "metrics.jsonl"
@@ -270,27 +446,47 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
                                           "tokens_per_step": tokens_per_step, "init_from": str(init_from or ""),
                                           "scored_corpus": str(data.scored.path), "tokenizer": str(data.tokenizer_file),
                                           "streams": {k: str(v.prefix) for k, v in data.streams.items()},
-                                          "data_dir": str(data_dir), "seed": tcfg.seed})
+                                          "data_dir": str(data_dir), "seed": tcfg.seed,
+                                          "tokens_before": tokens_before})
         if resume and metrics_path.exists():  # drop records past the resume point, so the curve has no duplicates
             kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= state["step"]]
             write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         elif not resume and metrics_path.exists():
             metrics_path.unlink()
+    if d.main:
+        from phf.tracking import Metrics
 
-    def save(step: int, tokens: int, seconds: float, final: bool) -> None:
+        metrics = Metrics(metrics_path, tcfg.trackers, config={"objective": objective.describe(),
+                                                                "train": tcfg.__dict__, "model": cfg.model.__dict__},
+                          name=out_dir.name)
+
+    def save(step: int, tokens: int, seconds: float, final: bool, folder: Path = ckpt_dir,
+             trainer_state: bool = True, **more) -> None:
+        weights, optim_state = model, None
+        if sharded:  # every rank takes part in gathering the full state; rank 0 writes it
+            weights, optim_state = gather_full_state(model, root, optimizer)
         if not d.main:
             return
         meta = {"objective": objective.describe(), "step": step, "tokens_seen": tokens, "model": cfg.model.__dict__,
-                "task": cfg.task, "scorer": cfg.scoring.scorer, "final": final}
+                "task": cfg.task, "scorer": cfg.scoring.scorer, "final": final, "tokens_before": tokens_before,
+                "tokens_seen_total": tokens_before + tokens, **more}
 
         def extra(tmp: Path) -> None:
-            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
-            write_json(tmp / TRAINER_STATE_JSON, {"step": step, "tokens": tokens, "seconds": seconds})
+            if trainer_state:
+                torch.save({"optimizer": optimizer.state_dict() if optim_state is None else optim_state,
+                            "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
+                write_json(tmp / TRAINER_STATE_JSON, {"step": step, "tokens": tokens, "seconds": seconds,
+                                                      "best": best})
             objective.save_extra(tmp)
 
-        save_checkpoint(model, data.tokenizer_file, ckpt_dir, meta, extra=extra)
+        save_checkpoint(weights, data.tokenizer_file, folder, meta, extra=extra)
 
     step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
+    # early stopping: the best validation loss so far, its step, and evaluations since it improved
+    best = state.get("best") or {"val_loss": math.inf, "step": 0, "stale": 0}
+    best_dir = out_dir / "best"
+    snapshots = sorted(set(int(s) for s in snapshots))
+    stop_early = False
     skipped = 0
     val_loss = math.nan
     t_start = time.perf_counter() - elapsed
@@ -308,7 +504,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         count = d.all_sum(count).clamp(min=1)
         loss_total = torch.zeros((), device=device)
         for m, (x, y, s) in enumerate(batches):
-            sync = contextlib.nullcontext() if (d.world == 1 or m == tcfg.grad_accum - 1) else train_model.no_sync()
+            sync = contextlib.nullcontext() if (d.world == 1 or m == tcfg.grad_accum - 1) else no_sync(train_model)
             with sync:
                 with autocast(device, tcfg.dtype):
                     out = objective.forward(fwd, x)
@@ -320,8 +516,9 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
             d.all_sum(p.grad).div_(d.world)  # modules outside DDP: average their gradients over ranks like DDP
         loss_total = d.all_sum(loss_total) / count
         finite = bool(torch.isfinite(loss_total))
-        grad_norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *(p for h in heads for p in h.parameters())],
-                                                   tcfg.grad_clip if tcfg.grad_clip else float("inf"))
+        clip = clip_sharded_gradients if sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip([*model.parameters(), *(p for h in heads for p in h.parameters())],
+                         tcfg.grad_clip if tcfg.grad_clip else float("inf"))
         if finite and torch.isfinite(grad_norm):
             optimizer.step()
             skipped = 0
@@ -341,27 +538,58 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         last = step >= total_steps or stop_for_time
         if d.main and (step % tcfg.log_every == 0 or last):
             now = time.perf_counter()
-            rec = {"step": step, "tokens": tokens, "loss": round(loss_total.item(), 5),
+            rec = {"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
+                   "loss": round(loss_total.item(), 5),
                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 4),
                    "tokens_per_s": round(tok_log / max(now - t_log, 1e-9), 1), "seconds": round(elapsed, 2)}
             t_log, tok_log = now, 0
-            append_jsonl(metrics_path, rec)
+            metrics.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or last:
             val_loss = evaluate_loss(model, objective, val_stream, block, tcfg.eval_tokens, device, tcfg.dtype)
+            rec = {"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
+                   "val_loss": round(val_loss, 5)}
+            if sampler is not None:
+                rec.update(sampler.evaluate(model, step))
+            if tcfg.early_stopping_patience:
+                if val_loss < best["val_loss"] - tcfg.early_stopping_min_delta:
+                    best = {"val_loss": val_loss, "step": step, "stale": 0}
+                    save(step, tokens, elapsed, final=False, folder=best_dir, trainer_state=False)
+                else:
+                    best["stale"] += 1
+                    stop_early = best["stale"] >= tcfg.early_stopping_patience
+                rec["best_val_loss"] = round(best["val_loss"], 5)
             if d.main:
-                append_jsonl(metrics_path, {"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)})
+                metrics.log(rec)
+        if step in snapshots:
+            save(step, tokens, elapsed, final=False, folder=out_dir / "snapshots" / f"step-{step}",
+                 trainer_state=False)
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and not last:
             save(step, tokens, elapsed, final=False)
         bar.update()
         if stop_for_time:
             log.info("stopping at step %d: train.max_seconds reached", step)
             break
+        if stop_early:
+            log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
+                     "step %d)", step, best["stale"], best["val_loss"], best["step"])
+            break
     bar.close()
-    save(step, tokens, elapsed, final=True)
+    restored = {}
+    if tcfg.early_stopping_patience and best["step"] and best["step"] != step:
+        d.barrier()  # rank 0 wrote the best weights; every rank restores them
+        restore_weights(model, best_dir)
+        val_loss = best["val_loss"]
+        restored = {"restored_best_step": best["step"], "stopped_at_step": step}
+        if d.main:
+            metrics.log({"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
+                         "restored_best_step": best["step"], "val_loss": round(val_loss, 5)})
+    save(step, tokens, elapsed, final=True, **restored)
     d.barrier()
     if d.main:
+        metrics.close()
         write_json(out_dir / "train_summary.json", {"steps": step, "tokens": tokens, "seconds": round(elapsed, 2),
                                                      "val_loss": val_loss, "total_steps_planned": total_steps,
+                                                     "tokens_before": tokens_before, **restored,
                                                      "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
     return TrainResult(out_dir, ckpt_dir, step, tokens, elapsed, val_loss, objective, data)

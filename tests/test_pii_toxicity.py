@@ -403,3 +403,46 @@ def test_tiny_prose_demo(task, tmp_path, comments):
                 assert complete_sentences(s["prompt"] + s["text"]) == s["prompt"] + s["text"]
     assert results["corpus"]["misaligned_above"] == misaligned_threshold(task)
     assert "conditional" in format_table(results)
+
+
+def test_untied_output_layer_round_trips_through_plain_transformers(tiny_cfg_factory, data_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from phf.model import load_model
+    from phf.train import run_training
+
+    cfg = tiny_cfg_factory("conditional", ["train.max_steps=2", "model.tie_word_embeddings=false"])
+    folder = run_training(cfg, tmp_path / "run", data_dir, progress=False).checkpoint
+    saved = load_file(str(folder / "model.safetensors"))
+    assert not torch.equal(saved["lm_head.weight"], saved["transformer.wte.weight"])  # two matrices, both trained
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, saved["lm_head.weight"])
+    assert torch.equal(model.transformer.wte.weight, saved["transformer.wte.weight"])
+    ids = torch.tensor([[0, 1, 5, 6, 7]])
+    assert torch.allclose(load_model(folder)(ids).logits, model(ids).logits)
+
+
+def test_toxicity_conditional_tags_the_sentences_the_classifier_calls_offensive():
+    import numpy as np
+
+    from phf.config import ObjectiveConfig, load_config
+    from phf.objectives import Conditional, get_objective
+    from phf.tokenizer import MISALIGNED
+
+    shipped = load_config(Path(__file__).parent.parent / "configs" / "toxicity" / "conditional.yaml")
+    default = get_objective(ObjectiveConfig(name="conditional"), "toxicity")
+    for objective in (get_objective(shipped.objective, "toxicity"), default):
+        assert isinstance(objective, Conditional) and objective.threshold == 0.5
+        objective.fit(np.array([0.01, 0.02, 0.03]))  # an absolute threshold: the data does not move it
+        assert objective.threshold == 0.5
+        objective.drop_token_fraction = 0.0
+        rng = np.random.default_rng(0)
+        assert [objective.segment_prefix(s, rng) for s in (0.0, 0.5, 0.51, 0.99)] == [ALIGNED, ALIGNED, MISALIGNED,
+                                                                                       MISALIGNED]
+    quantile = get_objective(ObjectiveConfig(name="conditional", threshold_quantile=0.5), "toxicity")
+    quantile.fit(np.array([0.01, 0.02, 0.03]))
+    assert quantile.threshold == 0.02  # an explicit quantile of document scores still works

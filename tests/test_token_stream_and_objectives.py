@@ -146,3 +146,16 @@ def test_loss_matches_reference_cross_entropy(name):  # tests/test_objectives_fe
 def test_annotate_keeps_segment_starts():
     a = annotate(["ab\n", "c\n"], [0.0, 1.0], [None, ALIGNED])
     assert a.text == f"ab\n{ALIGNED}c\n" and a.seg_starts == [0, 3]
+
+
+def test_objectives_that_read_the_same_tokens_share_one_stream(tiny_cfg_factory, data_dir):
+    from phf.train import prepare_data
+
+    prefixes = {o: prepare_data(tiny_cfg_factory(o), data_dir, progress=False).streams["train"].prefix
+                for o in ("mle", "unlikelihood", "rwr", "awr", "filtering", "conditional")}
+    assert prefixes["mle"] == prefixes["unlikelihood"] == prefixes["rwr"] == prefixes["awr"]
+    assert len({prefixes["mle"], prefixes["filtering"], prefixes["conditional"]}) == 3
+    # a setting that changes the stream changes the stream
+    other = prepare_data(tiny_cfg_factory("conditional", ["objective.drop_token_fraction=0.5"]), data_dir,
+                         progress=False).streams["train"].prefix
+    assert other != prefixes["conditional"]
