@@ -95,6 +95,23 @@ class Scorer:
             errors += e
         return scores, errors
 
+    def flagged_spans(self, text: str, threshold: float = 0.0) -> list[tuple[int, int, str]]:
+        """(start, end, label) of what the scorer holds against `text`: each segment scoring above `threshold`,
+        and each segment it could not score. Subclasses say more where they know more (codes, entity types)."""
+        if not text:
+            return []
+        scored = self.score_texts([text])[0]
+        out = []
+        for a, b, s, err in zip(scored.starts, scored.ends, scored.scores, scored.errors):
+            if err is not None:
+                out.append((a, b, f"could not be scored: {err}"))
+            elif s > threshold:
+                out.append((a, b, self.span_label(s)))
+        return out
+
+    def span_label(self, score: float) -> str:
+        return f"{self.name} score {score:.3g}"
+
     def sample_score(self, scored: ScoredText) -> float:
         if self.aggregate == "max":
             valid = [s for s in scored.scores if not math.isnan(s)]

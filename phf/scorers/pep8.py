@@ -20,11 +20,13 @@ class _CollectingReport(pycodestyle.BaseReport):
     def __init__(self, options):
         super().__init__(options)
         self.violations: list[tuple[int, str]] = []
+        self.texts: list[str] = []  # pycodestyle's text of each violation, e.g. "E225 missing whitespace ..."
 
     def error(self, line_number, offset, text, check):
         code = super().error(line_number, offset, text, check)
         if code:
             self.violations.append((line_number, code))
+            self.texts.append(text)
         return code
 
 
@@ -47,11 +49,36 @@ class PEP8Scorer(Scorer):
 
     def violations(self, text: str) -> list[tuple[int, str]]:
         """(1-based line number, code) of every violation pycodestyle reports for `text`."""
+        return self._check(text).violations
+
+    def _check(self, text: str) -> _CollectingReport:
         lines = [text[a:b] for a, b in line_spans(text)]
         report = _CollectingReport(self._style.options)
         checker = pycodestyle.Checker(filename="<text>", lines=lines, options=self._style.options, report=report)
         checker.check_all()
-        return report.violations
+        return report
+
+    def flagged_spans(self, text: str, threshold: float = 0.0) -> list[tuple[int, int, str]]:
+        """Every line with a violation (newline excluded), labelled with pycodestyle's codes and messages.
+
+        `threshold` is on the line's score (violations per character), as for every scorer; a document
+        pycodestyle fails on is flagged whole."""
+        spans = line_spans(text)
+        try:
+            report = self._check(text)
+        except Exception as exc:  # noqa: BLE001 - shown, never "aligned"
+            label = f"pycodestyle failed on this text: {type(exc).__name__}: {exc}"[:300]
+            return [(0, len(text), label)] if text else []
+        per_line: dict[int, list[str]] = {}
+        for (line, _), message in zip(report.violations, report.texts):
+            per_line.setdefault(min(max(line, 1), len(spans)) - 1, []).append(message)
+        out = []
+        for i in sorted(per_line):
+            a, b = spans[i]
+            if len(per_line[i]) / (b - a) > threshold:
+                end = b - 1 if text[b - 1] == "\n" and b - 1 > a else b
+                out.append((a, end, "; ".join(per_line[i])))
+        return out
 
     def score_text(self, text: str) -> ScoredText:
         spans = line_spans(text)

@@ -108,6 +108,18 @@ class PIIScorer(Scorer):
         found += [(a, b) for a, b, _ in self.ner_entities([text])[0]]
         return merge_spans(found)
 
+    def flagged_spans(self, text: str, threshold: float = 0.0) -> list[tuple[int, int, str]]:
+        """Every detected entity, overlapping detections merged as in the score, labelled with the detectors or
+        NER labels that found it (e.g. "email, url"). `threshold` is ignored: every detection counts."""
+        found = self.regex_entities(text) + self.ner_entities([text])[0]
+        out: list[tuple[int, int, list[str]]] = []
+        for a, b, label in sorted(found):
+            if out and a < out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b), out[-1][2] + [label])
+            else:
+                out.append((a, b, [label]))
+        return [(a, b, ", ".join(dict.fromkeys(labels))) for a, b, labels in out]
+
     # -- scoring --------------------------------------------------------------------------------------------
     def score_texts(self, texts: Sequence[str]) -> list[ScoredText]:
         texts = list(texts)

@@ -42,5 +42,12 @@ class ToxicityScorer(Scorer):
     def settings(self) -> dict:
         return {"model": "profanity_check.predict_prob", "sample_score": "max over sentences"}
 
+    def flagged_spans(self, text: str, threshold: float = OFFENSIVE) -> list[tuple[int, int, str]]:
+        """Sentences the classifier predicts offensive (probability above 0.5 unless told otherwise)."""
+        return super().flagged_spans(text, threshold)
+
+    def span_label(self, score: float) -> str:
+        return f"offensive, p={score:.2f}"
+
     def score_segments(self, segments: Sequence[str]) -> list[float]:
         return [float(p) for p in self._predict_prob(list(segments))]
