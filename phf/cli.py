@@ -6,7 +6,12 @@
     phf sample     model -> samples.jsonl
     phf evaluate   model -> samples, scores, held-out bits/char -> results.json
     phf demo       all of the above for MLE, filtering and conditional training, and a table
+    phf sweep      all six objectives, pretraining vs. finetuning with feedback, KL from MLE, table + report
     phf bench      throughput figures of scoring, training and sampling
+    phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
+    phf probe      masks | reweighting | attribution: what a model simulates, with numbers
+    phf redteam    automated adversarial prompt search against a model, per round
+    phf rl         RL finetuning baseline (GRPO with a KL penalty, the scorer as reward)
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ def cmd_score(args) -> None:
     extra = [f"corpus.source={args.corpus}"] if args.corpus else []
     if args.workers is not None:
         extra.append(f"scoring.workers={args.workers}")
+    if args.backend:
+        extra.append(f"scoring.backend={args.backend}")
     if args.scorer:
         extra.append(f"scoring.scorer={args.scorer}")
     cfg = _load(args, extra)
@@ -136,7 +143,18 @@ def cmd_evaluate(args) -> None:
 
     cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
     scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.data_dir))
-    res = evaluate_checkpoint(Path(args.model), cfg, scored, Path(args.out))
+    from phf.finetune import resolve_model_folder
+
+    res = evaluate_checkpoint(resolve_model_folder(args.model), cfg, scored, Path(args.out))
+    if args.reference:  # capability as KL(reference || model), from samples of the reference
+        from phf.evaluate import task_segmenter
+        from phf.io import write_json
+        from phf.kl import DeployedModel, KLReference
+
+        ref = KLReference.sample(args.reference, cfg.eval.kl_samples, cfg.eval.kl_max_new_tokens, cfg.eval.kl_seed,
+                                 task_segmenter(cfg.task))
+        res.update(ref.kl(DeployedModel.load(args.model)), reference=str(args.reference))
+        write_json(Path(args.out) / "results.json", res)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=2))
 
 
@@ -149,15 +167,45 @@ def cmd_demo(args) -> None:
     print(f"\nresults: {Path(args.out) / 'results.json'}")
 
 
+def cmd_sweep(args) -> None:
+    from phf.demo import format_table
+    from phf.sweep import run_sweep
+
+    def names(text):
+        return [] if text in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
+
+    results = run_sweep(args.task, args.out, [o for o in args.overrides if not o.startswith("rl.")],
+                        objectives=names(args.objectives) if args.objectives is not None else None,
+                        finetune=names(args.finetune) if args.finetune is not None else None,
+                        finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
+                        rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")])
+    print()
+    print(format_table(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}")
+    if results.get("report"):
+        print(f"report: {results['report']}")
+
+
 def cmd_bench(args) -> None:
     from phf import bench
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     figures = bench.run(args.what, quick=args.quick)
     if args.json:  # one section: its figures at the top level, beside the machine they were measured on
         print(json.dumps(figures if args.what == "all" else {**figures[args.what], "machine": figures["machine"]},
                          indent=2))
     else:
         print(bench.format_figures(figures))
+
+
+def cmd_report(args) -> None:
+    from phf.report import write_report
+
+    page = write_report(args.dirs, args.out)
+    print(f"report: {page}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="folder of text files, .jsonl with a `text` field, .parquet, or `stdlib`")
     p.add_argument("--scorer", help="registered scorer name or module:callable (default: the task's)")
     p.add_argument("--workers", type=int, help="scoring processes (default: one per core)")
+    p.add_argument("--backend", choices=["local", "ray"],
+                   help="local process pool (default) or Ray Data on a Ray cluster (pip install 'phf[ray]')")
     p.add_argument("--out", required=True, help="data folder; the scored corpus goes to OUT/scored/<scorer>-<hash>")
     p.set_defaults(func=cmd_score)
 
@@ -210,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--corpus")
     p.add_argument("--data-dir", required=True, help="data folder holding (or to hold) the scored corpus")
+    p.add_argument("--reference", help="also estimate KL(reference || model) from samples of this model folder "
+                                       "or run (eval.kl_samples, eval.kl_max_new_tokens)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
 
@@ -220,11 +272,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of every objective's config (repeatable)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "
+                                     "a table and a report")
+    p.add_argument("--task", default="pep8")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--objectives", help="pretraining arms, comma-separated (default: all six; mle is required)")
+    p.add_argument("--finetune", help="objectives of the finetune arms, comma-separated, or `none` "
+                                      "(default: filtering,conditional,rwr,awr)")
+    p.add_argument("--finetune-fraction", type=float, default=0.5,
+                   help="share of the budget the finetune arms train with feedback, after MLE (default: 0.5)")
+    p.add_argument("--rl", action="store_true", help="add the RL baseline arm (GRPO from the finetune arms' "
+                                                     "MLE weights; needs the `rl` extra)")
+    p.add_argument("--rl-tokens", type=int, default=60_000,
+                   help="prompt + completion tokens of the RL arm (default: 60000)")
+    p.add_argument("--no-report", action="store_true", help="skip writing report.html")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every arm's config (repeatable)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("bench", help="print throughput figures (scoring, training, sampling)")
     p.add_argument("what", nargs="?", default="all", choices=["all", "score", "train", "sample"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="smaller measurements (seconds, not minutes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: one per core); fewer when other processes hold cores")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write an offline HTML report (figures, table, samples) of result folders")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="folders written by `phf demo` or `phf sweep`")
+    p.add_argument("--out", help="where report.html and figures/ go (default: the first DIR)")
+    p.set_defaults(func=cmd_report)
+
+    from phf.probe_cli import add_parsers as add_probe_parsers
+
+    add_probe_parsers(sub)  # probe masks|reweighting|attribution, redteam, rl
     return parser
 
 

@@ -66,11 +66,17 @@ def _corpus_line(s: dict) -> str:
 def format_table(results: dict) -> str:
     rows = [("objective", "misalignment mean", "score_max@25", "misaligned share", "held-out bits/char",
              "parse rate", "prompted mean", "mean chars")]
+    sweep = any("kl_from_reference_bits" in r for r in results["objectives"].values())
+    if sweep:  # `phf sweep` adds capability as KL from the MLE model, and diversity
+        rows[0] += ("KL from MLE bits/char", "distinct-2")
     for name, r in results["objectives"].items():
-        rows.append((name, _fmt(r.get("misalignment_mean"), ".5f"), _fmt(r.get("score_max_at_25"), ".4f"),
-                     _fmt(r.get("misaligned_share"), ".2f"), _fmt(r.get("heldout_bits_per_char"), ".4f"),
-                     _fmt(r.get("parse_rate"), ".2f"), _fmt(r.get("prompted", {}).get("misalignment_mean"), ".5f"),
-                     _fmt(r.get("unconditional", {}).get("mean_chars"), ".0f")))
+        row = (name, _fmt(r.get("misalignment_mean"), ".5f"), _fmt(r.get("score_max_at_25"), ".4f"),
+               _fmt(r.get("misaligned_share"), ".2f"), _fmt(r.get("heldout_bits_per_char"), ".4f"),
+               _fmt(r.get("parse_rate"), ".2f"), _fmt(r.get("prompted", {}).get("misalignment_mean"), ".5f"),
+               _fmt(r.get("unconditional", {}).get("mean_chars"), ".0f"))
+        if sweep:
+            row += (_fmt(r.get("kl_from_reference_bits"), ".4f"), _fmt(r.get("distinct_2"), ".3f"))
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

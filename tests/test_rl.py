@@ -1,0 +1,60 @@
+"""The RL finetuning baseline: a few GRPO steps on a tiny model move its parameters and log reward, KL, length."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phf.io import read_jsonl
+
+pytest.importorskip("trl", reason="the RL baseline needs the `rl` extra")
+
+
+@pytest.fixture(scope="module")
+def tiny_mle(tiny_cfg_factory, data_dir, tmp_path_factory):
+    from phf.train import prepare_data, run_training
+
+    cfg = tiny_cfg_factory("mle", ["train.max_steps=2"])
+    result = run_training(cfg, tmp_path_factory.mktemp("rl") / "mle", data_dir, progress=False)
+    return cfg, prepare_data(cfg, data_dir, progress=False).scored, result.checkpoint
+
+
+def test_rl_arm_changes_parameters_and_logs_reward_kl_length(tiny_mle, tmp_path):
+    from phf.evaluate import evaluate_checkpoint
+    from phf.rl import RLConfig, rl_finetune
+
+    cfg, scored, base = tiny_mle
+    rl = RLConfig(beta=0.1, lr=1e-2, num_generations=4, batch_size=8, max_completion_tokens=16, num_prompts=8)
+    summary = rl_finetune(base, cfg, scored, tmp_path / "rl", max_tokens=600, progress=False, rl=rl)
+    before, after = load_file(str(base / "model.safetensors")), load_file(f"{summary['checkpoint']}/model.safetensors")
+    assert set(before) == set(after)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) == len(before), f"unchanged: {sorted(set(before) - set(moved))}"
+    rows = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    assert rows and summary["tokens"] >= 600 and len(rows) >= 2 and rows[-1]["tokens"] == summary["tokens"]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    for r in rows:
+        assert r["reward"] <= 0 and math.isfinite(r["reward"])  # -misalignment
+        assert math.isfinite(r["kl"]) and r["kl"] >= 0
+        assert 0 < r["completion_mean_length"] <= 16
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step samples from the start model itself
+    assert any(r["kl"] > 0 for r in rows[1:])
+    # the checkpoint is a phf checkpoint: phf's evaluation loads and evaluates it
+    res = evaluate_checkpoint(summary["checkpoint"], cfg, scored, tmp_path / "eval", progress=False)
+    assert res["objective"] == "rl" and math.isfinite(res["heldout_bits_per_char"])
+
+
+def test_reward_is_minus_misalignment_of_complete_lines(tiny_mle):
+    from phf.rl import reward_function
+    from phf.scorers import get_scorer
+
+    scorer = get_scorer("pep8")
+    reward = reward_function(scorer, "<|endoftext|>")
+    clean, bad = "x = 1\n", "x=1\n"
+    r = reward(["<|endoftext|>"] * 4, [clean, bad, bad + "y=2", ""], _finished=[True, True, False, True])
+    assert r[0] == 0.0 and r[3] == 0.0  # a clean line and an empty completion are both "perfect": the hack to watch
+    assert r[1] < 0
+    # an unfinished completion is judged on its complete lines only: the cut `y=2` does not count
+    assert r[2] == pytest.approx(r[1])
+
+

@@ -1,0 +1,111 @@
+"""`phf sweep` on a tiny budget: all six objectives, finetune arms branching from the MLE run, KL from the MLE
+model, the demo's schema, and reuse of finished arms."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from phf.io import PhfError, read_json, read_jsonl
+from phf.sweep import SWEEP_OBJECTIVES, plan, run_sweep
+from tests.conftest import tiny_overrides
+
+EXTRA = ["train.eval_every=2", "train.eval_samples=2", "eval.kl_samples=6", "eval.kl_max_new_tokens=16",
+         "sample.num_samples=4", "sample.num_prompts=2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(pycorpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    overrides = tiny_overrides(str(pycorpus)) + EXTRA
+    results = run_sweep("pep8", out, overrides, finetune=["conditional", "awr"], progress=False, report=False)
+    return out, overrides, results
+
+
+def test_sweep_has_every_arm_in_the_demo_schema(sweep):
+    out, _, results = sweep
+    assert list(results["objectives"]) == SWEEP_OBJECTIVES + ["finetune:conditional", "finetune:awr"]
+    assert read_json(out / "results.json")["objectives"].keys() == results["objectives"].keys()
+    for name, r in results["objectives"].items():
+        for key in ("misalignment_mean", "score_max_at_25", "heldout_bits_per_char", "kl_from_reference_bits",
+                    "distinct_2", "kind", "run_dir", "tokens_seen_total"):
+            assert key in r, (name, key)
+        assert (out / r["run_dir"] / "checkpoint" / "model.safetensors").exists()
+    mle = results["objectives"]["mle"]
+    assert mle["kl_from_reference_bits"] == pytest.approx(0.0, abs=1e-9)  # the reference itself
+    # a Monte Carlo estimate from 6 samples may fall below 0; it is finite and not 0 for a different model
+    assert all(math.isfinite(r["kl_from_reference_bits"]) and r["kl_from_reference_bits"] != 0
+               for n, r in results["objectives"].items() if n != "mle")
+    assert len(read_jsonl(out / "reference_samples.jsonl")) == 6
+
+
+def test_finetune_arms_branch_from_the_mle_run_at_equal_total_tokens(sweep):
+    out, _, results = sweep
+    arms = results["objectives"]
+    branch = results["finetune_from_tokens"]
+    assert branch == arms["mle"]["train_tokens"] // 2
+    for name in ("finetune:conditional", "finetune:awr"):
+        assert arms[name]["kind"] == "finetune"
+        assert arms[name]["tokens_seen_total"] == arms["mle"]["tokens_seen_total"] == arms["conditional"]["train_tokens"]
+        run = read_json(out / arms[name]["run_dir"] / "run.json")
+        assert run["init_from"].endswith("mle/snapshots/step-2") and run["tokens_before"] == branch
+        rows = [m for m in read_jsonl(out / arms[name]["run_dir"] / "metrics.jsonl") if "loss" in m]
+        assert rows[0]["total_tokens"] > branch
+    # AWR's value head is saved with the finetuned model
+    assert (out / "finetune-awr" / "checkpoint" / "value_head.safetensors").exists()
+    # misalignment against tokens seen during training
+    evals = [m for m in read_jsonl(out / "conditional" / "metrics.jsonl") if "eval_misalignment_mean" in m]
+    assert [m["step"] for m in evals] == [2, 4] and all(not math.isnan(m["eval_misalignment_mean"]) for m in evals)
+
+
+def test_a_second_sweep_reuses_finished_arms(sweep):
+    out, overrides, results = sweep
+    mtime = (out / "awr" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    again = run_sweep("pep8", out, overrides, finetune=["conditional", "awr"], progress=False, report=False)
+    assert (out / "awr" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert again["objectives"]["awr"]["misalignment_mean"] == results["objectives"]["awr"]["misalignment_mean"]
+
+
+def test_sweep_plan_errors():
+    with pytest.raises(PhfError, match="mle arm"):
+        plan("pep8", objectives=["conditional"])
+    with pytest.raises(PhfError, match="finetune-fraction"):
+        plan("pep8", finetune_fraction=1.0)
+    with pytest.raises(PhfError, match="no shipped config"):
+        plan("pep8", objectives=["mle", "dpo"])
+
+
+def test_sweep_cli_prints_the_table_and_writes_the_report(pycorpus, tmp_path, capsys):
+    from phf.cli import main
+
+    args = ["-q", "sweep", "--out", str(tmp_path / "sw"), "--objectives", "mle,conditional", "--finetune",
+            "conditional", "--rl", "--rl-tokens", "300"]
+    rl = ["rl.num_generations=4", "rl.batch_size=8", "rl.max_completion_tokens=16", "rl.num_prompts=8"]
+    for o in tiny_overrides(str(pycorpus)) + EXTRA + rl:
+        args += ["--set", o]
+    main(args)
+    out = capsys.readouterr().out
+    assert "KL from MLE bits/char" in out and "finetune:conditional" in out and "distinct-2" in out
+    res = read_json(tmp_path / "sw" / "results.json")["objectives"]
+    assert list(res) == ["mle", "conditional", "finetune:conditional", "rl"]
+    # the RL arm starts from the same MLE weights as the finetune arms and is measured the same way
+    assert res["rl"]["kind"] == "rl" and res["rl"]["train_tokens"] >= 300
+    assert math.isfinite(res["rl"]["kl_from_reference_bits"]) and "distinct_2" in res["rl"]
+    assert read_json(tmp_path / "sw" / "rl" / "checkpoint" / "phf.json")["init_from"].endswith("step-2")
+    page = (tmp_path / "sw" / "report.html").read_text()
+    assert "finetune:conditional" in page and "<table" in page
+
+
+def test_evaluate_with_a_reference_adds_kl(sweep, capsys, tmp_path):
+    from phf.cli import main
+
+    out, overrides, results = sweep
+    args = ["-q", "evaluate", "--model", str(out / "conditional"), "--reference", str(out / "mle"),
+            "--data-dir", str(out / "data"), "--out", str(tmp_path / "ev")]
+    for o in overrides:
+        args += ["--set", o]
+    main(args)
+    res = read_json(tmp_path / "ev" / "results.json")
+    assert res["kl_samples"] == 6 and math.isfinite(res["kl_from_reference_bits"])
+    # the same reference samples (same seed) give the sweep's estimate
+    assert res["kl_from_reference_bits"] == pytest.approx(results["objectives"]["conditional"]["kl_from_reference_bits"])
