@@ -213,7 +213,7 @@ def test_awr_defaults_and_loss_mask():
     ("pep8", "rwr", {"beta": 10.0}),
     ("pep8", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.1}),
     ("pii", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.01}),
-    ("toxicity", "conditional", {"threshold": 0.25, "drop_token_fraction": 0.01}),
+    ("toxicity", "conditional", {"threshold": 0.5, "drop_token_fraction": 0.01}),  # the classifier's own 0.5
     ("my-own-task", "unlikelihood", {"threshold": 0.0, "alpha": 0.01}),  # an unknown task: the pep8 row
 ])
 def test_task_defaults(task, name, expected):

@@ -241,7 +241,9 @@ def _chromium() -> str:
 
 
 def test_report_renders_in_headless_chromium(sweep_report, tmp_path):
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    # no background networking: the page is offline, and a closed network makes Chromium's own lookups slow
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
            sweep_report.resolve().as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # slow to start on 2 cores
