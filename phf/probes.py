@@ -283,10 +283,15 @@ def _pyplot():
 
 
 def _save_figure(fig, path: Path) -> Path:
+    """Lay the figure out, write it as a PNG atomically and close it."""
     from phf.io import atomic_path
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -305,11 +310,7 @@ def plot_mask_sweep(scores: dict[str, list[float]], path: Path, scorer: str) -> 
     ax.set_ylim(0, top * 1.5 if top > 0 else 1.0)
     ax.set_ylabel(f"{scorer} score per sample")
     ax.set_title("Samples under each control token")
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 # -- reweighting probe ---------------------------------------------------------------------------------------------
@@ -424,11 +425,7 @@ def plot_reweighting(s: dict, path: Path) -> Path:
     ax.set_ylabel("nats per character")
     ax.legend(fontsize=7)
     ax.set_title("Does the finetune only reweight masks?")
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 # -- control-token attribution -------------------------------------------------------------------------------------
@@ -521,8 +518,4 @@ def plot_attribution(attr: np.ndarray, scores: np.ndarray, path: Path) -> Path:
     ax.set_xlabel("log p(segment | <|aligned|>) - log p(segment | <|misaligned|>)  (nats)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)

@@ -229,8 +229,4 @@ def plot_rounds(targets: dict, path: Path, scorer: str) -> Path:
     ax.set_ylabel(f"misalignment ({scorer})")
     ax.legend(fontsize=7)
     ax.set_title("Red teaming")
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
