@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -138,9 +140,9 @@ def train_flops_per_token(model, context: int) -> float:
 
 
 def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, dtype: str, lr: float,
-              compile: bool = False) -> float:
+              compile: bool = False, fused: bool = False) -> float:
     """Tokens/s of phf's training step (the loop of phf/train.py without logging), after `warm` steps (which
-    include the compilation with `compile`, as train.compile does)."""
+    include the compilation with `compile`, as train.compile does); `fused`: train.fused_loss."""
     from phf.config import TrainConfig
     from phf.train import autocast, get_batch, make_optimizer
 
@@ -153,7 +155,7 @@ def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, d
             t = time.perf_counter()
         x, y, s = get_batch(stream, T, B, 0, step, 0, dev)
         with autocast(dev, dtype):
-            out = fwd(x)
+            out = objective.forward(fwd, x, fused=fused)
         loss = objective.loss(out, y, s) / y.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -196,10 +198,89 @@ def _reference_trainer(model, stream, B: int, T: int, steps: int, warm: int, lr:
     return steps * B * T / (marks[warm + steps] - marks[warm])
 
 
+def loss_memory_at_paper_vocabulary(vocab: int = 50257, context: int = 1024, batch: int = 4) -> dict:
+    """Peak memory added by one forward and backward step of a 2-layer, width-128 model at the paper's vocabulary
+    and context, with the plain loss and with train.fused_loss (the logits dominate the plain one); each in a
+    process of its own, so neither inherits the other's freed memory."""
+    out = {"loss_memory_shape": f"vocabulary {vocab:,}, batch {batch} x {context}, bf16"}
+    for name in ("plain", "fused"):
+        code = (f"from phf.bench import loss_step_peak_mb; print(loss_step_peak_mb({name == 'fused'}, {vocab}, "
+                f"{context}, {batch}))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the loss memory benchmark's process failed:\n{done.stderr[-3000:]}")
+        out[f"loss_step_peak_mb_{name}"] = round(float(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def loss_step_peak_mb(fused: bool, vocab: int, context: int, batch: int) -> float:
+    from phf.config import ModelConfig, ObjectiveConfig
+    from phf.model import build_model
+    from phf.objectives import MLE
+    from phf.train import autocast
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=128, block_size=context), vocab, 0).train()
+    objective = MLE(ObjectiveConfig(name="mle"))
+    x = torch.randint(0, vocab, (batch, context))
+    before = _rss_mb()
+    reset_peak_rss()
+    with autocast(torch.device("cpu"), "bf16"):
+        output = objective.forward(model, x, fused=fused)
+    objective.loss(output, x, torch.zeros(x.shape)).backward()
+    return peak_rss_mb() - before
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _train_steps(quick: bool) -> tuple[int, int]:
+    return (6, 2) if quick else (30, 5)
+
+
+def reference_process(data_dir: str, quick: bool, threads: int) -> None:
+    """Entry of the reference stack's own process: prints its tokens/s as JSON (see `_reference_in_own_process`)."""
+    from phf.model import build_model
+    from phf.tokenizer import EOS, load_tokenizer
+
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(sys.stderr):
+        cfg, data = _demo_data(Path(data_dir), quick)  # already prepared by the parent: read back, not rebuilt
+        tok = load_tokenizer(data.tokenizer_file)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id(EOS))
+        steps, warm = _train_steps(quick)
+        tps = _reference_trainer(model, data.streams["train"], cfg.train.batch_size, cfg.model.block_size, steps,
+                                 warm, cfg.train.lr)
+    print(json.dumps({"tokens_per_s": tps}))
+
+
+def _reference_in_own_process(data_dir: Path, quick: bool) -> float:
+    """The reference stack as it runs: a Python process of its own, glibc's allocator left at its defaults."""
+    env = dict(os.environ, PHF_ALLOCATOR="default")
+    code = "import sys; from phf.bench import reference_process; reference_process(sys.argv[1], sys.argv[2] == '1', " \
+           "int(sys.argv[3]))"
+    done = subprocess.run([sys.executable, "-c", code, str(data_dir), "1" if quick else "0",
+                           str(torch.get_num_threads())], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the reference benchmark's process failed:\n{done.stderr[-3000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
+
+
 def bench_train(quick: bool, data_dir: Path) -> dict:
-    """phf's training loop vs the reference stack on the demo model; MFU of a ~10M model against measured peaks."""
+    """phf's training loop vs the reference stack on the demo model; MFU of a ~10M model against measured peaks.
+
+    The reference runs as it would: in a process of its own with the default allocator. phf runs here, with the
+    allocator settings `phf` applies at start-up (phf/runtime.py). So that the allocator's share of the difference
+    is visible, the reference also runs here, with phf's allocator (`reference_same_allocator_tokens_per_s`)."""
     from phf.config import ModelConfig
     from phf.model import build_model, count_parameters
+    from phf.runtime import allocator_state
     from phf.tokenizer import EOS, load_tokenizer
 
     reset_peak_rss()
@@ -208,24 +289,30 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
     vocab, eos = tok.get_vocab_size(), tok.token_to_id(EOS)
     stream = data.streams["train"]
     B, T = cfg.train.batch_size, cfg.model.block_size
-    steps, warm = (6, 2) if quick else (30, 5)
+    steps, warm = _train_steps(quick)
 
-    def phf(compile: bool = False) -> float:
+    def phf(compile: bool = False, fused: bool = False) -> float:
         torch.manual_seed(0)
         return _phf_loop(build_model(cfg.model, vocab, eos), stream, data.objective, B, T, steps, warm,
-                         cfg.train.dtype, cfg.train.lr, compile)
+                         cfg.train.dtype, cfg.train.lr, compile, fused)
 
     # phf is measured before and after the reference and averaged, so a load that changes meanwhile (other
     # processes on the machine) weighs on both sides alike
     phf_before = phf()
+    ref_tps = _reference_in_own_process(data_dir, quick)
+    phf_tps = (phf_before + phf()) / 2
     torch.manual_seed(0)
     demo_model = build_model(cfg.model, vocab, eos)
-    ref_tps = _reference_trainer(demo_model, stream, B, T, steps, warm, cfg.train.lr)
-    phf_tps = (phf_before + phf()) / 2
     out = {"threads": torch.get_num_threads(), "parameters": count_parameters(demo_model), "batch": B, "context": T,
-           "dtype": cfg.train.dtype, "phf_tokens_per_s": round(phf_tps, 1), "reference_tokens_per_s": round(ref_tps, 1),
-           "speedup_vs_reference": round(phf_tps / ref_tps, 3)}
-    if not quick:  # train.compile=true (the compilation, tens of seconds, is not counted)
+           "dtype": cfg.train.dtype, "allocator": allocator_state(), "phf_tokens_per_s": round(phf_tps, 1),
+           "reference_tokens_per_s": round(ref_tps, 1), "speedup_vs_reference": round(phf_tps / ref_tps, 3)}
+    if allocator_state() != "default":
+        same = _reference_trainer(demo_model, stream, B, T, steps, warm, cfg.train.lr)
+        out.update(reference_same_allocator_tokens_per_s=round(same, 1),
+                   speedup_vs_reference_same_allocator=round(phf_tps / same, 3))
+    if not quick:  # train.fused_loss=true, and train.compile=true (its compilation not counted)
+        out["phf_fused_loss_tokens_per_s"] = round(phf(fused=True), 1)
+        out.update(loss_memory_at_paper_vocabulary())
         out["phf_compiled_tokens_per_s"] = round(phf(compile=True), 1)
         out["speedup_compiled_vs_reference"] = round(out["phf_compiled_tokens_per_s"] / ref_tps, 3)
     out["peak_bf16_gflops"] = round(peak_matmul_gflops(torch.bfloat16), 1)
@@ -369,9 +456,18 @@ def format_figures(f: dict) -> str:
         t = f["train"]
         lines.append(f"train  ({t['parameters'] / 1e6:.2f}M params, batch {t['batch']} x {t['context']}, {t['dtype']}, "
                      f"{t['threads']} thread{'s' if t['threads'] != 1 else ''}): phf {t['phf_tokens_per_s']:,.0f} tokens/s, HF Trainer "
-                     f"{t['reference_tokens_per_s']:,.0f} tokens/s ({t['speedup_vs_reference']:.2f}x)"
+                     f"{t['reference_tokens_per_s']:,.0f} tokens/s in its own process ({t['speedup_vs_reference']:.2f}x)"
                      + (f"; phf with train.compile {t['phf_compiled_tokens_per_s']:,.0f} tokens/s "
                         f"({t['speedup_compiled_vs_reference']:.2f}x)" if "phf_compiled_tokens_per_s" in t else ""))
+        if "reference_same_allocator_tokens_per_s" in t:
+            lines.append(f"       allocator: {t['allocator']}; HF Trainer with the same allocator "
+                         f"{t['reference_same_allocator_tokens_per_s']:,.0f} tokens/s "
+                         f"({t['speedup_vs_reference_same_allocator']:.2f}x)"
+                         + (f"; phf with train.fused_loss {t['phf_fused_loss_tokens_per_s']:,.0f} tokens/s"
+                            if "phf_fused_loss_tokens_per_s" in t else ""))
+        if "loss_step_peak_mb_plain" in t:
+            lines.append(f"       memory of one training step at the paper's vocabulary ({t['loss_memory_shape']}): plain "
+                         f"loss {t['loss_step_peak_mb_plain']:,} MB, train.fused_loss {t['loss_step_peak_mb_fused']:,} MB")
         lines.append(f"       peak matmul: bf16 {t['peak_bf16_gflops']:,.0f} GFLOP/s, fp32 {t['peak_fp32_gflops']:,.0f} "
                      f"GFLOP/s; {t['mfu_model_parameters'] / 1e6:.1f}M model: {t['mfu_model_tokens_per_s']:,.0f} "
                      f"tokens/s = {t['mfu_model_gflops']:,.0f} GFLOP/s = {100 * t['mfu_bf16']:.0f}% of bf16 peak; "

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from phf.io import PhfError
+from phf.runtime import tune_allocator
 
 log = logging.getLogger("phf")
 
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # large tensors stay on the heap between training steps (phf/runtime.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="phf: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

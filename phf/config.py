@@ -186,6 +186,11 @@ class TrainConfig:
     """Autocast precision: `bf16` or `fp32`."""
     compile: bool = False
     """Compile the model with torch.compile (faster steps after a compile of tens of seconds)."""
+    fused_loss: bool = False
+    """Apply the LM head inside the loss, chunk by chunk, never storing the (tokens x vocabulary) logits
+    (phf/lm_loss.py): the same loss and gradients in a fraction of the memory when the vocabulary is large (the
+    paper's 50,257 tokens at context 1024), a little slower on CPU at the demo's size (`phf bench train`). Not with
+    FSDP (the plain path is used there)."""
     parallel: str = "ddp"
     """How several processes (torchrun) share the model: `ddp` (a full copy per rank, gradients all-reduced) or
     `fsdp` (FSDP2: parameters, gradients and optimizer state sharded over ranks per transformer block, for models

@@ -19,10 +19,10 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from phf.config import ObjectiveConfig
 from phf.io import PhfError
+from phf.lm_loss import UNLIKELIHOOD_EPS, forward_hidden, weighted_token_loss
 from phf.tokenizer import ALIGNED, MISALIGNED
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ TASK_DEFAULTS: dict[str, dict[str, dict]] = {
         "awr": {"alpha": 0.5, "beta": 10.0},
     },
 }
-UNLIKELIHOOD_EPS = 1e-5  # 1 - p is clamped here: the unlikelihood loss of a token is at most -log(1e-5) ~ 11.5
 
 
 def task_defaults(task: str, objective: str) -> dict:
@@ -149,9 +148,10 @@ class Objective:
     def save_extra(self, folder: Path) -> None:
         """Write the extra modules into a checkpoint folder (save_checkpoint's temporary one)."""
 
-    def forward(self, model, x: torch.Tensor):
-        """Run the model on inputs x (B, T); `loss` receives what this returns."""
-        return model(x)
+    def forward(self, model, x: torch.Tensor, fused: bool = False):
+        """Run the model on inputs x (B, T); `loss` receives what this returns: the model's output (with `.logits`),
+        or with `fused` a phf.lm_loss.HeadOutput (hidden states; the loss applies the LM head chunk by chunk)."""
+        return forward_hidden(model, x) if fused else model(x)
 
     # -- loss --------------------------------------------------------------------------------------------------
     def loss_mask(self, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -161,19 +161,13 @@ class Objective:
     def loss(self, output, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Sum of per-token losses over the loss-bearing tokens.
 
-        output: the model's output (`.logits` (B, T, V)); targets (B, T) token ids; scores (B, T) the segment
-        score of each target token."""
-        return F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        output: what `forward` returned (`.logits` (B, T, V), or a HeadOutput); targets (B, T) token ids;
+        scores (B, T) the segment score of each target token."""
+        return weighted_token_loss(output, targets)
 
     def describe(self) -> dict:
         return {"name": self.name, "threshold": self.threshold, "sampling_prefix": self.sampling_prefix,
                 "banned_tokens": self.banned_tokens, "line_prefix": self.line_prefix}
-
-
-def token_nll(output, targets: torch.Tensor) -> torch.Tensor:
-    """-log p(target) of every target token, (B, T) float32."""
-    logits = output.logits.float()  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 class MLE(Objective):
@@ -256,11 +250,9 @@ class Unlikelihood(_TokenFeedback):
     def loss(self, output, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         assert self.threshold is not None, "call fit() first"
         mask = self.loss_mask(targets, scores)
-        nll = token_nll(output, targets)  # (B, T) -log p
-        misaligned = self._clean(scores, mask) > self.threshold  # (B, T)
-        one_minus_p = (-torch.expm1(-nll)).clamp(min=UNLIKELIHOOD_EPS)  # 1 - p, accurate when p is near 1
-        per_token = torch.where(misaligned, -self.alpha * torch.log(one_minus_p), nll)
-        return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+        misaligned = (self._clean(scores, mask) > self.threshold) & mask  # (B, T)
+        return weighted_token_loss(output, targets, coef=mask, unlikely=misaligned, alpha=self.alpha,
+                                   eps=UNLIKELIHOOD_EPS)
 
     def describe(self) -> dict:
         return dict(super().describe(), alpha=self.alpha)
@@ -284,8 +276,8 @@ class RWR(_TokenFeedback):
 
     def loss(self, output, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         mask = self.loss_mask(targets, scores)
-        per_token = self.weights(scores, mask) * token_nll(output, targets)  # (B, T)
-        return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+        weights = self.weights(scores, mask)  # (B, T)
+        return weighted_token_loss(output, targets, coef=torch.where(mask, weights, torch.zeros_like(weights)))
 
     def describe(self) -> dict:
         return dict(super().describe(), beta=self.beta, max_weight=self.max_weight)
@@ -335,8 +327,8 @@ class AWR(_TokenFeedback):
         if self.value_head is not None:
             save_value_head(self.value_head, folder)
 
-    def forward(self, model, x: torch.Tensor):
-        return model(x, output_hidden_states=True)
+    def forward(self, model, x: torch.Tensor, fused: bool = False):
+        return forward_hidden(model, x) if fused else model(x, output_hidden_states=True)
 
     def values(self, output) -> torch.Tensor:
         """V at every position (B, T), from the last hidden state (after the final layer norm)."""
@@ -348,8 +340,10 @@ class AWR(_TokenFeedback):
         reward = -self._clean(scores, mask)  # (B, T)
         value = self.values(output)  # (B, T)
         weight = torch.exp((reward - value.detach()) / self.beta).clamp(max=self.max_weight)
-        per_token = self.alpha * weight * token_nll(output, targets) + (1 - self.alpha) * (value - reward) ** 2
-        return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+        weighted_ce = weighted_token_loss(output, targets, coef=self.alpha * torch.where(mask, weight,
+                                                                                          torch.zeros_like(weight)))
+        squared = (1 - self.alpha) * (value - reward) ** 2
+        return weighted_ce + torch.where(mask, squared, torch.zeros_like(squared)).sum()
 
     def describe(self) -> dict:
         return dict(super().describe(), alpha=self.alpha, beta=self.beta, max_weight=self.max_weight,

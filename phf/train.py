@@ -424,6 +424,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                                 else None)
     fwd = torch.compile(train_model) if tcfg.compile else train_model
+    fused = tcfg.fused_loss and not sharded  # FSDP2 keeps the head's weight sharded outside its forward
 
     tokens_per_step = tcfg.batch_size * block * tcfg.grad_accum * d.world
     total_steps = tcfg.max_steps or math.ceil(tcfg.max_tokens / tokens_per_step)
@@ -507,7 +508,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
             sync = contextlib.nullcontext() if (d.world == 1 or m == tcfg.grad_accum - 1) else no_sync(train_model)
             with sync:
                 with autocast(device, tcfg.dtype):
-                    out = objective.forward(fwd, x)
+                    out = objective.forward(fwd, x, fused=fused)
                 loss_sum = objective.loss(out, y, s)
                 loss = loss_sum / count * d.world  # DDP averages gradients over ranks
                 loss.backward()

@@ -1,5 +1,6 @@
 """Two gloo ranks on CPU, launched with torchrun: the loss is normalised by the global token count, so 2 ranks x
-1 accumulation step and 1 rank x 2 accumulation steps draw the same windows and make the same update."""
+1 accumulation step and 1 rank x 2 accumulation steps draw the same windows and make the same update. The DDP test
+runs the fused LM-head loss, whose head weight is used outside DDP's forward: its gradient must still be averaged."""
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_two_ranks_equal_one_rank_with_two_accumulation_steps(tiny_cfg_factory, data_dir, tmp_path):
-    cfg = tiny_cfg_factory("conditional", ["train.max_steps=3", "train.threads=1"])
+    cfg = tiny_cfg_factory("conditional", ["train.max_steps=3", "train.threads=1", "train.fused_loss=true"])
     config = tmp_path / "run.yaml"
     config.write_text(config_to_yaml(cfg))
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

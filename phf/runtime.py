@@ -1,0 +1,53 @@
+"""Process-wide settings for training on CPUs: how glibc's allocator treats the large, short-lived tensors of a step.
+
+By default glibc serves every allocation above a (dynamic, at most 32 MB) threshold with a fresh `mmap` and hands it
+back with `munmap` when freed. A training step allocates and frees tens of such tensors (logits, their float32 copy,
+their gradients: 64 MB each at batch 8 x 256 tokens x 8,192 vocabulary), so every step pays for the kernel to map
+and zero those pages again: on the 2-core machine of the README a third of the step (`phf bench train` measures the
+difference). `tune_allocator` keeps them on the heap instead (no mmap for allocations, no trimming of the heap),
+so freed memory is reused by the next step. The cost: memory a process has freed is not given back to the system
+until it exits, so its resident size stays at its peak.
+
+`phf` applies it at start-up (phf/cli.py); set PHF_ALLOCATOR=default to leave the allocator as it is. It does nothing
+where the C library is not glibc, and nothing to GPU memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+_TRIM_NEVER = 2**31 - 1  # the largest value mallopt takes: the heap's free top is never given back
+ENV = "PHF_ALLOCATOR"
+_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep large allocations on glibc's heap and never trim it. True if applied (once per process)."""
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if os.environ.get(ENV, "tuned") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER))
+    if not _tuned:
+        log.debug("mallopt refused the allocator settings; glibc's defaults stay")
+    return _tuned
+
+
+def allocator_state() -> str:
+    """What tune_allocator did in this process, for benchmark figures and run metadata."""
+    return "glibc heap only, never trimmed" if _tuned else "default"
