@@ -32,7 +32,11 @@ PEAK_RSS_METHOD = ("VmHWM of /proc/self/status, reset (clear_refs) before each b
 
 
 def reset_peak_rss() -> None:
-    """Start a benchmark's own peak resident memory (Linux: writing 5 to clear_refs resets VmHWM)."""
+    """Start a benchmark's own peak resident memory (Linux: writing 5 to clear_refs resets VmHWM). Memory that
+    earlier benchmarks freed is first handed back to the system: phf's allocator setting keeps it otherwise."""
+    from phf.runtime import release_free_memory
+
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

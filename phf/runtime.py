@@ -48,6 +48,14 @@ def tune_allocator() -> bool:
     return _tuned
 
 
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the system now (glibc's malloc_trim), e.g. before measuring a peak."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def allocator_state() -> str:
     """What tune_allocator did in this process, for benchmark figures and run metadata."""
     return "glibc heap only, never trimmed" if _tuned else "default"
