@@ -44,16 +44,22 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB since the last reset_peak_rss (where Linux allows one)."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in MB, or None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB since the last reset_peak_rss (where Linux allows one)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def children_peak_rss_mb() -> float:
@@ -210,11 +216,17 @@ def loss_memory_at_paper_vocabulary(vocab: int = 50257, context: int = 1024, bat
     for name in ("plain", "fused"):
         code = (f"from phf.bench import loss_step_peak_mb; print(loss_step_peak_mb({name == 'fused'}, {vocab}, "
                 f"{context}, {batch}))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the loss memory benchmark's process failed:\n{done.stderr[-3000:]}")
-        out[f"loss_step_peak_mb_{name}"] = round(float(done.stdout.strip().splitlines()[-1]))
+        out[f"loss_step_peak_mb_{name}"] = round(float(_python_last_line(code, "loss memory")))
     return out
+
+
+def _python_last_line(code: str, what: str, args: tuple = (), env: dict | None = None) -> str:
+    """Run `code` in a fresh Python process (a benchmark that must not share this one's memory or allocator) and
+    return the last line it printed."""
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {what} benchmark's process failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
 
 
 def loss_step_peak_mb(fused: bool, vocab: int, context: int, batch: int) -> float:
@@ -227,20 +239,12 @@ def loss_step_peak_mb(fused: bool, vocab: int, context: int, batch: int) -> floa
     model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=128, block_size=context), vocab, 0).train()
     objective = MLE(ObjectiveConfig(name="mle"))
     x = torch.randint(0, vocab, (batch, context))
-    before = _rss_mb()
+    before = _status_mb("VmRSS") or 0.0
     reset_peak_rss()
     with autocast(torch.device("cpu"), "bf16"):
         output = objective.forward(model, x, fused=fused)
     objective.loss(output, x, torch.zeros(x.shape)).backward()
     return peak_rss_mb() - before
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _train_steps(quick: bool) -> tuple[int, int]:
@@ -269,11 +273,8 @@ def _reference_in_own_process(data_dir: Path, quick: bool) -> float:
     env = dict(os.environ, PHF_ALLOCATOR="default")
     code = "import sys; from phf.bench import reference_process; reference_process(sys.argv[1], sys.argv[2] == '1', " \
            "int(sys.argv[3]))"
-    done = subprocess.run([sys.executable, "-c", code, str(data_dir), "1" if quick else "0",
-                           str(torch.get_num_threads())], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the reference benchmark's process failed:\n{done.stderr[-3000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
+    line = _python_last_line(code, "reference", (data_dir, "1" if quick else "0", torch.get_num_threads()), env)
+    return float(json.loads(line)["tokens_per_s"])
 
 
 def bench_train(quick: bool, data_dir: Path) -> dict:

@@ -227,9 +227,14 @@ class _TokenFeedback(Objective):
         return ~torch.isnan(scores)
 
     @staticmethod
-    def _clean(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """values where mask holds, 0 elsewhere (where(), not a product: a NaN masked out stays out)."""
+        return torch.where(mask, values, torch.zeros_like(values))
+
+    @classmethod
+    def _clean(cls, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # NaN replaced *before* any arithmetic: where() after the fact would still send NaN gradients back
-        return torch.where(mask, scores, torch.zeros_like(scores)).float()
+        return cls._masked(scores, mask).float()
 
 
 class Unlikelihood(_TokenFeedback):
@@ -276,8 +281,7 @@ class RWR(_TokenFeedback):
 
     def loss(self, output, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         mask = self.loss_mask(targets, scores)
-        weights = self.weights(scores, mask)  # (B, T)
-        return weighted_token_loss(output, targets, coef=torch.where(mask, weights, torch.zeros_like(weights)))
+        return weighted_token_loss(output, targets, coef=self._masked(self.weights(scores, mask), mask))
 
     def describe(self) -> dict:
         return dict(super().describe(), beta=self.beta, max_weight=self.max_weight)
@@ -340,10 +344,8 @@ class AWR(_TokenFeedback):
         reward = -self._clean(scores, mask)  # (B, T)
         value = self.values(output)  # (B, T)
         weight = torch.exp((reward - value.detach()) / self.beta).clamp(max=self.max_weight)
-        weighted_ce = weighted_token_loss(output, targets, coef=self.alpha * torch.where(mask, weight,
-                                                                                          torch.zeros_like(weight)))
-        squared = (1 - self.alpha) * (value - reward) ** 2
-        return weighted_ce + torch.where(mask, squared, torch.zeros_like(squared)).sum()
+        weighted_ce = weighted_token_loss(output, targets, coef=self.alpha * self._masked(weight, mask))
+        return weighted_ce + self._masked((1 - self.alpha) * (value - reward) ** 2, mask).sum()
 
     def describe(self) -> dict:
         return dict(super().describe(), alpha=self.alpha, beta=self.beta, max_weight=self.max_weight,

@@ -36,10 +36,8 @@ def tune_allocator() -> bool:
     _tuned = False
     if os.environ.get(ENV, "tuned") == "default" or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:  # musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER))
@@ -50,10 +48,17 @@ def tune_allocator() -> bool:
 
 def release_free_memory() -> None:
     """Give the heap's free memory back to the system now (glibc's malloc_trim), e.g. before measuring a peak."""
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _libc_function(name: str):
+    """A function of the C library this process runs on, or None where it has none by that name."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def allocator_state() -> str:
