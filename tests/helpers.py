@@ -32,3 +32,18 @@ def assert_spans_tile(text, spans):
         assert a == pos and b > a
         pos = b
     assert pos == len(text)
+
+
+def tiny_untrained_model(corpus_dir, block_size: int):
+    """A 400-token tokenizer trained on the test corpus' Python files and an untrained 1-layer GPT-2 (seed 0)."""
+    import torch
+
+    from phf.config import ModelConfig, TokenizerConfig
+    from phf.model import build_model
+    from phf.tokenizer import EOS, train_tokenizer
+
+    tok = train_tokenizer([p.read_text() for p in sorted(corpus_dir.glob("*.py"))], TokenizerConfig(vocab_size=400))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=block_size), tok.get_vocab_size(),
+                        tok.token_to_id(EOS)).eval()
+    return tok, model

@@ -7,12 +7,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from phf.config import ModelConfig, TokenizerConfig
 from phf.evaluate import expected_max, heldout_bits_per_char, misalignment_metrics, parses
-from phf.model import build_model
 from phf.sampling import Deployment, Sample, complete_lines, function_prompts, sample_next, strip_control
 from phf.segments import line_spans
-from phf.tokenizer import ALIGNED, EOS, MISALIGNED, SPECIAL_TOKENS, train_tokenizer
+from phf.tokenizer import ALIGNED, EOS, MISALIGNED, SPECIAL_TOKENS
+from tests.helpers import tiny_untrained_model
 
 
 @pytest.mark.parametrize("n,k", [(5, 3), (7, 7), (6, 1), (4, 25)])
@@ -60,11 +59,7 @@ def test_text_helpers():
 
 @pytest.fixture(scope="module")
 def tiny(pycorpus):
-    tok = train_tokenizer([p.read_text() for p in sorted(pycorpus.glob("*.py"))], TokenizerConfig(vocab_size=400))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=512), tok.get_vocab_size(),
-                        tok.token_to_id(EOS)).eval()
-    return tok, model
+    return tiny_untrained_model(pycorpus, block_size=512)
 
 
 def reference_bits(model, tok: Tokenizer, texts, line_prefix):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from phf.probes import fit_mixture_weight, mixture_logprob, reweighting_figures, segment_logprobs
+from tests.helpers import tiny_untrained_model
 
 
 @pytest.mark.parametrize("a_true", [0.0, 0.2, 0.5, 0.85, 1.0])
@@ -48,15 +49,7 @@ def test_kl_to_the_mixture_is_zero_when_the_finetune_is_the_mixture():
 
 @pytest.fixture(scope="module")
 def tiny(pycorpus):
-    from phf.config import ModelConfig, TokenizerConfig
-    from phf.model import build_model
-    from phf.tokenizer import EOS, train_tokenizer
-
-    tok = train_tokenizer([p.read_text() for p in sorted(pycorpus.glob("*.py"))], TokenizerConfig(vocab_size=400))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32), tok.get_vocab_size(),
-                        tok.token_to_id(EOS)).eval()
-    return tok, model
+    return tiny_untrained_model(pycorpus, block_size=32)
 
 
 def reference_segment_logprobs(model, tok, text, prefix):
