@@ -163,7 +163,7 @@ def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, d
     for step in range(steps + warm):
         if step == warm:
             t = time.perf_counter()
-        x, y, s = get_batch(stream, T, B, 0, step, 0, dev)
+        x, y, s, _ = get_batch(stream, T, B, 0, step, 0, dev)
         with autocast(dev, dtype):
             out = objective.forward(fwd, x, fused=fused)
         loss = objective.loss(out, y, s) / y.numel()

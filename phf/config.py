@@ -112,6 +112,10 @@ class ObjectiveConfig:
     smaller means sharper. None = the paper's value (RWR: 10 for every task; AWR: pep8 1, pii 0.1, toxicity 10)."""
     max_weight: float = 1000.0
     """RWR and AWR: token weights are clipped to at most this (the paper's AWR clip: 1000)."""
+    control_embedding: bool = False
+    """Conditional training: also add each segment's control-token embedding to the input of every token of the
+    segment (GPT-2's `token_type_ids`; phf.conditioning), not only place the token before it. Off = the paper's
+    method."""
 
     def validate(self) -> None:
         from phf.objectives import OBJECTIVES
@@ -133,6 +137,9 @@ class ObjectiveConfig:
             raise PhfError(f"objective.beta must be a finite number > 0, got {self.beta}")
         if not self.max_weight > 0:
             raise PhfError(f"objective.max_weight must be > 0, got {self.max_weight}")
+        if self.control_embedding and self.name != "conditional":
+            raise PhfError(f"objective.control_embedding applies to conditional training only, not {self.name!r}; "
+                           f"remove it or set objective.name=conditional")
 
 
 @dataclass
@@ -264,8 +271,14 @@ class SampleConfig:
     """Sequences generated together."""
     seed: int = 0
     """Sampling seed."""
+    guidance: float = 0.0
+    """Conditional training's models only: classifier-free guidance, tokens drawn from (1 + g) log p(. | aligned)
+    - g log p(. | misaligned), the same text read after each control token (phf.sampling.generate_ids). 0 = plain
+    conditional sampling (the paper)."""
 
     def validate(self) -> None:
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise PhfError(f"sample.guidance must be a finite number >= 0, got {self.guidance}")
         if self.num_samples < 0 or self.num_prompts < 0:
             raise PhfError("sample.num_samples and sample.num_prompts must be >= 0")
         _check_positive("sample.max_new_tokens", self.max_new_tokens)

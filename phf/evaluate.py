@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from phf.conditioning import control_types, markers_of
 from phf.sampling import Deployment, Sample
 from phf.scorers import Scorer
 from phf.token_stream import annotate_for_deployment, encode_annotated
@@ -167,6 +168,8 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     if not ids:
         return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
     stream = torch.from_numpy(np.concatenate(ids).astype(np.int64))
+    markers = markers_of(model)  # a model with control embeddings reads each token's control type too
+    types = control_types(stream[None], markers)[0] if markers else None
     block = model.config.n_positions
     stride = block // 2
     device = next(model.parameters()).device
@@ -185,13 +188,17 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
         length = max(min(block + 1, len(stream) - s) for s, _ in group)
         x = torch.full((len(group), length), int(special[0]), dtype=torch.long)
         valid = torch.zeros((len(group), length - 1), dtype=torch.bool)
+        x_types = torch.full_like(x, markers[0]) if markers else None
         for j, (s, first) in enumerate(group):
             w = stream[s:s + length]
             x[j, :len(w)] = w
+            if markers:
+                x_types[j, :len(w)] = types[s:s + length]
             valid[j, first:len(w) - 1] = True
+        inputs = {"token_type_ids": x_types[:, :-1].to(device)} if markers else {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             inp = x[:, :-1].to(device)
-            logits = model(inp, attention_mask=torch.ones_like(inp)).logits.float()  # (B, T, V)
+            logits = model(inp, attention_mask=torch.ones_like(inp), **inputs).logits.float()  # (B, T, V)
         logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, T)
         target = x[:, 1:]
         mask = valid & ~torch.isin(target, special)

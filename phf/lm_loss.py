@@ -40,10 +40,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def forward_hidden(model, x: torch.Tensor) -> HeadOutput:
+def forward_hidden(model, x: torch.Tensor, **inputs) -> HeadOutput:
     """Run the model through its own forward (so DDP's hooks see it) for hidden states only: the head is applied to
-    no position (`logits_to_keep` = an empty index), the loss applies it."""
-    out = model(x, output_hidden_states=True, logits_to_keep=_NO_POSITIONS.to(x.device))
+    no position (`logits_to_keep` = an empty index), the loss applies it. `inputs`: more model inputs
+    (`token_type_ids`)."""
+    out = model(x, output_hidden_states=True, logits_to_keep=_NO_POSITIONS.to(x.device), **inputs)
     hidden, device = out.hidden_states[-1], x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     return HeadOutput(hidden, unwrap(model).get_output_embeddings().weight, out.hidden_states, dtype)

@@ -84,6 +84,7 @@ class Objective:
     banned_tokens: ClassVar[list[str]] = []  # tokens that can never be sampled
     line_prefix: ClassVar[str | None] = None  # control token before every segment of a prompt / held-out text
     uses_threshold: ClassVar[bool] = False  # whether `threshold` means anything to this objective
+    control_embedding: bool = False  # whether the model also reads each token's control type (phf.conditioning)
 
     def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
         self.cfg = cfg
@@ -148,10 +149,12 @@ class Objective:
     def save_extra(self, folder: Path) -> None:
         """Write the extra modules into a checkpoint folder (save_checkpoint's temporary one)."""
 
-    def forward(self, model, x: torch.Tensor, fused: bool = False):
+    def forward(self, model, x: torch.Tensor, fused: bool = False, types: torch.Tensor | None = None):
         """Run the model on inputs x (B, T); `loss` receives what this returns: the model's output (with `.logits`),
-        or with `fused` a phf.lm_loss.HeadOutput (hidden states; the loss applies the LM head chunk by chunk)."""
-        return forward_hidden(model, x) if fused else model(x)
+        or with `fused` a phf.lm_loss.HeadOutput (hidden states; the loss applies the LM head chunk by chunk).
+        `types` (B, T): the control type of each input token, for a model with control embeddings."""
+        inputs = {} if types is None else {"token_type_ids": types}
+        return forward_hidden(model, x, **inputs) if fused else model(x, **inputs)
 
     # -- loss --------------------------------------------------------------------------------------------------
     def loss_mask(self, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -204,6 +207,7 @@ class Conditional(Objective):
     def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
         super().__init__(cfg, task)
         self.drop_token_fraction = float(self.setting("drop_token_fraction"))
+        self.control_embedding = bool(cfg.control_embedding)
 
     def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None:
         assert self.threshold is not None, "call fit() first"
@@ -213,7 +217,8 @@ class Conditional(Objective):
         return ALIGNED if score <= self.threshold else MISALIGNED
 
     def describe(self) -> dict:
-        return dict(super().describe(), drop_token_fraction=self.drop_token_fraction)
+        return dict(super().describe(), drop_token_fraction=self.drop_token_fraction,
+                    control_embedding=self.control_embedding)
 
     def stream_settings(self) -> dict:
         return {"documents": "all", "prefixes": {"threshold": self.threshold, "drop": self.drop_token_fraction}}
@@ -331,8 +336,9 @@ class AWR(_TokenFeedback):
         if self.value_head is not None:
             save_value_head(self.value_head, folder)
 
-    def forward(self, model, x: torch.Tensor, fused: bool = False):
-        return forward_hidden(model, x) if fused else model(x, output_hidden_states=True)
+    def forward(self, model, x: torch.Tensor, fused: bool = False, types: torch.Tensor | None = None):
+        inputs = {} if types is None else {"token_type_ids": types}
+        return forward_hidden(model, x, **inputs) if fused else model(x, output_hidden_states=True, **inputs)
 
     def values(self, output) -> torch.Tensor:
         """V at every position (B, T), from the last hidden state (after the final layer norm)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from phf.conditioning import markers_of, stream_types
 from phf.io import PhfError, read_json, write_json
 from phf.sampling import Deployment, Sample, generate, strip_control
 from phf.token_stream import annotate, encode_annotated
@@ -123,16 +124,22 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
                 break
             start += stride
     token_lp = [np.zeros(max(len(ids) - 1, 0)) for ids, _ in encoded]
+    markers = markers_of(model)  # a model with control embeddings reads each token's control type too
+    types = [stream_types(ids, markers) for ids, _ in encoded] if markers else None
     device = next(model.parameters()).device
     model.eval()
     for b in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
         group = windows[b:b + batch_size]
         length = max(min(block + 1, len(encoded[i][0]) - s) for i, s, _ in group)
         x = torch.full((len(group), length), int(special[0]), dtype=torch.long)
+        x_types = torch.full_like(x, markers[0]) if markers else None
         for j, (i, s, _) in enumerate(group):
             w = encoded[i][0][s:s + length]
             x[j, :len(w)] = torch.from_numpy(w)
-        logits = model(x[:, :-1].to(device)).logits.float()  # (B, T, V); right padding needs no mask (causal)
+            if markers:
+                x_types[j, :len(w)] = torch.from_numpy(types[i][s:s + length])
+        inputs = {"token_type_ids": x_types[:, :-1].to(device)} if markers else {}
+        logits = model(x[:, :-1].to(device), **inputs).logits.float()  # (B, T, V); right padding needs no mask
         lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1).cpu().numpy()  # (B, T)
         for j, (i, s, first) in enumerate(group):
             n = min(length, len(encoded[i][0]) - s) - 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phf.conditioning import markers_of
 from phf.io import PhfError, append_jsonl, write_json
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,9 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.padding_side = "left"
     model = load_model(folder)
+    if markers_of(model):
+        raise PhfError(f"{folder} was trained with objective.control_embedding: its tokens carry control types, "
+                       f"which TRL's generation and loss do not pass; RL-finetune a model trained without it")
     model.train()
     prompts = rl_prompts(cfg.task, scored, rl, deployment, segmenter)
 

@@ -22,10 +22,12 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from phf.conditioning import control_types, markers_of, next_types
 from phf.config import SampleConfig
 from phf.segments import get_segmenter, line_spans
 from phf.token_stream import annotate
-from phf.tokenizer import CONTROL_TOKENS, EOS
+from phf.io import PhfError
+from phf.tokenizer import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +114,42 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, banned_ids: list[int],
-                 temperature: float, top_p: float, generator: torch.Generator) -> list[list[int]]:
-    """Sample continuations of token-id prompts with the model's KV cache; stop a row at <|endoftext|>."""
+                 temperature: float, top_p: float, generator: torch.Generator, guidance: float = 0.0,
+                 negative: dict[int, int] | None = None) -> list[list[int]]:
+    """Sample continuations of token-id prompts with the model's KV cache; stop a row at <|endoftext|>.
+
+    With `guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same tokens with
+    `negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
+    `(1 + g) * log p(. | row) - g * log p(. | negative row)`: away from what the model would write under the other
+    condition."""
     device = next(model.parameters()).device
+    guided = guidance > 0 and bool(negative)
+    if guided:
+        swap = torch.arange(model.config.vocab_size, device=device)
+        for a, b in negative.items():
+            swap[a] = b
+        prompts = prompts + [[int(swap[t]) for t in p] for p in prompts]
     width = max(len(p) for p in prompts)
-    B = len(prompts)
-    input_ids = torch.full((B, width), eos_id, dtype=torch.long, device=device)
-    attention = torch.zeros((B, width), dtype=torch.long, device=device)
+    B = len(prompts) // 2 if guided else len(prompts)
+    R = len(prompts)  # rows run through the model
+    input_ids = torch.full((R, width), eos_id, dtype=torch.long, device=device)
+    attention = torch.zeros((R, width), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
         attention[i, width - len(p):] = 1
-    position = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True)
+    position = (attention.cumsum(-1) - 1).clamp(min=0)  # (R, T)
+    markers = markers_of(model)  # a model with control embeddings also reads each token's control type
+    typed = {"token_type_ids": control_types(input_ids, markers)} if markers else {}  # left padding: untyped
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True, **typed)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     generated = []
     max_new_tokens = min(max_new_tokens, model.config.n_positions - width + 1)  # the last token needs no position
     next_pos = position[:, -1:] + 1
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :]  # (B, V)
+        logits = out.logits[:, -1, :]  # (R, V)
+        if guided:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            logits = (1 + guidance) * logp[:B] - guidance * logp[B:]
         if banned_ids:
             logits[:, banned_ids] = -float("inf")
         tok = sample_next(logits, temperature, top_p, generator)  # (B,)
@@ -138,9 +158,12 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
         finished |= tok == eos_id
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=device)], dim=-1)
-        out = model(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+        feed = torch.cat([tok, swap[tok]]) if guided else tok  # (R,)
+        attention = torch.cat([attention, torch.ones((R, 1), dtype=attention.dtype, device=device)], dim=-1)
+        if markers:
+            typed = {"token_type_ids": next_types(typed["token_type_ids"][:, -1], feed, markers)[:, None]}
+        out = model(input_ids=feed[:, None], attention_mask=attention, position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True, **typed)
         next_pos = next_pos + 1
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(B)]
     return rows
@@ -156,6 +179,13 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     banned = [tokenizer.convert_tokens_to_ids(t) for t in deployment.banned_tokens]
     max_prompt = max(2, model.config.n_positions - cfg.max_new_tokens)
+    negative = None
+    if cfg.guidance:  # guided away from the banned control token: each control token of a row swapped for it
+        if ALIGNED not in deployment.sampling_prefix or MISALIGNED not in deployment.banned_tokens:
+            raise PhfError(f"sample.guidance={cfg.guidance} needs a model trained with conditional training (sampled "
+                           f"after <|aligned|>, <|misaligned|> banned); this one is deployed with prefix "
+                           f"{deployment.sampling_prefix or 'none'}: set sample.guidance=0")
+        negative = {tokenizer.convert_tokens_to_ids(ALIGNED): tokenizer.convert_tokens_to_ids(MISALIGNED)}
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
@@ -165,7 +195,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
         for p in batch:
             text = EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans)
             ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
-        rows = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p, generator)
+        rows = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p, generator,
+                            cfg.guidance, negative)
         for p, new in zip(batch, rows):
             finished = eos_id in new
             if finished:

@@ -102,6 +102,15 @@ class TokenStream:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def control_types(self, markers: list[int]) -> np.ndarray:
+        """Each token's control type (phf.conditioning), computed once per stream and kept in memory."""
+        key = tuple(markers)
+        if getattr(self, "_types_key", None) != key:
+            from phf.conditioning import stream_types
+
+            self._types, self._types_key = stream_types(self.tokens, markers), key
+        return self._types
+
 
 def write_stream(prefix: Path, annotated: Iterable[Annotated], tok: Tokenizer, meta: dict,
                  total: int | None = None, progress: bool = True) -> TokenStream:

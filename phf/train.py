@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from phf.conditioning import markers_of, set_markers
 from phf.config import RunConfig, config_to_yaml
 from phf.io import PhfError, append_jsonl, read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
 from phf.finetune import resolve_model_folder
@@ -35,7 +36,7 @@ from phf.model import build_model, check_model_folder, load_meta, load_model, sa
 from phf.objectives import Objective, get_objective
 from phf.scoring import ScoredCorpus, score_corpus
 from phf.token_stream import TokenStream, build_streams
-from phf.tokenizer import EOS, load_tokenizer, tokenizer_for
+from phf.tokenizer import CONTROL_TOKENS, EOS, load_tokenizer, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,10 @@ def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True) -> Prepa
 
 
 def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro)."""
+              device: torch.device, types: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro): inputs x,
+    targets y, each target's segment score s, and with `types` (the stream's control types) each input's type."""
     n = len(stream)
     if n < block + 2:
         raise PhfError(f"the training stream has {n} tokens, fewer than one window of {block + 1}; "
@@ -226,7 +229,10 @@ def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int,
     x = torch.from_numpy(tok[:, :-1]).to(device)  # (B, T)
     y = torch.from_numpy(tok[:, 1:]).to(device)  # (B, T)
     s = torch.from_numpy(sc).to(device)  # (B, T) score of each target token's segment
-    return x, y, s
+    if types is None:
+        return x, y, s, None
+    t = torch.from_numpy(np.stack([types[st:st + block] for st in starts]).astype(np.int64)).to(device)
+    return x, y, s, t
 
 
 def eval_windows(stream: TokenStream, block: int, max_tokens: int) -> list[int]:
@@ -272,7 +278,7 @@ def autocast(device: torch.device, dtype: str):
 
 @torch.no_grad()
 def evaluate_loss(model, objective: Objective, stream: TokenStream, block: int, max_tokens: int,
-                  device: torch.device, dtype: str, batch: int = 16) -> float:
+                  device: torch.device, dtype: str, batch: int = 16, types: np.ndarray | None = None) -> float:
     """Mean per-token loss of the objective's own validation stream, on fixed, evenly spaced windows."""
     starts = eval_windows(stream, block, max_tokens)
     if not starts:
@@ -285,7 +291,9 @@ def evaluate_loss(model, objective: Objective, stream: TokenStream, block: int, 
         tok = torch.from_numpy(np.stack([stream.tokens[s:s + block + 1] for s in chunk]).astype(np.int64)).to(device)
         with autocast(device, dtype):
             inp = tok[:, :-1]
-            logits = model(inp, attention_mask=torch.ones_like(inp)).logits
+            inputs = {} if types is None else {"token_type_ids": torch.from_numpy(
+                np.stack([types[s:s + block] for s in chunk]).astype(np.int64)).to(device)}
+            logits = model(inp, attention_mask=torch.ones_like(inp), **inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tok[:, 1:].flatten(), reduction="sum")
         total += loss.item()
         count += tok[:, 1:].numel()
@@ -406,6 +414,15 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         raise PhfError(f"model.block_size {cfg.model.block_size} exceeds the model's context {model.config.n_positions}")
     block = cfg.model.block_size
 
+    markers = None
+    if data.objective.control_embedding:  # the model reads each token's control type too (phf.conditioning)
+        markers = [eos_id, *(tok.token_to_id(t) for t in CONTROL_TOKENS)]
+    if resume and markers_of(model) != markers:
+        raise PhfError(f"{ckpt_dir} was trained with objective.control_embedding={markers_of(model) is not None}; "
+                       f"resume it with the same setting (see {out_dir / 'config.yaml'})")
+    set_markers(model, markers)
+    train_types = train_stream.control_types(markers) if markers else None
+    val_types = val_stream.control_types(markers) if markers else None
     heads = data.objective.attach(model, ckpt_dir if resume else init_from, required=resume)  # AWR's value head
     sharded = d.world > 1 and tcfg.parallel == "fsdp"
     if sharded:
@@ -497,18 +514,18 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     while step < total_steps:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total_steps, tcfg)
-        batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, step, m * d.world + d.rank, device)
-                   for m in range(tcfg.grad_accum)]
+        batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, step, m * d.world + d.rank, device,
+                             train_types) for m in range(tcfg.grad_accum)]
         count = torch.zeros((), dtype=torch.float64, device=device)
-        for x, y, s in batches:
+        for x, y, s, _ in batches:
             count += objective.loss_mask(y, s).sum()
         count = d.all_sum(count).clamp(min=1)
         loss_total = torch.zeros((), device=device)
-        for m, (x, y, s) in enumerate(batches):
+        for m, (x, y, s, t) in enumerate(batches):
             sync = contextlib.nullcontext() if (d.world == 1 or m == tcfg.grad_accum - 1) else no_sync(train_model)
             with sync:
                 with autocast(device, tcfg.dtype):
-                    out = objective.forward(fwd, x, fused=fused)
+                    out = objective.forward(fwd, x, fused=fused, types=t)
                 loss_sum = objective.loss(out, y, s)
                 loss = loss_sum / count * d.world  # DDP averages gradients over ranks
                 loss.backward()
@@ -547,7 +564,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
             metrics.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or last:
-            val_loss = evaluate_loss(model, objective, val_stream, block, tcfg.eval_tokens, device, tcfg.dtype)
+            val_loss = evaluate_loss(model, objective, val_stream, block, tcfg.eval_tokens, device, tcfg.dtype,
+                                     types=val_types)
             rec = {"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
                    "val_loss": round(val_loss, 5)}
             if sampler is not None:
