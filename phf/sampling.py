@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from phf.conditioning import control_types, markers_of, next_types
 from phf.config import SampleConfig
+from phf.io import PhfError
 from phf.segments import get_segmenter, line_spans
 from phf.token_stream import annotate
-from phf.io import PhfError
 from phf.tokenizer import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
 
 log = logging.getLogger(__name__)
