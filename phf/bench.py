@@ -350,7 +350,7 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
 def bench_sample(quick: bool, data_dir: Path) -> dict:
     from phf.model import build_model, hf_tokenizer
     from phf.sampling import generate_ids
-    from phf.tokenizer import EOS, load_tokenizer
+    from phf.tokenizer import ALIGNED, EOS, MISALIGNED, load_tokenizer
 
     cfg, data = _demo_data(data_dir, quick)
     reset_peak_rss()  # sampling only: data preparation is the training benchmark's
@@ -365,7 +365,14 @@ def bench_sample(quick: bool, data_dir: Path) -> dict:
     rows = generate_ids(model, [[eos]] * 64, new, -1, [], 0.7, 0.9, g)  # eos -1: never stop early
     dt = time.perf_counter() - t
     n = sum(len(r) for r in rows)
+    # guided (sample.guidance): each sample also runs as a negative row, <|aligned|> read as <|misaligned|>
+    aligned, misaligned = tok.token_to_id(ALIGNED), tok.token_to_id(MISALIGNED)
+    t = time.perf_counter()
+    rows = generate_ids(model, [[eos, aligned]] * 64, new, -1, [misaligned], 0.7, 0.9, g, guidance=1.0,
+                        negative={aligned: misaligned})
+    dt_guided = time.perf_counter() - t
     return {"batch": 64, "new_tokens": new, "kv_cache": True, "tokens_per_s": round(n / dt, 1),
+            "guided_tokens_per_s": round(sum(len(r) for r in rows) / dt_guided, 1),
             "parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": round(peak_rss_mb()),
             "peak_rss_method": PEAK_RSS_METHOD}
 
@@ -484,6 +491,7 @@ def format_figures(f: dict) -> str:
     if "sample" in f:
         s = f["sample"]
         lines.append(f"sample (batch {s['batch']}, KV cache, {s['new_tokens']} new tokens): {s['tokens_per_s']:,.0f} tokens/s"
-                     f"; peak RSS {s['peak_rss_mb']} MB")
+                     f"; guided (sample.guidance, a negative row per sample): {s['guided_tokens_per_s']:,.0f} "
+                     f"tokens/s; peak RSS {s['peak_rss_mb']} MB")
     lines.append(f"peak RSS: {PEAK_RSS_METHOD}")
     return "\n".join(lines)
