@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from phf.lm_loss import unwrap
+
 CONFIG_KEY = "control_type_ids"
 CHUNK = 1 << 22  # stream tokens typed at a time (the index array is int64: 32 MB per chunk)
 
@@ -25,9 +27,7 @@ CHUNK = 1 << 22  # stream tokens typed at a time (the index array is int64: 32 M
 def markers_of(model) -> list[int] | None:
     """The model's control-type markers (`<|endoftext|>`, `<|aligned|>`, `<|misaligned|>` ids), or None for a model
     without control embeddings."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    markers = getattr(model.config, CONFIG_KEY, None)
+    markers = getattr(unwrap(model).config, CONFIG_KEY, None)
     return list(markers) if markers else None
 
 
@@ -69,8 +69,6 @@ def stream_types(tokens: np.ndarray, markers: list[int]) -> np.ndarray:
     return out
 
 
-def model_inputs(model, ids: torch.Tensor) -> dict:
-    """Extra keyword arguments for `model(ids, ...)`: the token types of a model with control embeddings (each
-    row read as a whole sequence from its start), nothing for any other model."""
-    markers = markers_of(model)
-    return {"token_type_ids": control_types(ids, markers)} if markers else {}
+def type_inputs(types: torch.Tensor | None) -> dict:
+    """Keyword arguments that give a model its tokens' types (none when `types` is None)."""
+    return {} if types is None else {"token_type_ids": types}

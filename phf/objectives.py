@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from phf.conditioning import type_inputs
 from phf.config import ObjectiveConfig
 from phf.io import PhfError
 from phf.lm_loss import UNLIKELIHOOD_EPS, forward_hidden, weighted_token_loss
@@ -153,7 +154,7 @@ class Objective:
         """Run the model on inputs x (B, T); `loss` receives what this returns: the model's output (with `.logits`),
         or with `fused` a phf.lm_loss.HeadOutput (hidden states; the loss applies the LM head chunk by chunk).
         `types` (B, T): the control type of each input token, for a model with control embeddings."""
-        inputs = {} if types is None else {"token_type_ids": types}
+        inputs = type_inputs(types)
         return forward_hidden(model, x, **inputs) if fused else model(x, **inputs)
 
     # -- loss --------------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class AWR(_TokenFeedback):
             save_value_head(self.value_head, folder)
 
     def forward(self, model, x: torch.Tensor, fused: bool = False, types: torch.Tensor | None = None):
-        inputs = {} if types is None else {"token_type_ids": types}
+        inputs = type_inputs(types)
         return forward_hidden(model, x, **inputs) if fused else model(x, output_hidden_states=True, **inputs)
 
     def values(self, output) -> torch.Tensor:
