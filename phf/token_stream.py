@@ -80,6 +80,8 @@ def encode_annotated(tok: Tokenizer, docs: list[Annotated]) -> Iterator[tuple[np
 
 class TokenStream:
     """A written token stream of one split: memmapped tokens and scores."""
+    _types: np.ndarray | None = None  # control types, computed on first use (control_types)
+    _types_key: tuple | None = None
 
     def __init__(self, prefix: str | Path):
         self.prefix = Path(prefix)
@@ -105,7 +107,7 @@ class TokenStream:
     def control_types(self, markers: list[int]) -> np.ndarray:
         """Each token's control type (phf.conditioning), computed once per stream and kept in memory."""
         key = tuple(markers)
-        if getattr(self, "_types_key", None) != key:
+        if self._types_key != key:
             from phf.conditioning import stream_types
 
             self._types, self._types_key = stream_types(self.tokens, markers), key
