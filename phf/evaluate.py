@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from phf.conditioning import control_types, markers_of
+from phf.conditioning import control_types, markers_of, type_inputs
 from phf.sampling import Deployment, Sample
 from phf.scorers import Scorer
 from phf.token_stream import annotate_for_deployment, encode_annotated
@@ -195,7 +195,7 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
             if markers:
                 x_types[j, :len(w)] = types[s:s + length]
             valid[j, first:len(w) - 1] = True
-        inputs = {"token_type_ids": x_types[:, :-1].to(device)} if markers else {}
+        inputs = type_inputs(x_types[:, :-1].to(device) if markers else None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             inp = x[:, :-1].to(device)
             logits = model(inp, attention_mask=torch.ones_like(inp), **inputs).logits.float()  # (B, T, V)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from phf.conditioning import markers_of, stream_types
+from phf.conditioning import markers_of, stream_types, type_inputs
 from phf.io import PhfError, read_json, write_json
 from phf.sampling import Deployment, Sample, generate, strip_control
 from phf.token_stream import annotate, encode_annotated
@@ -138,7 +138,7 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
             x[j, :len(w)] = torch.from_numpy(w)
             if markers:
                 x_types[j, :len(w)] = torch.from_numpy(types[i][s:s + length])
-        inputs = {"token_type_ids": x_types[:, :-1].to(device)} if markers else {}
+        inputs = type_inputs(x_types[:, :-1].to(device) if markers else None)
         logits = model(x[:, :-1].to(device), **inputs).logits.float()  # (B, T, V); right padding needs no mask
         lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1).cpu().numpy()  # (B, T)
         for j, (i, s, first) in enumerate(group):

@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from phf.conditioning import control_types, markers_of, next_types
+from phf.conditioning import control_types, markers_of, next_types, type_inputs
 from phf.config import SampleConfig
 from phf.io import PhfError
 from phf.segments import get_segmenter, line_spans
@@ -125,10 +125,9 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
     device = next(model.parameters()).device
     guided = guidance > 0 and bool(negative)
     if guided:
-        swap = torch.arange(model.config.vocab_size, device=device)
-        for a, b in negative.items():
-            swap[a] = b
-        prompts = prompts + [[int(swap[t]) for t in p] for p in prompts]
+        swap = torch.arange(model.config.vocab_size, device=device)  # the negative rows' tokens (R,) -> (R,)
+        swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
+        prompts = prompts + [[negative.get(t, t) for t in p] for p in prompts]
     width = max(len(p) for p in prompts)
     B = len(prompts) // 2 if guided else len(prompts)
     R = len(prompts)  # rows run through the model
@@ -139,7 +138,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
         attention[i, width - len(p):] = 1
     position = (attention.cumsum(-1) - 1).clamp(min=0)  # (R, T)
     markers = markers_of(model)  # a model with control embeddings also reads each token's control type
-    typed = {"token_type_ids": control_types(input_ids, markers)} if markers else {}  # left padding: untyped
+    typed = type_inputs(control_types(input_ids, markers) if markers else None)  # left padding: untyped
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True, **typed)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     generated = []
@@ -161,7 +160,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
         feed = torch.cat([tok, swap[tok]]) if guided else tok  # (R,)
         attention = torch.cat([attention, torch.ones((R, 1), dtype=attention.dtype, device=device)], dim=-1)
         if markers:
-            typed = {"token_type_ids": next_types(typed["token_type_ids"][:, -1], feed, markers)[:, None]}
+            typed = type_inputs(next_types(typed["token_type_ids"][:, -1], feed, markers)[:, None])
         out = model(input_ids=feed[:, None], attention_mask=attention, position_ids=next_pos,
                     past_key_values=out.past_key_values, use_cache=True, **typed)
         next_pos = next_pos + 1

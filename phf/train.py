@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phf.conditioning import markers_of, set_markers
+from phf.conditioning import markers_of, set_markers, type_inputs
 from phf.config import RunConfig, config_to_yaml
 from phf.io import PhfError, append_jsonl, read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
 from phf.finetune import resolve_model_folder
@@ -291,9 +291,9 @@ def evaluate_loss(model, objective: Objective, stream: TokenStream, block: int, 
         tok = torch.from_numpy(np.stack([stream.tokens[s:s + block + 1] for s in chunk]).astype(np.int64)).to(device)
         with autocast(device, dtype):
             inp = tok[:, :-1]
-            inputs = {} if types is None else {"token_type_ids": torch.from_numpy(
-                np.stack([types[s:s + block] for s in chunk]).astype(np.int64)).to(device)}
-            logits = model(inp, attention_mask=torch.ones_like(inp), **inputs).logits
+            typed = None if types is None else torch.from_numpy(
+                np.stack([types[s:s + block] for s in chunk]).astype(np.int64)).to(device)
+            logits = model(inp, attention_mask=torch.ones_like(inp), **type_inputs(typed)).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tok[:, 1:].flatten(), reduction="sum")
         total += loss.item()
         count += tok[:, 1:].numel()
