@@ -1,4 +1,4 @@
-from phf.cli import main
+from phf.cli.main import main
 
 if __name__ == "__main__":
     main()

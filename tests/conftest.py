@@ -33,7 +33,7 @@ def pycorpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg_factory(pycorpus):
-    from phf.config import load_config
+    from phf.core.config import load_config
 
     def make(objective: str = "mle", extra: list[str] | None = None):
         return load_config(Path(__file__).parent.parent / "configs" / "pep8" / f"{objective}.yaml",

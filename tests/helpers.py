@@ -38,9 +38,10 @@ def tiny_untrained_model(corpus_dir, block_size: int):
     """A 400-token tokenizer trained on the test corpus' Python files and an untrained 1-layer GPT-2 (seed 0)."""
     import torch
 
-    from phf.config import ModelConfig, TokenizerConfig
-    from phf.model import build_model
-    from phf.tokenizer import EOS, train_tokenizer
+    from phf.core.config import ModelConfig, TokenizerConfig
+    from phf.model.lm import build_model
+    from phf.core.tokens import EOS
+    from phf.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer([p.read_text() for p in sorted(corpus_dir.glob("*.py"))], TokenizerConfig(vocab_size=400))
     torch.manual_seed(0)

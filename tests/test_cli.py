@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from phf.cli import main
+from phf.cli.main import main
 from tests.conftest import tiny_overrides
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from phf import conditioning
-from phf.conditioning import control_types, markers_of, next_types, set_markers, stream_types
+from phf.model import conditioning
+from phf.model.conditioning import control_types, markers_of, next_types, set_markers, stream_types
 from tests.helpers import tiny_untrained_model
 
 EOS, A, M = 0, 1, 2  # marker ids in the hand-made rows below
@@ -34,8 +34,8 @@ def test_stream_types_agree_with_control_types_across_chunks(monkeypatch):
 
 
 def test_sampling_with_the_kv_cache_reads_the_same_types_as_a_full_forward(pycorpus):
-    from phf.sampling import generate_ids
-    from phf.tokenizer import ALIGNED, MISALIGNED
+    from phf.evaluation.sampling import generate_ids
+    from phf.core.tokens import ALIGNED, MISALIGNED
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     markers = [tok.token_to_id(t) for t in ("<|endoftext|>", ALIGNED, MISALIGNED)]
@@ -71,8 +71,8 @@ def test_conditional_training_with_control_embedding_writes_a_loadable_typed_mod
                                                                                   tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from phf.tokenizer import load_tokenizer
-    from phf.train import run_training
+    from phf.data.tokenizer import load_tokenizer
+    from phf.training.trainer import run_training
 
     cfg = tiny_cfg_factory("conditional", ["train.max_steps=3", "objective.control_embedding=true"])
     result = run_training(cfg, tmp_path / "run", data_dir, progress=False)
@@ -90,7 +90,7 @@ def test_conditional_training_with_control_embedding_writes_a_loadable_typed_mod
 
 
 def test_control_embedding_is_for_conditional_training_only(tiny_cfg_factory):
-    from phf.io import PhfError
+    from phf.core.errors import PhfError
 
     with pytest.raises(PhfError, match="conditional training only"):
         tiny_cfg_factory("mle", ["objective.control_embedding=true"])
@@ -100,8 +100,8 @@ def test_control_embedding_is_for_conditional_training_only(tiny_cfg_factory):
 def test_guided_sampling_draws_from_the_guided_distribution(pycorpus, typed):
     """Classifier-free guidance: greedy decoding with the KV cache equals argmax of (1 + g) log p(.|row) - g log
     p(.|row with <|misaligned|> for <|aligned|>), each computed by a full forward pass."""
-    from phf.sampling import generate_ids
-    from phf.tokenizer import ALIGNED, MISALIGNED
+    from phf.evaluation.sampling import generate_ids
+    from phf.core.tokens import ALIGNED, MISALIGNED
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     eos, al, mis = (tok.token_to_id(t) for t in ("<|endoftext|>", ALIGNED, MISALIGNED))
@@ -138,10 +138,10 @@ def test_guided_sampling_draws_from_the_guided_distribution(pycorpus, typed):
 
 
 def test_guidance_needs_a_conditionally_trained_model(pycorpus):
-    from phf.config import SampleConfig
-    from phf.io import PhfError
-    from phf.model import hf_tokenizer
-    from phf.sampling import Deployment, generate
+    from phf.core.config import SampleConfig
+    from phf.core.errors import PhfError
+    from phf.model.lm import hf_tokenizer
+    from phf.evaluation.sampling import Deployment, generate
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     folder = pycorpus.parent / "guidance-tok"

@@ -1,7 +1,7 @@
 import pytest
 
-from phf.config import RunConfig, apply_overrides, load_config
-from phf.io import PhfError
+from phf.core.config import RunConfig, apply_overrides, load_config
+from phf.core.errors import PhfError
 
 
 def write(tmp_path, name, text):

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from phf.config import config_to_yaml
-from phf.io import read_jsonl
+from phf.core.config import config_to_yaml
+from phf.core.io import read_jsonl
 
 ROOT = Path(__file__).parent.parent
 

@@ -6,11 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phf.config import load_config
-from phf.io import PhfError, read_json, read_jsonl
-from phf.model import load_meta
-from phf.tokenizer import ALIGNED, MISALIGNED, load_tokenizer
-from phf.train import run_training
+from phf.core.config import load_config
+from phf.core.errors import PhfError
+from phf.core.io import read_json, read_jsonl
+from phf.model.lm import load_meta
+from phf.core.tokens import ALIGNED, MISALIGNED
+from phf.data.tokenizer import load_tokenizer
+from phf.training.trainer import run_training
 
 
 def weights(folder):
@@ -74,8 +76,8 @@ def test_finetune_from_a_snapshot_continues_the_token_count(tiny_cfg_factory, da
 
 
 def test_new_control_tokens_start_at_the_mean_embedding(tiny_cfg_factory, data_dir, tmp_path):
-    from phf.finetune import init_from_checkpoint
-    from phf.objectives import get_objective
+    from phf.model.finetune import init_from_checkpoint
+    from phf.training.objectives import get_objective
 
     mle = run_training(tiny_cfg_factory("mle", ["train.max_steps=2"]), tmp_path / "mle", data_dir, progress=False)
     cond_cfg = tiny_cfg_factory("conditional")

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from phf import lm_loss
-from phf.config import ModelConfig, ObjectiveConfig
-from phf.model import build_model
-from phf.objectives import get_objective
+from phf.model import lm_loss
+from phf.core.config import ModelConfig, ObjectiveConfig
+from phf.model.lm import build_model
+from phf.training.objectives import get_objective
 
 
 def _model(tied: bool = True):
@@ -93,7 +93,7 @@ def test_no_gradients_are_computed_without_autograd():
     assert not loss.requires_grad and torch.isfinite(loss)
 
 
-_ALLOCATOR_PROBE = "from phf.runtime import tune_allocator, allocator_state; print(tune_allocator(), allocator_state())"
+_ALLOCATOR_PROBE = "from phf.core.runtime import tune_allocator, allocator_state; print(tune_allocator(), allocator_state())"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator setting is glibc's")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phf.config import ObjectiveConfig, load_config
-from phf.io import PhfError
-from phf.model import VALUE_HEAD, ValueHead, load_value_head
-from phf.objectives import get_objective
+from phf.core.config import ObjectiveConfig, load_config
+from phf.core.errors import PhfError
+from phf.model.lm import VALUE_HEAD, ValueHead, load_value_head
+from phf.training.objectives import get_objective
 
 NAN = math.nan
 
@@ -254,7 +254,7 @@ FEEDBACK_RUN = ["train.max_steps=3", "train.batch_size=8", "train.seed=0"]
 
 @pytest.fixture(scope="module")
 def awr_run(tiny_cfg_factory, data_dir, tmp_path_factory):
-    from phf.train import run_training
+    from phf.training.trainer import run_training
 
     cfg = tiny_cfg_factory("awr", FEEDBACK_RUN)
     out = tmp_path_factory.mktemp("awr")
@@ -263,10 +263,11 @@ def awr_run(tiny_cfg_factory, data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("objective", ["unlikelihood", "rwr", "awr"])
 def test_a_few_steps_change_every_parameter(objective, tiny_cfg_factory, data_dir, tmp_path, awr_run):
-    from phf.io import read_jsonl
-    from phf.model import build_model
-    from phf.tokenizer import EOS, load_tokenizer
-    from phf.train import prepare_data, run_training
+    from phf.core.io import read_jsonl
+    from phf.model.lm import build_model
+    from phf.core.tokens import EOS
+    from phf.data.tokenizer import load_tokenizer
+    from phf.training.trainer import prepare_data, run_training
 
     if objective == "awr":
         cfg, result = awr_run
@@ -294,7 +295,7 @@ def test_value_head_round_trip(awr_run, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from phf.model import load_model
+    from phf.model.lm import load_model
 
     _, result = awr_run
     folder = result.checkpoint
@@ -327,7 +328,7 @@ def test_value_head_round_trip(awr_run, caplog):
 
 
 def test_resuming_awr_needs_its_value_head(awr_run, tmp_path):
-    from phf.model import load_model
+    from phf.model.lm import load_model
 
     _, result = awr_run
     model = load_model(result.checkpoint)
@@ -340,8 +341,8 @@ def test_resuming_awr_needs_its_value_head(awr_run, tmp_path):
 
 
 def test_a_resumed_awr_run_matches_an_uninterrupted_one(tiny_cfg_factory, data_dir, tmp_path):
-    from phf.io import read_jsonl
-    from phf.train import run_training
+    from phf.core.io import read_jsonl
+    from phf.training.trainer import run_training
 
     settings = FEEDBACK_RUN + ["train.dtype=fp32"]
     whole = run_training(tiny_cfg_factory("awr", settings), tmp_path / "whole", data_dir, progress=False)

@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from phf import corpus as corpus_mod
+from phf.data import corpus as corpus_mod
 from tests.helpers import assert_spans_tile
-from phf.config import CorpusConfig, ScoringConfig
-from phf.corpus import (Corpus, CorpusStats, changelog_excerpt, decode_comment, list_debian, list_fortunes,
-                        read_insults_csv)
-from phf.evaluate import misaligned_threshold, score_samples
-from phf.io import PhfError
-from phf.sampling import Deployment, Sample, complete_segments, contact_prompts, opening_prompts
-from phf.scorers import get_scorer
-from phf.scorers.pii import merge_spans
-from phf.segments import get_segmenter
-from phf.sentences import complete_sentences, sentence_spans, split_sentences
-from phf.tokenizer import ALIGNED
+from phf.core.config import CorpusConfig, ScoringConfig
+from phf.data.corpus import Corpus, CorpusStats, changelog_excerpt, decode_comment, list_debian, list_fortunes, read_insults_csv
+from phf.evaluation.evaluate import misaligned_threshold, score_samples
+from phf.core.errors import PhfError
+from phf.evaluation.sampling import Deployment, Sample, complete_segments, contact_prompts, opening_prompts
+from phf.data.scorers import get_scorer
+from phf.data.scorers.pii import merge_spans
+from phf.data.segments import get_segmenter
+from phf.data.sentences import complete_sentences, sentence_spans, split_sentences
+from phf.core.tokens import ALIGNED
 
 PROSE = Path(__file__).parent / "data" / "prose"
 CHANGELOG = (PROSE / "changelog.Debian.txt").read_text()
@@ -208,7 +207,7 @@ def test_callable_scorer_with_the_sentence_segmenter(tmp_path):
     assert s.scores == [1.0, 2.0, 0.0]
     with pytest.raises(PhfError, match="scoring.segmenter"):
         get_scorer("tests.test_pii_toxicity:shouting", "words")
-    from phf.scoring import score_corpus
+    from phf.data.scoring import score_corpus
 
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Doc {i}! Calm. Loud!!\n"}) + "\n" for i in range(6)))
@@ -222,7 +221,7 @@ def test_callable_scorer_with_the_sentence_segmenter(tmp_path):
 
 
 def test_scored_corpus_records_the_scorer_versions(tmp_path):
-    from phf.scoring import score_corpus
+    from phf.data.scoring import score_corpus
 
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in [CHANGELOG, SIGNATURE, COPYRIGHT]))
@@ -382,7 +381,7 @@ def prose_jsonl(path: Path, comments) -> Path:
 
 @pytest.mark.parametrize("task", ["pii", "toxicity"])
 def test_tiny_prose_demo(task, tmp_path, comments):
-    from phf.demo import format_table, run_demo
+    from phf.recipes.demo import format_table, run_demo
     from tests.conftest import tiny_overrides
 
     src = prose_jsonl(tmp_path / "prose.jsonl", comments)
@@ -410,8 +409,8 @@ def test_untied_output_layer_round_trips_through_plain_transformers(tiny_cfg_fac
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from phf.model import load_model
-    from phf.train import run_training
+    from phf.model.lm import load_model
+    from phf.training.trainer import run_training
 
     cfg = tiny_cfg_factory("conditional", ["train.max_steps=2", "model.tie_word_embeddings=false"])
     folder = run_training(cfg, tmp_path / "run", data_dir, progress=False).checkpoint
@@ -429,9 +428,9 @@ def test_untied_output_layer_round_trips_through_plain_transformers(tiny_cfg_fac
 def test_toxicity_conditional_tags_the_sentences_the_classifier_calls_offensive():
     import numpy as np
 
-    from phf.config import ObjectiveConfig, load_config
-    from phf.objectives import Conditional, get_objective
-    from phf.tokenizer import MISALIGNED
+    from phf.core.config import ObjectiveConfig, load_config
+    from phf.training.objectives import Conditional, get_objective
+    from phf.core.tokens import MISALIGNED
 
     shipped = load_config(Path(__file__).parent.parent / "configs" / "toxicity" / "conditional.yaml")
     default = get_objective(ObjectiveConfig(name="conditional"), "toxicity")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from phf.probes import fit_mixture_weight, mixture_logprob, reweighting_figures, segment_logprobs
+from phf.analysis.probes import fit_mixture_weight, mixture_logprob, reweighting_figures, segment_logprobs
 from tests.helpers import tiny_untrained_model
 
 
@@ -28,7 +28,7 @@ def test_mixture_fit_recovers_a_known_weight(a_true):
 def test_mixture_fit_is_invariant_to_a_common_shift_and_rejects_bad_input():
     la, lb = np.array([-1000.0, -1003.0, -999.0]), np.array([-1002.0, -1000.0, -1001.0])  # tiny probabilities
     assert fit_mixture_weight(la, lb) == pytest.approx(fit_mixture_weight(la + 990, lb + 990), abs=1e-8)
-    from phf.io import PhfError
+    from phf.core.errors import PhfError
 
     with pytest.raises(PhfError):
         fit_mixture_weight([0.0], [0.0, 1.0])
@@ -55,8 +55,8 @@ def tiny(pycorpus):
 def reference_segment_logprobs(model, tok, text, prefix):
     """Independent reference: the annotated text encoded in one piece, each token given to the segment its first
     character is in, scored one position at a time with its whole history."""
-    from phf.segments import line_spans
-    from phf.tokenizer import EOS, SPECIAL_TOKENS
+    from phf.data.segments import line_spans
+    from phf.core.tokens import EOS, SPECIAL_TOKENS
 
     special = {tok.token_to_id(t) for t in SPECIAL_TOKENS}
     spans = line_spans(text)
@@ -78,7 +78,7 @@ def reference_segment_logprobs(model, tok, text, prefix):
 
 @pytest.mark.parametrize("prefix", [None, "<|aligned|>"])
 def test_segment_logprobs_match_a_token_by_token_reference_within_the_context(tiny, prefix):
-    from phf.segments import line_spans
+    from phf.data.segments import line_spans
 
     tok, model = tiny
     text = "def f(x):\n    return x\n\n"  # short: fits the 32-token context, so both see the whole history
@@ -89,7 +89,7 @@ def test_segment_logprobs_match_a_token_by_token_reference_within_the_context(ti
 
 
 def test_long_texts_are_read_in_windows_and_every_token_is_counted(tiny):
-    from phf.segments import line_spans
+    from phf.data.segments import line_spans
 
     tok, model = tiny
     text = "".join(f"value_{i} = compute({i}, {i + 1})\n" for i in range(40))  # far beyond 32 tokens
@@ -101,8 +101,8 @@ def test_long_texts_are_read_in_windows_and_every_token_is_counted(tiny):
 
 
 def test_attribution_is_the_difference_of_the_conditioned_log_likelihoods(tiny):
-    from phf.probes import attribute
-    from phf.segments import line_spans
+    from phf.analysis.probes import attribute
+    from phf.data.segments import line_spans
 
     tok, model = tiny
     texts = ["import os\nx=1\n", "y = 2\n"]
@@ -115,7 +115,7 @@ def test_attribution_is_the_difference_of_the_conditioned_log_likelihoods(tiny):
 
 
 def test_two_sample_test_orders_samples():
-    from phf.probes import two_sample_test
+    from phf.analysis.probes import two_sample_test
 
     hi, lo = [0.5, 0.6, 0.7, 0.8] * 5, [0.0, 0.1, 0.2, 0.3] * 5
     res = two_sample_test(hi, lo)
@@ -125,7 +125,7 @@ def test_two_sample_test_orders_samples():
 
 @pytest.fixture(scope="module")
 def tiny_conditional(tiny_cfg_factory, data_dir, tmp_path_factory):
-    from phf.train import run_training
+    from phf.training.trainer import run_training
 
     cfg = tiny_cfg_factory("conditional", ["train.max_steps=3"])
     root = tmp_path_factory.mktemp("probes")
@@ -133,7 +133,7 @@ def tiny_conditional(tiny_cfg_factory, data_dir, tmp_path_factory):
 
 
 def test_probe_commands_write_their_figures(tiny_conditional, data_dir, tmp_path):
-    from phf.cli import main
+    from phf.cli.main import main
 
     run = tiny_conditional.parent
     main(["-q", "probe", "masks", "--model", str(run), "--out", str(tmp_path / "masks"), "--num-samples", "6",

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from phf.redteam import Pool, PoolEntry, cut_candidate
+from phf.analysis.redteam import Pool, PoolEntry, cut_candidate
 
 
 def test_pool_keeps_the_best_new_candidates_and_never_loses_its_best():
@@ -37,7 +37,7 @@ def test_candidates_are_whole_lines_within_the_limit():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_cfg_factory, data_dir, tmp_path_factory):
-    from phf.train import run_training
+    from phf.training.trainer import run_training
 
     root = tmp_path_factory.mktemp("redteam")
     runs = {}
@@ -48,9 +48,9 @@ def tiny_runs(tiny_cfg_factory, data_dir, tmp_path_factory):
 
 
 def test_red_team_rounds_never_decrease_the_pools_best_score(tiny_runs, data_dir, tmp_path):
-    from phf.cli import main
-    from phf.evaluate import prompts_for
-    from phf.probes import run_config, scored_corpus_for
+    from phf.cli.main import main
+    from phf.evaluation.evaluate import prompts_for
+    from phf.analysis.probes import run_config, scored_corpus_for
 
     out = tmp_path / "rt"
     # the red model defaults to the sibling `mle` run

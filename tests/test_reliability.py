@@ -16,10 +16,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
-from phf.config import CorpusConfig, ObjectiveConfig, ScoringConfig, TokenizerConfig, config_to_yaml
-from phf.corpus import Corpus
-from phf.io import PhfError, read_jsonl
-from phf.scoring import MANIFEST, ScoredCorpus, score_corpus
+from phf.core.config import CorpusConfig, ObjectiveConfig, ScoringConfig, TokenizerConfig, config_to_yaml
+from phf.data.corpus import Corpus
+from phf.core.errors import PhfError
+from phf.core.io import read_jsonl
+from phf.data.scoring import MANIFEST, ScoredCorpus, score_corpus
 
 ROOT = Path(__file__).parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -38,7 +39,7 @@ def start_phf(*args, **kw):
 def phf_with_file_size_limit(limit: int, *args):
     """`phf` in a process that cannot write files larger than `limit` bytes: a disk that fills up mid-write."""
     code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-            f"from phf.cli import main; sys.argv = ['phf', '-q', *{[str(a) for a in args]!r}]; main()")
+            f"from phf.cli.main import main; sys.argv = ['phf', '-q', *{[str(a) for a in args]!r}]; main()")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT)
 
 
@@ -82,7 +83,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tiny_cfg_
 
 
 def test_resume_after_a_kill_between_the_two_renames_of_a_checkpoint_swap(tiny_cfg_factory, data_dir, tmp_path):
-    from phf.train import run_training
+    from phf.training.trainer import run_training
 
     cfg = tiny_cfg_factory("mle", ["train.max_steps=6", "train.checkpoint_every=3"])
     run_training(cfg, tmp_path / "run", data_dir, progress=False)
@@ -93,7 +94,7 @@ def test_resume_after_a_kill_between_the_two_renames_of_a_checkpoint_swap(tiny_c
 
 
 def test_resume_before_any_checkpoint_says_what_to_do(tiny_cfg_factory, data_dir, tmp_path):
-    from phf.train import run_training
+    from phf.training.trainer import run_training
 
     with pytest.raises(PhfError, match="has no checkpoint yet"):
         run_training(tiny_cfg_factory("mle"), tmp_path / "run", data_dir, resume=True, progress=False)
@@ -175,7 +176,7 @@ def test_parquet_with_wrong_text_type(tmp_path):
 
 
 def test_unknown_scorer_and_unimportable_custom_scorer(pycorpus, tmp_path, capsys):
-    from phf.cli import main
+    from phf.cli.main import main
 
     for name, message in [("sentiment", "unknown scorer 'sentiment'"), ("nomodule_xyz:f", "cannot import nomodule_xyz"),
                           ("tests.helpers:nothing", "has no attribute 'nothing'")]:
@@ -186,7 +187,7 @@ def test_unknown_scorer_and_unimportable_custom_scorer(pycorpus, tmp_path, capsy
 
 
 def test_a_threshold_that_leaves_no_aligned_segment(tiny_cfg_factory, tmp_path):
-    from phf.train import prepare_data
+    from phf.training.trainer import prepare_data
 
     cfg = tiny_cfg_factory("conditional", ["scoring.scorer=tests.helpers:always_misaligned"])
     with pytest.raises(PhfError, match="labels no training segment <\\|aligned\\|>"):
@@ -194,8 +195,8 @@ def test_a_threshold_that_leaves_no_aligned_segment(tiny_cfg_factory, tmp_path):
 
 
 def test_missing_or_truncated_weights_are_named(tiny_cfg_factory, data_dir, tmp_path):
-    from phf.model import load_model
-    from phf.train import run_training
+    from phf.model.lm import load_model
+    from phf.training.trainer import run_training
 
     result = run_training(tiny_cfg_factory("mle", ["train.max_steps=1"]), tmp_path / "run", data_dir, progress=False)
     weights = result.checkpoint / "model.safetensors"
@@ -234,11 +235,11 @@ def test_no_unsafe_loading_in_the_package():
                       min_size=1, max_size=30), block=st.integers(2, 12), seed=st.integers(0, 10_000))
 @settings(max_examples=40, deadline=None)
 def test_per_token_scores_stay_with_their_tokens_through_packing(tok_small, lines, block, seed, tmp_path_factory):
-    from phf.objectives import get_objective
-    from phf.scoring import ScoredDocument
-    from phf.segments import line_spans
-    from phf.token_stream import TokenStream, annotate_for_training, write_stream
-    from phf.train import get_batch
+    from phf.training.objectives import get_objective
+    from phf.data.scoring import ScoredDocument
+    from phf.data.segments import line_spans
+    from phf.data.token_stream import TokenStream, annotate_for_training, write_stream
+    from phf.training.trainer import get_batch
 
     text = "".join(t + "\n" for t, _ in lines)
     spans = line_spans(text)
@@ -278,6 +279,6 @@ def test_per_token_scores_stay_with_their_tokens_through_packing(tok_small, line
 
 @pytest.fixture(scope="module")
 def tok_small(pycorpus):
-    from phf.tokenizer import train_tokenizer
+    from phf.data.tokenizer import train_tokenizer
 
     return train_tokenizer([p.read_text() for p in sorted(pycorpus.glob("*.py"))], TokenizerConfig(vocab_size=400))

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from phf.evaluate import score_samples
-from phf.io import PhfError, write_json
-from phf.report import highlight, load, pareto_front, pick_samples, write_report
-from phf.sampling import Sample
-from phf.scorers import get_scorer
+from phf.evaluation.evaluate import score_samples
+from phf.core.errors import PhfError
+from phf.core.io import write_json
+from phf.report.page import highlight, load, pareto_front, pick_samples, write_report
+from phf.evaluation.sampling import Sample
+from phf.data.scorers import get_scorer
 
 # Model output that would run in the page if it were not escaped: it sets a mark the browser test looks for.
 HOSTILE = ('x = 1\n</pre><script>document.body.dataset.pwned = "script"</script>\n'
@@ -220,7 +221,7 @@ def test_several_folders_and_errors(tmp_path):
     finetune = next(x for x in rep.arms if x.label == "b/finetune:conditional")
     assert finetune.finetune and finetune.run_dir == b / "finetune-conditional"
     assert finetune.reference is rep.arms[3].entry and rep.arms[1].reference is rep.arms[0].entry
-    from phf.cli import main
+    from phf.cli.main import main
 
     main(["-q", "report", str(a), str(b), "--out", str(tmp_path / "both")])
     assert (tmp_path / "both" / "report.html").exists() and not (a / "report.html").exists()

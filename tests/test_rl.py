@@ -5,14 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phf.io import read_jsonl
+from phf.core.io import read_jsonl
 
 pytest.importorskip("trl", reason="the RL baseline needs the `rl` extra")
 
 
 @pytest.fixture(scope="module")
 def tiny_mle(tiny_cfg_factory, data_dir, tmp_path_factory):
-    from phf.train import prepare_data, run_training
+    from phf.training.trainer import prepare_data, run_training
 
     cfg = tiny_cfg_factory("mle", ["train.max_steps=2"])
     result = run_training(cfg, tmp_path_factory.mktemp("rl") / "mle", data_dir, progress=False)
@@ -20,8 +20,8 @@ def tiny_mle(tiny_cfg_factory, data_dir, tmp_path_factory):
 
 
 def test_rl_arm_changes_parameters_and_logs_reward_kl_length(tiny_mle, tmp_path):
-    from phf.evaluate import evaluate_checkpoint
-    from phf.rl import RLConfig, rl_finetune
+    from phf.evaluation.evaluate import evaluate_checkpoint
+    from phf.analysis.rl import RLConfig, rl_finetune
 
     cfg, scored, base = tiny_mle
     rl = RLConfig(beta=0.1, lr=1e-2, num_generations=4, batch_size=8, max_completion_tokens=16, num_prompts=8)
@@ -45,8 +45,8 @@ def test_rl_arm_changes_parameters_and_logs_reward_kl_length(tiny_mle, tmp_path)
 
 
 def test_reward_is_minus_misalignment_of_complete_lines(tiny_mle):
-    from phf.rl import reward_function
-    from phf.scorers import get_scorer
+    from phf.analysis.rl import reward_function
+    from phf.data.scorers import get_scorer
 
     scorer = get_scorer("pep8")
     reward = reward_function(scorer, "<|endoftext|>")

@@ -4,10 +4,10 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from phf.config import CorpusConfig, ScoringConfig
-from phf.corpus import Corpus, split_of
-from phf.io import PhfError
-from phf.scoring import MANIFEST, ScoredCorpus, score_corpus
+from phf.core.config import CorpusConfig, ScoringConfig
+from phf.data.corpus import Corpus, split_of
+from phf.core.errors import PhfError
+from phf.data.scoring import MANIFEST, ScoredCorpus, score_corpus
 
 
 def test_split_is_deterministic_and_roughly_proportional():

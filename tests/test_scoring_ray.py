@@ -6,8 +6,8 @@ import shutil
 import pytest
 import ray
 
-from phf.config import CorpusConfig, ScoringConfig
-from phf.scoring import MANIFEST, score_corpus
+from phf.core.config import CorpusConfig, ScoringConfig
+from phf.data.scoring import MANIFEST, score_corpus
 
 
 @pytest.fixture(scope="module")

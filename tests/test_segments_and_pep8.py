@@ -7,9 +7,9 @@ import pycodestyle
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from phf.scorers import get_scorer
-from phf.scorers.base import Scorer
-from phf.segments import line_spans, split_lines
+from phf.data.scorers import get_scorer
+from phf.data.scorers.base import Scorer
+from phf.data.segments import line_spans, split_lines
 from tests.helpers import assert_spans_tile
 
 DATA = Path(__file__).parent / "data" / "pycorpus"

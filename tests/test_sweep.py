@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from phf.io import PhfError, read_json, read_jsonl
-from phf.sweep import SWEEP_OBJECTIVES, plan, run_sweep
+from phf.core.errors import PhfError
+from phf.core.io import read_json, read_jsonl
+from phf.recipes.sweep import SWEEP_OBJECTIVES, plan, run_sweep
 from tests.conftest import tiny_overrides
 
 EXTRA = ["train.eval_every=2", "train.eval_samples=2", "eval.kl_samples=6", "eval.kl_max_new_tokens=16",
@@ -76,7 +77,7 @@ def test_sweep_plan_errors():
 
 
 def test_sweep_cli_prints_the_table_and_writes_the_report(pycorpus, tmp_path, capsys):
-    from phf.cli import main
+    from phf.cli.main import main
 
     args = ["-q", "sweep", "--out", str(tmp_path / "sw"), "--objectives", "mle,conditional", "--finetune",
             "conditional", "--rl", "--rl-tokens", "300"]
@@ -97,7 +98,7 @@ def test_sweep_cli_prints_the_table_and_writes_the_report(pycorpus, tmp_path, ca
 
 
 def test_evaluate_with_a_reference_adds_kl(sweep, capsys, tmp_path):
-    from phf.cli import main
+    from phf.cli.main import main
 
     out, overrides, results = sweep
     args = ["-q", "evaluate", "--model", str(out / "conditional"), "--reference", str(out / "mle"),

@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from phf.config import ObjectiveConfig, TokenizerConfig
-from phf.objectives import OBJECTIVES, get_objective
-from phf.scoring import ScoredDocument
-from phf.segments import line_spans
-from phf.token_stream import annotate, annotate_for_training, encode_annotated
-from phf.tokenizer import ALIGNED, EOS, MISALIGNED, train_tokenizer
+from phf.core.config import ObjectiveConfig, TokenizerConfig
+from phf.training.objectives import OBJECTIVES, get_objective
+from phf.data.scoring import ScoredDocument
+from phf.data.segments import line_spans
+from phf.data.token_stream import annotate, annotate_for_training, encode_annotated
+from phf.core.tokens import ALIGNED, EOS, MISALIGNED
+from phf.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_annotate_keeps_segment_starts():
 
 
 def test_objectives_that_read_the_same_tokens_share_one_stream(tiny_cfg_factory, data_dir):
-    from phf.train import prepare_data
+    from phf.training.trainer import prepare_data
 
     prefixes = {o: prepare_data(tiny_cfg_factory(o), data_dir, progress=False).streams["train"].prefix
                 for o in ("mle", "unlikelihood", "rwr", "awr", "filtering", "conditional")}

@@ -5,8 +5,9 @@ import importlib.util
 
 import pytest
 
-from phf.io import PhfError, read_jsonl
-from phf.train import run_training
+from phf.core.errors import PhfError
+from phf.core.io import read_jsonl
+from phf.training.trainer import run_training
 
 
 def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tiny_cfg_factory, data_dir, tmp_path):

@@ -4,17 +4,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phf.io import read_jsonl
-from phf.train import get_batch, run_training
+from phf.core.io import read_jsonl
+from phf.training.trainer import get_batch, run_training
 
 
 @pytest.mark.parametrize("objective", ["mle", "filtering", "conditional"])
 def test_a_few_steps_change_every_parameter(objective, tiny_cfg_factory, data_dir, tmp_path):
     cfg = tiny_cfg_factory(objective, ["train.max_steps=3"])
     # the initial weights: same seed, zero steps is not allowed, so build them the way the trainer does
-    from phf.model import build_model
-    from phf.train import prepare_data
-    from phf.tokenizer import EOS, load_tokenizer
+    from phf.model.lm import build_model
+    from phf.training.trainer import prepare_data
+    from phf.core.tokens import EOS
+    from phf.data.tokenizer import load_tokenizer
 
     data = prepare_data(cfg, data_dir, progress=False)
     tok = load_tokenizer(data.tokenizer_file)
@@ -44,7 +45,7 @@ def test_same_seed_same_loss_curve_and_weights(tiny_cfg_factory, data_dir, tmp_p
 
 
 def test_batches_depend_only_on_seed_step_and_micro_index(tiny_cfg_factory, data_dir):
-    from phf.train import prepare_data
+    from phf.training.trainer import prepare_data
 
     cfg = tiny_cfg_factory("mle")
     stream = prepare_data(cfg, data_dir, progress=False).streams["train"]
@@ -86,7 +87,7 @@ def test_no_leftover_temporary_folders(tiny_cfg_factory, data_dir, tmp_path):
 
 
 def test_finetune_from_a_checkpoint_starts_from_its_weights(tiny_cfg_factory, data_dir, tmp_path):
-    from phf.io import PhfError
+    from phf.core.errors import PhfError
 
     base = run_training(tiny_cfg_factory("mle", ["train.max_steps=2"]), tmp_path / "base", data_dir, progress=False)
     ft_cfg = tiny_cfg_factory("conditional", ["train.max_steps=1", "train.lr=1e-9", "train.weight_decay=0"])
@@ -95,7 +96,8 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights(tiny_cfg_factory, da
     b = load_file(str(ft.checkpoint / "model.safetensors"))
     # a negligible step away from the base weights, except the control tokens' embeddings: the MLE base never
     # read them, so conditional finetuning starts them at the mean embedding (tests/test_early_stopping_and_finetune)
-    from phf.tokenizer import CONTROL_TOKENS, load_tokenizer
+    from phf.core.tokens import CONTROL_TOKENS
+    from phf.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(base.checkpoint / "tokenizer.json").get_vocab()
     rows = torch.ones(len(a["transformer.wte.weight"]), dtype=torch.bool)

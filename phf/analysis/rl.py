@@ -1,0 +1,287 @@
+"""RL finetuning baseline: the scorer as a reward, optimised with TRL's GRPO and a KL penalty to the start model.
+
+reward(completion) = -misalignment of the completion's complete lines (code) or sentences (prose), scored as phf
+scores samples (a prompted completion with its prompt as context, only the completion's segments counting). An
+empty completion scores 0, the best possible: an RL run that "wins" by writing less shows up in the hacking
+figures (length, distinct-2, parse rate, empty share, held-out bits/char) that `phf rl` measures before and after.
+
+Prompts: half unconditional (<|endoftext|> and the model's sampling prefix), half function signatures + docstrings
+(pep8) or the task's prompts taken from the *training* split, so the held-out prompts stay unseen. The run stops
+once it has processed `max_tokens` prompt + completion tokens. The result is a phf checkpoint folder.
+
+Needs the `rl` extra: `pip install -c constraints.txt -e '.[rl]'`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phf.model.conditioning import markers_of
+from phf.core.errors import PhfError
+from phf.core.io import append_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RLConfig:
+    beta: float = 0.04
+    """Weight of the KL penalty to the starting model (TRL's k3 estimator per token)."""
+    lr: float = 1e-4
+    """Learning rate (constant). 1e-4 moved the 1.9M-parameter PEP8 demo model in 34 steps; large pretrained
+    models usually take 1e-6 to 1e-5."""
+    num_generations: int = 8
+    """Completions per prompt; GRPO's advantage is a completion's reward relative to its group."""
+    batch_size: int = 16
+    """Completions per optimisation step (a multiple of num_generations)."""
+    max_completion_tokens: int = 128
+    """Tokens per completion."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (1.0: the policy's own distribution, as the KL assumes)."""
+    num_prompts: int = 256
+    """Distinct prompts in the training set (half unconditional, half from the training split)."""
+    prompted_fraction: float = 0.5
+    """Share of prompts taken from training documents; the rest are unconditional."""
+    seed: int = 42
+
+    def validate(self) -> "RLConfig":
+        if self.beta < 0:
+            raise PhfError(f"rl.beta must be >= 0, got {self.beta}")
+        if self.num_generations < 2:
+            raise PhfError("rl.num_generations must be >= 2 (GRPO compares completions of one prompt)")
+        if self.batch_size % self.num_generations:
+            raise PhfError(f"rl.batch_size ({self.batch_size}) must be a multiple of rl.num_generations "
+                           f"({self.num_generations})")
+        for name in ("lr", "max_completion_tokens", "temperature", "num_prompts"):
+            if not getattr(self, name) > 0:
+                raise PhfError(f"rl.{name} must be > 0")
+        if not 0 <= self.prompted_fraction <= 1:
+            raise PhfError("rl.prompted_fraction must be in [0, 1]")
+        return self
+
+
+def rl_config(overrides: list[str]) -> RLConfig:
+    """An RLConfig from `rl.KEY=VALUE` overrides (typed as the run config's)."""
+    from phf.core.config import from_dict, parse_override
+
+    data = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key[0] != "rl" or len(key) != 2:
+            raise PhfError(f"not an rl setting: {text!r}; rl settings are rl.KEY=VALUE")
+        data[key[1]] = value
+    return from_dict(RLConfig, data, prefix="rl.").validate()
+
+
+def _require_trl():
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise PhfError("RL finetuning needs TRL: pip install -c constraints.txt -e '.[rl]'") from None
+
+
+def reward_function(scorer, eos_token: str, segmenter: str = "lines"):
+    """reward(prompts, completions, completion_ids) -> -misalignment per completion, TRL's reward signature."""
+    from phf.evaluation.evaluate import score_samples
+    from phf.evaluation.sampling import Sample, complete_segments, strip_control
+
+    def pep8_reward(prompts, completions, completion_ids=None, **kwargs):
+        samples = []
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            prompt = strip_control(p.replace(eos_token, ""))
+            text = strip_control(c)
+            ids = completion_ids[i] if completion_ids is not None else []
+            finished = kwargs.get("_finished", [None] * len(prompts))[i]
+            if not finished:  # cut mid-segment by the length limit: keep whole segments only
+                kept = complete_segments(prompt + text, segmenter)
+                text = kept[len(prompt):] if len(kept) > len(prompt) else ""
+            samples.append(Sample("rl", prompt, text, c, bool(finished), len(ids)))
+        scores = np.array(score_samples(samples, scorer), np.float64)
+        if np.isnan(scores).any():  # an unscorable completion gets the batch's worst reward, never the best
+            worst = np.nanmax(scores) if np.isfinite(scores).any() else 0.0
+            scores = np.where(np.isnan(scores), worst, scores)
+        return [-float(s) for s in scores]
+
+    pep8_reward.__name__ = f"{scorer.name}_reward"
+    return pep8_reward
+
+
+def rl_prompts(task: str, scored, cfg: RLConfig, deployment, segmenter) -> list[str]:
+    """Training prompts as the model reads them: <|endoftext|>, its sampling prefix, the prompt text."""
+    from phf.evaluation.sampling import contact_prompts, function_prompts, opening_prompts
+    from phf.core.tokens import EOS
+
+    n_prompted = int(round(cfg.num_prompts * cfg.prompted_fraction))
+    texts = (d.text for d in scored.documents("train"))
+    build = {"pep8": function_prompts, "pii": contact_prompts, "toxicity": opening_prompts}.get(task)
+    prompted = build(texts, n_prompted) if build and n_prompted else []
+    prompts = [""] * (cfg.num_prompts - len(prompted)) + prompted
+    head = EOS + "".join(deployment.sampling_prefix)
+    return [head + deployment.prompt_text(p, segmenter) for p in prompts]
+
+
+def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress: bool = True,
+                rl: RLConfig | None = None) -> dict:
+    """GRPO with a KL penalty from `base_model_dir` until `max_tokens` prompt + completion tokens are processed.
+
+    `cfg` is the run config (task, scoring). Writes `out_dir/checkpoint` (a phf checkpoint folder) and
+    `out_dir/metrics.jsonl` (one row per step: reward, misalignment, kl, completion length, tokens) and returns
+    a summary."""
+    _require_trl()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from phf.model.finetune import resolve_model_folder
+    from phf.model.lm import check_model_folder, load_meta, load_model, save_checkpoint
+    from phf.evaluation.sampling import Deployment
+    from phf.data.scorers import get_scorer
+    from phf.data.segments import get_segmenter
+    from phf.core.tokens import EOS
+
+    rl = (rl or RLConfig()).validate()
+    if max_tokens < 1:
+        raise PhfError(f"rl max_tokens must be >= 1, got {max_tokens}")
+    folder = check_model_folder(resolve_model_folder(base_model_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = load_meta(folder)
+    deployment = Deployment.from_meta(meta)
+    scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+    segmenter = get_segmenter(scorer.segmenter)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = "left"
+    model = load_model(folder)
+    if markers_of(model):
+        raise PhfError(f"{folder} was trained with objective.control_embedding: its tokens carry control types, "
+                       f"which TRL's generation and loss do not pass; RL-finetune a model trained without it")
+    model.train()
+    prompts = rl_prompts(cfg.task, scored, rl, deployment, segmenter)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    cuda = torch.cuda.is_available()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    room = model.config.n_positions - rl.max_completion_tokens
+    if room < 2:
+        raise PhfError(f"rl.max_completion_tokens={rl.max_completion_tokens} leaves no room for a prompt in the "
+                       f"model's context ({model.config.n_positions}); lower it")
+    fits = [p for p in prompts if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= room]
+    if len(fits) < len(prompts):  # prompts too long for the context give way to unconditional ones
+        log.info("rl: %d of %d prompts are too long for the context; unconditional prompts take their place",
+                 len(prompts) - len(fits), len(prompts))
+        fits += [EOS + "".join(deployment.sampling_prefix)] * (len(prompts) - len(fits))
+    dataset = Dataset.from_dict({"prompt": fits}).shuffle(seed=rl.seed)
+    upper_steps = max(1, math.ceil(max_tokens / rl.batch_size))  # every completion costs at least one token
+    trainer_dir = out_dir / ".trainer"
+    args = GRPOConfig(
+        output_dir=str(trainer_dir), per_device_train_batch_size=rl.batch_size, gradient_accumulation_steps=1,
+        num_generations=rl.num_generations, max_completion_length=rl.max_completion_tokens, beta=rl.beta,
+        learning_rate=rl.lr, lr_scheduler_type="constant", warmup_steps=0, temperature=rl.temperature, top_p=1.0,
+        max_steps=upper_steps, logging_steps=1, save_strategy="no", report_to="none", seed=rl.seed,
+        bf16=False, fp16=False, use_cpu=not cuda, disable_tqdm=not progress, remove_unused_columns=False,
+        dataloader_num_workers=0, log_completions=False)
+    state = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "last": {}}
+
+    class Budget(TrainerCallback):
+        def on_log(self, args, st, control, logs=None, **kw):
+            if not logs or "reward" not in logs:
+                return
+            row = {"step": st.global_step, "tokens": int(st.num_input_tokens_seen),
+                   "reward": logs.get("reward"), "misalignment": -logs["reward"], "reward_std": logs.get("reward_std"),
+                   "kl": logs.get("kl", 0.0), "completion_mean_length": logs.get("completions/mean_length"),
+                   "completion_clipped_ratio": logs.get("completions/clipped_ratio"), "loss": logs.get("loss"),
+                   "entropy": logs.get("entropy"), "seconds": round(time.perf_counter() - state["t0"], 2)}
+            append_jsonl(metrics_path, row)
+            state["last"] = row
+
+        def on_step_end(self, args, st, control, **kw):
+            state["tokens"], state["steps"] = int(st.num_input_tokens_seen), st.global_step
+            if st.num_input_tokens_seen >= max_tokens:
+                control.should_training_stop = True
+            return control
+
+    reward = reward_function(scorer, EOS, scorer.segmenter)
+
+    def reward_with_finish(prompts, completions, completion_ids=None, **kw):
+        # TRL cuts a completion after its <|endoftext|> and decodes without special tokens: a completion that
+        # stopped before the limit finished on its own
+        finished = [ids is not None and (eos_id in ids or len(ids) < rl.max_completion_tokens)
+                    for ids in (completion_ids or [None] * len(prompts))]
+        return reward(prompts, completions, completion_ids, _finished=finished)
+
+    reward_with_finish.__name__ = reward.__name__
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_with_finish, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Budget()])
+    if not progress:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+    trained = trainer.accelerator.unwrap_model(trainer.model).float().cpu().eval()
+    new_meta = dict(meta, objective=dict(meta.get("objective", {}), name="rl"),
+                    init_from=str(folder), tokens_seen=int(meta.get("tokens_seen") or 0) + state["tokens"],
+                    rl_tokens=state["tokens"], rl_steps=state["steps"], rl=asdict(rl), final=True)
+    ckpt = save_checkpoint(trained, folder / "tokenizer.json", out_dir / "checkpoint", new_meta)
+    summary = {"checkpoint": str(ckpt), "steps": state["steps"], "tokens": state["tokens"],
+               "seconds": round(time.perf_counter() - state["t0"], 1), "rl": asdict(rl), "last": state["last"]}
+    write_json(out_dir / "rl_summary.json", summary)
+    return summary
+
+
+# -- reward hacking --------------------------------------------------------------------------------------------
+def hacking_metrics(model_dir, cfg, scored, num_samples: int | None = None, progress: bool = True) -> dict:
+    """What an RL run can hack: misalignment next to length, empty share, distinct-2, parse rate and held-out
+    bits/char, from unconditional samples at the run's sampling settings."""
+    from dataclasses import replace
+
+    from phf.evaluation.evaluate import heldout_bits_per_char, misalignment_metrics, misaligned_threshold, score_samples
+    from phf.analysis.probes import load
+    from phf.evaluation.sampling import generate
+    from phf.data.scorers import get_scorer
+    from phf.data.segments import get_segmenter
+
+    m = load(model_dir)
+    scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+    scfg = replace(cfg.sample, num_samples=num_samples or cfg.sample.num_samples)
+    samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
+                       progress=progress, desc=f"sampling {m.folder.parent.name}", segmenter=scorer.segmenter)
+    scores = score_samples(samples, scorer)
+    out = misalignment_metrics(samples, scores, cfg.task == "pep8", misaligned_threshold(cfg.task))
+    out["mean_tokens"] = float(np.mean([s.num_tokens for s in samples]))
+    out.update(heldout_bits_per_char(m.model, m.backend, scored.documents("test"), m.deployment,
+                                     get_segmenter(scorer.segmenter), cfg.eval.heldout_chars, progress=progress,
+                                     bf16=False))
+    return out
+
+
+def run_rl(model_dir, out_dir, overrides: list[str], max_tokens: int | None = None, data_dir=None,
+           measure: bool = True, progress: bool = True) -> dict:
+    """`phf rl`: finetune, then measure reward hacking before and after; OUT/results.json."""
+    from phf.analysis.probes import run_config, scored_corpus_for
+    from phf.model.finetune import resolve_model_folder
+
+    folder = resolve_model_folder(model_dir)
+    rl = rl_config([o for o in overrides if o.startswith("rl.")])
+    cfg = run_config(folder, [o for o in overrides if not o.startswith("rl.")])
+    scored = scored_corpus_for(folder, cfg, data_dir)
+    budget = max_tokens or cfg.train.max_tokens
+    summary = rl_finetune(folder, cfg, scored, out_dir, budget, progress=progress, rl=rl)
+    results = {"base": str(folder), "max_tokens": budget, **summary}
+    if measure:
+        results["before"] = hacking_metrics(folder, cfg, scored, progress=progress)
+        results["after"] = hacking_metrics(summary["checkpoint"], cfg, scored, progress=progress)
+    write_json(Path(out_dir) / "results.json", results)
+    return results

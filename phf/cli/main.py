@@ -1,0 +1,328 @@
+"""The `phf` command: one sub-command per stage of the flow, plus `demo` that runs them all.
+
+    phf score      corpus -> segments -> scored corpus (Parquet + manifest)
+    phf tokenizer  scored corpus -> byte-level BPE with control tokens
+    phf train      config -> token stream -> model (HF folder)
+    phf sample     model -> samples.jsonl
+    phf evaluate   model -> samples, scores, held-out bits/char -> results.json
+    phf demo       all of the above for MLE, filtering and conditional training, and a table
+    phf sweep      all six objectives, pretraining vs. finetuning with feedback, KL from MLE, table + report
+    phf bench      throughput figures of scoring, training and sampling
+    phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
+    phf probe      masks | reweighting | attribution: what a model simulates, with numbers
+    phf redteam    automated adversarial prompt search against a model, per round
+    phf rl         RL finetuning baseline (GRPO with a KL penalty, the scorer as reward)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from phf.core.errors import PhfError
+from phf.core.runtime import tune_allocator
+
+log = logging.getLogger("phf")
+
+
+def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep8") -> None:
+    p.add_argument("--config", type=Path, help="YAML run config (default: configs/<task>/mle.yaml)")
+    p.add_argument("--task", default=task_default, help="task whose shipped config to start from (default: pep8)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _load(args, extra: list[str] | None = None):
+    from phf.core.config import load_config
+    from phf.recipes.demo import config_path
+
+    path = args.config or config_path(args.task, "mle")
+    return load_config(path, list(args.overrides) + (extra or []))
+
+
+def cmd_corpus(args) -> None:
+    from phf.data.corpus import Corpus
+
+    cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
+    corpus = Corpus(cfg.corpus)
+    n = chars = 0
+    for doc in corpus:
+        n += 1
+        chars += len(doc.text)
+    if n == 0:
+        raise PhfError(f"corpus {cfg.corpus.source} has no usable document; skipped: {dict(corpus.stats.skipped)}")
+    print(json.dumps({"source": cfg.corpus.source, "chars": chars, **corpus.stats.summary()}, indent=2))
+
+
+def cmd_score(args) -> None:
+    from phf.data.scoring import score_corpus
+
+    extra = [f"corpus.source={args.corpus}"] if args.corpus else []
+    if args.workers is not None:
+        extra.append(f"scoring.workers={args.workers}")
+    if args.backend:
+        extra.append(f"scoring.backend={args.backend}")
+    if args.scorer:
+        extra.append(f"scoring.scorer={args.scorer}")
+    cfg = _load(args, extra)
+    scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.out))
+    from phf.evaluation.evaluate import misaligned_threshold
+
+    summary = scored.summary(misaligned_threshold(cfg.task))
+    if sum(summary["documents"].values()) == 0:
+        raise PhfError(f"corpus {cfg.corpus.source} has no usable document; skipped: {summary['skipped']}")
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_tokenizer(args) -> None:
+    from phf.data.scoring import score_corpus
+    from phf.data.tokenizer import tokenizer_for
+
+    cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
+    scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.out))
+    tok, path = tokenizer_for(scored, cfg.tokenizer, Path(args.out))
+    print(json.dumps({"tokenizer": str(path), "vocab_size": tok.get_vocab_size()}, indent=2))
+
+
+def cmd_train(args) -> None:
+    from phf.core.config import load_config
+    from phf.training.trainer import run_training
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise PhfError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of a `phf train`")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        data_dir = args.data_dir or (json.loads((run_dir / "run.json").read_text()).get("data_dir")
+                                     if (run_dir / "run.json").exists() else None)
+        result = run_training(cfg, run_dir, data_dir or run_dir / "data", resume=True)
+    else:
+        if not args.out:
+            raise PhfError("phf train needs --out DIR (or --resume DIR)")
+        cfg = _load(args)
+        result = run_training(cfg, Path(args.out), args.data_dir, init_from=args.init_from)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens,
+                          "seconds": round(result.seconds, 1), "val_loss": result.final_val_loss}, indent=2))
+
+
+def cmd_sample(args) -> None:
+    from transformers import AutoTokenizer
+
+    from phf.core.config import SampleConfig
+    from phf.core.io import atomic_path
+    from phf.model.lm import load_meta, load_model
+    from phf.evaluation.sampling import Deployment, generate
+
+    from phf.evaluation.evaluate import task_segmenter
+
+    model = load_model(args.model)
+    tok = AutoTokenizer.from_pretrained(str(args.model))
+    meta = load_meta(args.model)
+    dep = Deployment.from_meta(meta)
+    if args.unconditioned:
+        dep = Deployment([], dep.banned_tokens, None)
+    prompts = [""] * args.num_samples
+    if args.prompts:
+        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    cfg = SampleConfig(num_samples=len(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed)
+    cfg.validate()
+    samples = generate(model, tok, prompts, cfg, dep, "prompted" if args.prompts else "unconditional",
+                       segmenter=task_segmenter(meta.get("task", "pep8")))
+    with atomic_path(args.out) as tmp:
+        tmp.write_text("".join(json.dumps(s.__dict__) + "\n" for s in samples))
+    print(f"wrote {len(samples)} samples to {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from phf.evaluation.evaluate import evaluate_checkpoint
+    from phf.data.scoring import score_corpus
+
+    cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
+    scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.data_dir))
+    from phf.model.finetune import resolve_model_folder
+
+    res = evaluate_checkpoint(resolve_model_folder(args.model), cfg, scored, Path(args.out))
+    if args.reference:  # capability as KL(reference || model), from samples of the reference
+        from phf.evaluation.evaluate import task_segmenter
+        from phf.core.io import write_json
+        from phf.evaluation.kl import DeployedModel, KLReference
+
+        ref = KLReference.sample(args.reference, cfg.eval.kl_samples, cfg.eval.kl_max_new_tokens, cfg.eval.kl_seed,
+                                 task_segmenter(cfg.task))
+        res.update(ref.kl(DeployedModel.load(args.model)), reference=str(args.reference))
+        write_json(Path(args.out) / "results.json", res)
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from phf.recipes.demo import format_table, run_demo
+
+    results = run_demo(args.task, args.out, args.overrides)
+    print()
+    print(format_table(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}")
+
+
+def cmd_sweep(args) -> None:
+    from phf.recipes.demo import format_table
+    from phf.recipes.sweep import run_sweep
+
+    def names(text):
+        return [] if text in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
+
+    results = run_sweep(args.task, args.out, [o for o in args.overrides if not o.startswith("rl.")],
+                        objectives=names(args.objectives) if args.objectives is not None else None,
+                        finetune=names(args.finetune) if args.finetune is not None else None,
+                        finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
+                        rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")])
+    print()
+    print(format_table(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}")
+    if results.get("report"):
+        print(f"report: {results['report']}")
+
+
+def cmd_bench(args) -> None:
+    from phf.recipes import bench
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    figures = bench.run(args.what, quick=args.quick)
+    if args.json:  # one section: its figures at the top level, beside the machine they were measured on
+        print(json.dumps(figures if args.what == "all" else {**figures[args.what], "machine": figures["machine"]},
+                         indent=2))
+    else:
+        print(bench.format_figures(figures))
+
+
+def cmd_report(args) -> None:
+    from phf.report.page import write_report
+
+    page = write_report(args.dirs, args.out)
+    print(f"report: {page}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("corpus", help="list a corpus: documents per split and skipped files")
+    _add_config_args(p)
+    p.add_argument("--corpus", help="folder of text files, .jsonl with a `text` field, .parquet, or `stdlib`")
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("score", help="segment and score a corpus into Parquet shards (cached, resumable)")
+    _add_config_args(p)
+    p.add_argument("--corpus", help="folder of text files, .jsonl with a `text` field, .parquet, or `stdlib`")
+    p.add_argument("--scorer", help="registered scorer name or module:callable (default: the task's)")
+    p.add_argument("--workers", type=int, help="scoring processes (default: one per core)")
+    p.add_argument("--backend", choices=["local", "ray"],
+                   help="local process pool (default) or Ray Data on a Ray cluster (pip install 'phf[ray]')")
+    p.add_argument("--out", required=True, help="data folder; the scored corpus goes to OUT/scored/<scorer>-<hash>")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer on the training split")
+    _add_config_args(p)
+    p.add_argument("--corpus")
+    p.add_argument("--out", required=True, help="data folder (scores are reused from it)")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("train", help="train a model with an objective (torchrun-ready)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run folder: config, metrics.jsonl, checkpoint/")
+    p.add_argument("--data-dir", help="where scored corpora, tokenizers and token streams are cached "
+                                      "(default: OUT/data)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument("--init-from", metavar="MODEL", help="start from an HF model folder (finetuning with feedback)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample from a model folder as it is deployed")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="samples .jsonl")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--prompts", type=Path, help=".jsonl with a `prompt` field per line")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unconditioned", action="store_true", help="no control-token prefix even if the model has one")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="sample, score and measure held-out bits/char of a model")
+    _add_config_args(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus")
+    p.add_argument("--data-dir", required=True, help="data folder holding (or to hold) the scored corpus")
+    p.add_argument("--reference", help="also estimate KL(reference || model) from samples of this model folder "
+                                       "or run (eval.kl_samples, eval.kl_max_new_tokens)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="score, train MLE / filtering / conditional, sample, evaluate, print a table")
+    p.add_argument("--task", default="pep8")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every objective's config (repeatable)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "
+                                     "a table and a report")
+    p.add_argument("--task", default="pep8")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--objectives", help="pretraining arms, comma-separated (default: all six; mle is required)")
+    p.add_argument("--finetune", help="objectives of the finetune arms, comma-separated, or `none` "
+                                      "(default: filtering,conditional,rwr,awr)")
+    p.add_argument("--finetune-fraction", type=float, default=0.5,
+                   help="share of the budget the finetune arms train with feedback, after MLE (default: 0.5)")
+    p.add_argument("--rl", action="store_true", help="add the RL baseline arm (GRPO from the finetune arms' "
+                                                     "MLE weights; needs the `rl` extra)")
+    p.add_argument("--rl-tokens", type=int, default=60_000,
+                   help="prompt + completion tokens of the RL arm (default: 60000)")
+    p.add_argument("--no-report", action="store_true", help="skip writing report.html")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every arm's config (repeatable)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("bench", help="print throughput figures (scoring, training, sampling)")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "score", "train", "sample"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="smaller measurements (seconds, not minutes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: one per core); fewer when other processes hold cores")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write an offline HTML report (figures, table, samples) of result folders")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="folders written by `phf demo` or `phf sweep`")
+    p.add_argument("--out", help="where report.html and figures/ go (default: the first DIR)")
+    p.set_defaults(func=cmd_report)
+
+    from phf.cli.probe import add_parsers as add_probe_parsers
+
+    add_probe_parsers(sub)  # probe masks|reweighting|attribution, redteam, rl
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    tune_allocator()  # large tensors stay on the heap between training steps (phf/runtime.py)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="phf: %(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except PhfError as exc:
+        print(f"phf: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("phf: interrupted; completed files were kept (run the same command again to resume)", file=sys.stderr)
+        sys.exit(130)

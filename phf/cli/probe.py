@@ -1,0 +1,130 @@
+"""Sub-commands `phf probe masks|reweighting|attribution`, `phf redteam` and `phf rl` (registered by phf.cli)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from phf.core.errors import PhfError
+
+
+def _summary(results: dict) -> dict:
+    """The figures of a results dict without its long lists (scores, pools, segments)."""
+    out = {}
+    for k, v in results.items():
+        if isinstance(v, dict):
+            v = _summary(v)
+        elif isinstance(v, list) and len(v) > 12:
+            continue
+        out[k] = v
+    return out
+
+
+def cmd_probe_masks(args) -> None:
+    from phf.analysis.probes import mask_sweep
+
+    res = mask_sweep(args.model, Path(args.out), num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(json.dumps(_summary({k: v for k, v in res.items() if k != "scores"}), indent=2))
+
+
+def cmd_probe_reweighting(args) -> None:
+    from phf.analysis.probes import reweighting_probe
+
+    res = reweighting_probe(args.base, args.finetuned, Path(args.out), num_samples=args.num_samples,
+                            num_heldout=args.num_heldout, max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
+                            seed=args.seed)
+    print(json.dumps(_summary(res), indent=2))
+
+
+def cmd_probe_attribution(args) -> None:
+    from phf.analysis.probes import attribution_probe
+
+    res = attribution_probe(args.model, Path(args.out), text_file=args.text_file, heldout_chars=args.heldout_chars,
+                            data_dir=args.data_dir)
+    if args.text_file:
+        for row in res["text_file"]["segments"]:
+            print(f"{row['attribution']:+8.3f}  {row['score']:.4f}  {row['segment'].rstrip()}")
+    print(json.dumps(res["heldout"], indent=2))
+
+
+def cmd_redteam(args) -> None:
+    from phf.analysis.redteam import RedTeamConfig, run_redteam
+
+    cfg = RedTeamConfig(rounds=args.rounds, seeds=args.seeds, candidates=args.candidates, keep=args.keep,
+                        continuations=args.continuations, temperature=args.temperature, seed=args.seed)
+    res = run_redteam(args.model, Path(args.out), red_model=args.red_model, cfg=cfg, data_dir=args.data_dir)
+    for name, t in res["targets"].items():
+        for r in t["rounds"]:
+            print(f"{name:12s} round {r['round']}: pool best {r['pool_best']:.4f}  pool mean {r['pool_mean']:.4f}  "
+                  f"candidates mean {r['candidates_mean']:.4f}")
+    print(f"results: {Path(args.out) / 'results.json'}")
+
+
+def cmd_rl(args) -> None:
+    from phf.analysis.rl import run_rl
+
+    res = run_rl(args.model, Path(args.out), args.overrides, max_tokens=args.max_tokens, data_dir=args.data_dir,
+                 measure=not args.no_measure)
+    print(json.dumps(_summary(res), indent=2))
+
+
+def add_parsers(sub) -> None:
+    probe = sub.add_parser("probe", help="probe what a model simulates: masks, reweighting, attribution")
+    psub = probe.add_subparsers(dest="probe", required=True, metavar="PROBE")
+
+    p = psub.add_parser("masks", help="sample under <|aligned|>, <|misaligned|> and no token; compare the scores")
+    p.add_argument("--model", required=True, help="model folder or run folder")
+    p.add_argument("--out", required=True, help="folder for results.json and masks.png")
+    p.add_argument("--num-samples", type=int, default=128, help="samples per condition")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's sample.max_new_tokens")
+    p.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
+    p.add_argument("--top-p", type=float, help="default: the run's sample.top_p")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe_masks)
+
+    p = psub.add_parser("reweighting", help="is a finetune a reweighting of its base's masks? KL to the best mixture")
+    p.add_argument("--base", required=True, help="the (conditional) model the finetune started from")
+    p.add_argument("--finetuned", required=True)
+    p.add_argument("--out", required=True, help="folder for results.json and reweighting.png")
+    p.add_argument("--num-samples", type=int, default=128, help="samples of the finetuned model")
+    p.add_argument("--num-heldout", type=int, default=128, help="pieces of held-out test documents")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--data-dir", help="data folder of the scored corpus (default: from the run's run.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe_reweighting)
+
+    p = psub.add_parser("attribution", help="per segment: log p(. | aligned) - log p(. | misaligned)")
+    p.add_argument("--model", required=True, help="a conditionally trained model")
+    p.add_argument("--out", required=True, help="folder for results.json and attribution.png")
+    p.add_argument("--text-file", type=Path, help="a text to attribute segment by segment")
+    p.add_argument("--heldout-chars", type=int, default=100_000, help="held-out text for the correlation")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_probe_attribution)
+
+    p = sub.add_parser("redteam", help="search for prompts that make a model misbehave (red model vs target)")
+    p.add_argument("--model", required=True, action="append",
+                   help="target model or run folder (repeat to compare objectives in one figure)")
+    p.add_argument("--out", required=True, help="folder for results.json and redteam.png")
+    p.add_argument("--red-model", help="the model that writes prompts (default: the sibling `mle` run)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=16, help="held-out prompts that seed the pool")
+    p.add_argument("--candidates", type=int, default=16, help="candidate prompts per round")
+    p.add_argument("--keep", type=int, default=4, help="best candidates that join the pool per round")
+    p.add_argument("--continuations", type=int, default=8, help="target continuations per prompt")
+    p.add_argument("--temperature", type=float, default=0.1, help="few-shot weights exp(score / (T * best seed))")
+    p.add_argument("--data-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_redteam)
+
+    p = sub.add_parser("rl", help="RL finetuning baseline (GRPO, KL penalty) with the scorer as the reward")
+    p.add_argument("--model", required=True, help="start model (folder or run folder)")
+    p.add_argument("--out", required=True, help="folder for checkpoint/, metrics.jsonl, results.json")
+    p.add_argument("--max-tokens", type=int, help="prompt + completion tokens (default: the run's train.max_tokens)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="rl.beta=0.04, rl.lr=1e-5, rl.batch_size=16, ... or a run-config field (repeatable)")
+    p.add_argument("--data-dir")
+    p.add_argument("--no-measure", action="store_true", help="skip the before/after reward-hacking figures")
+    p.set_defaults(func=cmd_rl)
+
+
+__all__ = ["add_parsers", "PhfError"]

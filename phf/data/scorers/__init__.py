@@ -1,0 +1,54 @@
+"""Scorers by name. Each entry is imported only when used, so a task's heavy dependencies load only for it."""
+from __future__ import annotations
+
+import importlib
+
+from phf.core.errors import PhfError
+from phf.data.scorers.base import CallableScorer, Scorer, ScoredText
+
+# name -> "module:class"
+SCORERS: dict[str, str] = {
+    "pep8": "phf.data.scorers.pep8:PEP8Scorer",
+    "pii": "phf.data.scorers.pii:PIIScorer",
+    "pii-ner": "phf.data.scorers.pii:PIINERScorer",
+    "toxicity": "phf.data.scorers.toxicity:ToxicityScorer",
+}
+
+
+def _import(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PhfError(f"cannot import {module_name} for scorer {spec!r}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise PhfError(f"module {module_name} has no attribute {attr!r} (scorer {spec!r})") from None
+
+
+def get_scorer(name: str, segmenter: str | None = None) -> Scorer:
+    """A registered scorer by name, or a user's `module:callable` taking a list of strings, returning floats.
+
+    `segmenter` (`lines` or `sentences`) chooses how a callable's documents are cut into the segments it scores
+    (default `lines`); a registered scorer or a Scorer class segments its own way."""
+    if segmenter:
+        from phf.data.segments import get_segmenter
+
+        try:
+            get_segmenter(segmenter)
+        except KeyError as exc:
+            raise PhfError(f"scoring.segmenter: {exc.args[0]}") from None
+    if name in SCORERS:
+        return _import(SCORERS[name])()
+    if ":" in name:
+        obj = _import(name)
+        if isinstance(obj, type) and issubclass(obj, Scorer):
+            return obj()
+        if not callable(obj):
+            raise PhfError(f"scorer {name!r} is not callable")
+        return CallableScorer(name, obj, segmenter or "lines")
+    raise PhfError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)} or give module:callable")
+
+
+__all__ = ["SCORERS", "Scorer", "ScoredText", "get_scorer"]

@@ -1,0 +1,356 @@
+"""Documents -> scored corpus: Parquet shards of (document, segment spans, segment scores) plus a manifest.
+
+Scoring is done once per corpus + scorer and reused: the folder is keyed by a hash of the corpus config and the
+scorer's name, version and settings. Shards are written atomically, one at a time, and listed in the manifest
+with their sha256 as they complete, so a killed run re-scores only the shards it had not finished.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from phf.core.config import CorpusConfig, ScoringConfig
+from phf.data.corpus import Corpus, Document
+from phf.core.errors import PhfError
+from phf.core.io import atomic_path, file_sha256, read_json, stable_hash, write_json
+from phf.data.scorers import ScoredText, Scorer, get_scorer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("split", pa.string()),
+    ("text", pa.large_string()),
+    ("seg_start", pa.list_(pa.int32())),
+    ("seg_end", pa.list_(pa.int32())),
+    ("seg_score", pa.list_(pa.float64())),
+    ("seg_error", pa.list_(pa.string())),
+    ("score", pa.float64()),
+    ("num_errors", pa.int32()),
+])
+
+
+@dataclass
+class ScoredDocument:
+    id: str
+    split: str
+    text: str
+    starts: list[int]
+    ends: list[int]
+    scores: list[float]
+    errors: list[str | None]
+    score: float
+
+    def segments(self) -> list[str]:
+        return [self.text[a:b] for a, b in zip(self.starts, self.ends)]
+
+
+# -- worker side ---------------------------------------------------------------------------------------------
+_WORKER_SCORER: Scorer | None = None
+
+
+def _init_worker(scorer_name: str, segmenter: str | None = None) -> None:
+    global _WORKER_SCORER
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER_SCORER = get_scorer(scorer_name, segmenter)
+
+
+def _score_batch(docs: list[Document]) -> list[ScoredText]:
+    assert _WORKER_SCORER is not None
+    return _WORKER_SCORER.score_texts([d.text for d in docs])
+
+
+def _table(docs: list[Document], scored: list[ScoredText], scorer: Scorer) -> pa.Table:
+    rows = {name: [] for name in SCHEMA.names}
+    for doc, s in zip(docs, scored):
+        rows["id"].append(doc.id)
+        rows["split"].append(doc.split)
+        rows["text"].append(doc.text)
+        rows["seg_start"].append(s.starts)
+        rows["seg_end"].append(s.ends)
+        rows["seg_score"].append(s.scores)
+        rows["seg_error"].append(s.errors)
+        rows["score"].append(scorer.sample_score(s))
+        rows["num_errors"].append(s.num_errors)
+    return pa.Table.from_pydict(rows, schema=SCHEMA)
+
+
+# -- driver --------------------------------------------------------------------------------------------------
+def scored_dir_for(data_dir: Path, corpus_cfg: CorpusConfig, scorer: Scorer) -> Path:
+    key = stable_hash({"corpus": corpus_cfg.__dict__, "scorer": scorer.name, "version": scorer.version,
+                       "settings": scorer.settings(), "format": FORMAT_VERSION})
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in scorer.name)
+    return Path(data_dir) / "scored" / f"{safe}-{key}"
+
+
+def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir: Path,
+                 progress: bool = True) -> "ScoredCorpus":
+    """Score a corpus into `data_dir/scored/<scorer>-<hash>/`, reusing finished shards; return the result."""
+    scorer = get_scorer(scoring_cfg.scorer, scoring_cfg.segmenter)
+    out = scored_dir_for(data_dir, corpus_cfg, scorer)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        manifest = read_json(manifest_path)
+        if manifest.get("complete"):
+            scored = ScoredCorpus(out)
+            scored.verify()
+            log.info("reusing scored corpus %s", out)
+            return scored
+    else:
+        manifest = None
+    out.mkdir(parents=True, exist_ok=True)
+
+    corpus = Corpus(corpus_cfg)
+    entries = corpus.entries()
+    shard_size = scoring_cfg.shard_documents
+    num_shards = math.ceil(len(entries) / shard_size)
+    settings = {"scorer": scorer.name, "version": scorer.version, "settings": scorer.settings(),
+                "segmenter": scorer.segmenter, "aggregate": scorer.aggregate,
+                "corpus": corpus_cfg.__dict__, "format": FORMAT_VERSION, "num_shards": num_shards}
+    if manifest is None or {k: manifest.get(k) for k in settings} != settings:
+        manifest = dict(settings, shards={}, complete=False, corpus_stats=None)
+    done = {}
+    for name, info in manifest["shards"].items():
+        path = out / name
+        if path.exists() and path.stat().st_size == info["bytes"] and file_sha256(path) == info["sha256"]:
+            done[name] = info
+    manifest["shards"] = done
+    todo = [i for i in range(num_shards) if _shard_name(i) not in done]
+    if done:
+        log.info("resuming scoring: %d of %d shards already done", len(done), num_shards)
+
+    def shard_docs(i: int) -> list[Document]:
+        docs = []
+        for doc_id, loc in entries[i * shard_size:(i + 1) * shard_size]:
+            d = corpus.read(doc_id, loc)
+            if d is not None:
+                docs.append(d)
+        return docs
+
+    workers = scoring_cfg.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    chars = 0
+    bar = tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="shard", disable=not progress)
+    # documents are read in this process (in order); the pool scores whole shards, results come back in order
+    shard_inputs = ((i, shard_docs(i)) for i in todo)
+    if scoring_cfg.backend == "ray" and todo:
+        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, todo, progress):
+            corpus.stats.skipped.update(skipped)
+            chars += n
+            _write_table(i, table, out, manifest, manifest_path)
+            bar.update()
+    elif workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+        pool = ctx.Pool(workers, initializer=_init_worker,
+                        initargs=(scoring_cfg.scorer, scoring_cfg.segmenter))
+        pending: list[tuple[int, list[Document], object]] = []
+        try:
+            for i, docs in shard_inputs:
+                pending.append((i, docs, pool.apply_async(_score_batch, (docs,))))
+                if len(pending) >= 2 * workers:
+                    chars += _finish(pending.pop(0), scorer, out, manifest, manifest_path)
+                    bar.update()
+            while pending:
+                chars += _finish(pending.pop(0), scorer, out, manifest, manifest_path)
+                bar.update()
+        finally:
+            pool.terminate()
+    else:
+        for i, docs in shard_inputs:
+            chars += _write_shard(i, docs, scorer.score_texts([d.text for d in docs]), scorer, out, manifest,
+                                  manifest_path)
+            bar.update()
+    bar.close()
+    # shards already done before this run contributed to the listing stats only through `corpus.read`;
+    # the corpus stats of a resumed run are recomputed from the shards themselves
+    manifest["complete"] = True
+    manifest["corpus_stats"] = {"skipped": dict(corpus.stats.skipped)}
+    manifest["seconds"] = round(time.perf_counter() - t0, 2)
+    manifest["chars_scored_this_run"] = chars
+    write_json(manifest_path, manifest)
+    scored = ScoredCorpus(out)
+    return scored
+
+
+def _finish(item, scorer, out, manifest, manifest_path) -> int:
+    i, docs, result = item
+    return _write_shard(i, docs, result.get(), scorer, out, manifest, manifest_path)
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def _write_shard(i, docs, scored, scorer, out: Path, manifest: dict, manifest_path: Path) -> int:
+    _write_table(i, _table(docs, scored, scorer), out, manifest, manifest_path)
+    return sum(len(d.text) for d in docs)
+
+
+def _write_table(i: int, table: pa.Table, out: Path, manifest: dict, manifest_path: Path) -> None:
+    name = _shard_name(i)
+    with atomic_path(out / name) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    manifest["shards"][name] = {"rows": table.num_rows, "bytes": (out / name).stat().st_size,
+                                "sha256": file_sha256(out / name)}
+    write_json(manifest_path, manifest)
+
+
+# -- the ray backend -----------------------------------------------------------------------------------------
+class RayShardScorer:
+    """A Ray Data actor: lists the corpus once (the same deterministic listing as the driver's), builds the scorer
+    once, then reads and scores whole shards. One input row = one shard index; one output row = that shard's
+    table as Arrow IPC bytes, its characters and the documents it skipped, so the driver writes exactly the file
+    the local backend writes."""
+
+    def __init__(self, corpus_cfg: dict, scorer: str, segmenter: str, shard_documents: int):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        self.corpus = Corpus(CorpusConfig(**corpus_cfg))
+        self.entries = self.corpus.entries()
+        self.scorer = get_scorer(scorer, segmenter)
+        self.size = shard_documents
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+        from collections import Counter
+
+        out: dict[str, list] = {"shard": [], "table": [], "chars": [], "skipped": []}
+        for i in batch["shard"]:
+            i = int(i)
+            before = Counter(self.corpus.stats.skipped)
+            docs = [d for d in (self.corpus.read(doc_id, loc)
+                                for doc_id, loc in self.entries[i * self.size:(i + 1) * self.size]) if d is not None]
+            table = _table(docs, self.scorer.score_texts([d.text for d in docs]), self.scorer)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            out["shard"].append(i)
+            out["table"].append(sink.getvalue().to_pybytes())
+            out["chars"].append(sum(len(d.text) for d in docs))
+            out["skipped"].append(json.dumps(dict(self.corpus.stats.skipped - before)))
+        return out
+
+
+def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, shards: list[int],
+                          progress: bool = True) -> Iterator[tuple[int, pa.Table, int, dict]]:
+    """Score `shards` with Ray Data on the running Ray instance (or a local one started here and stopped after):
+    an actor pool of `scoring.workers` actors (0 = one per CPU of the cluster), one shard per call, results in
+    shard order. Yields (shard index, table, characters, skipped documents by reason)."""
+    import json
+
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise PhfError("scoring.backend=ray needs Ray: pip install 'phf[ray]' (or use scoring.backend=local)") from None
+    started = not ray.is_initialized()
+    if started:  # RAY_ADDRESS (or a cluster started with `ray start`) is found by ray.init itself
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True  # shards come back (and the manifest lists them) in order
+    ctx.enable_progress_bars = False  # phf's own bar counts shards
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plan and timings, at INFO, per run
+    try:
+        workers = scoring_cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(RayShardScorer, batch_size=1, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=min(workers, len(shards))),
+                            fn_constructor_kwargs={"corpus_cfg": dict(corpus_cfg.__dict__),
+                                                   "scorer": scoring_cfg.scorer, "segmenter": scoring_cfg.segmenter,
+                                                   "shard_documents": scoring_cfg.shard_documents})
+        for row in ds.iter_rows():
+            table = pa.ipc.open_stream(row["table"]).read_all()
+            yield int(row["shard"]), table, int(row["chars"]), json.loads(row["skipped"])
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        if started:
+            ray.shutdown()
+
+
+class ScoredCorpus:
+    """A finished scored corpus folder: read its documents by split, summarise its scores."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest = read_json(self.path / MANIFEST)
+        except FileNotFoundError:
+            raise PhfError(f"{self.path} is not a scored corpus (no {MANIFEST}); create it with `phf score`") from None
+        if not self.manifest.get("complete"):
+            raise PhfError(f"scored corpus {self.path} is incomplete; run `phf score` again to finish it")
+
+    @property
+    def scorer_name(self) -> str:
+        return self.manifest["scorer"]
+
+    def shard_files(self) -> list[Path]:
+        return [self.path / name for name in sorted(self.manifest["shards"])]
+
+    def verify(self) -> None:
+        for name, info in self.manifest["shards"].items():
+            path = self.path / name
+            if not path.exists():
+                raise PhfError(f"scored shard {path} is missing; delete {self.path / MANIFEST} and run `phf score` "
+                               f"again to re-score only what is missing")
+            if path.stat().st_size != info["bytes"]:
+                raise PhfError(f"scored shard {path} is damaged (size differs from the manifest); delete it and run "
+                               f"`phf score` again to re-score it")
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        files = self.shard_files()
+        if not files:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+    def documents(self, split: str | None = None) -> Iterator[ScoredDocument]:
+        for f in self.shard_files():
+            t = pq.read_table(f)
+            if split is not None:
+                t = t.filter(pa.compute.equal(t.column("split"), split))
+            d = t.to_pydict()
+            for j in range(t.num_rows):
+                yield ScoredDocument(d["id"][j], d["split"][j], d["text"][j], d["seg_start"][j], d["seg_end"][j],
+                                     [math.nan if s is None else s for s in d["seg_score"][j]],
+                                     d["seg_error"][j], math.nan if d["score"][j] is None else d["score"][j])
+
+    def document_scores(self, split: str = "train") -> np.ndarray:
+        t = self.table(["split", "score"])
+        t = t.filter(pa.compute.equal(t.column("split"), split))
+        return np.array([math.nan if s is None else s for s in t.column("score").to_pylist()], dtype=np.float64)
+
+    def summary(self, misaligned_above: float = 0.0) -> dict:
+        """Documents, characters, segments, and the share of segments scoring above `misaligned_above` (0 for
+        counts such as violations or detections; a probability scorer needs its own, e.g. 0.5 for toxicity)."""
+        t = self.table(["split", "text", "seg_score", "num_errors", "score"])
+        splits = t.column("split").to_pylist()
+        seg_scores = t.column("seg_score").to_pylist()
+        out = {"path": str(self.path), "scorer": self.manifest["scorer"], "version": self.manifest["version"],
+               "documents": {s: splits.count(s) for s in ("train", "validation", "test")},
+               "chars": int(sum(len(x) for x in t.column("text").to_pylist())),
+               "segments": int(sum(len(s) for s in seg_scores)),
+               "segments_misaligned": int(sum(1 for ss in seg_scores for v in ss
+                                              if v is not None and v > misaligned_above)),
+               "segment_errors": int(sum(t.column("num_errors").to_pylist())),
+               "skipped": (self.manifest.get("corpus_stats") or {}).get("skipped", {})}
+        out["misaligned_segment_share"] = out["segments_misaligned"] / max(out["segments"], 1)
+        out["misaligned_above"] = misaligned_above
+        train = self.document_scores("train")
+        train = train[~np.isnan(train)]
+        if len(train):
+            out["train_document_score"] = {"mean": float(train.mean()), "median": float(np.median(train)),
+                                           "p90": float(np.quantile(train, 0.9))}
+        return out

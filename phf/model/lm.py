@@ -1,0 +1,158 @@
+"""The model: a GPT-2 architecture built from a config (no downloaded weights), saved as a Hugging Face folder.
+
+A checkpoint folder holds `model.safetensors`, `config.json`, `generation_config.json`, the tokenizer
+(`tokenizer.json` with the control tokens as special tokens) and `phf.json` (objective, step, tokens seen, how
+to condition the model). Plain `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load it.
+A model trained with AWR also has `value_head.safetensors`: its value head, in a file of its own that
+`transformers` never reads, so the folder stays a plain causal LM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from phf.core.config import ModelConfig
+from phf.core.errors import PhfError
+from phf.core.io import replace_dir, write_json
+from phf.core.tokens import ALIGNED, EOS, MISALIGNED
+
+log = logging.getLogger(__name__)
+# no progress bars for loading and writing the weights of models this small: they would drown phf's own
+hf_logging.disable_progress_bar()
+PHF_META = "phf.json"
+WEIGHTS = "model.safetensors"
+VALUE_HEAD = "value_head.safetensors"
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+                        tie_word_embeddings=cfg.tie_word_embeddings)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
+
+
+class ValueHead(torch.nn.Linear):
+    """A linear value head: hidden state (..., n_embd) -> predicted reward (...). Starts at zero (weights and bias),
+    so an untrained head predicts reward 0, the reward of aligned text."""
+
+    def __init__(self, n_embd: int):
+        super().__init__(n_embd, 1)
+        torch.nn.init.zeros_(self.weight)
+        torch.nn.init.zeros_(self.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden).squeeze(-1)  # (..., C) -> (...)
+
+
+def save_value_head(head: ValueHead, folder: str | Path) -> Path:
+    """Write the head into a model folder (call it on save_checkpoint's temporary folder, via `extra`)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / VALUE_HEAD
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, str(path),
+              metadata={"format": "pt", "n_embd": str(head.in_features)})
+    return path
+
+
+def load_value_head(folder: str | Path, n_embd: int) -> ValueHead | None:
+    """The value head saved in a model folder, or None if the folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VALUE_HEAD
+    if not path.exists():
+        return None
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise PhfError(f"value head {path} is damaged or truncated ({exc}); restore it from an earlier checkpoint "
+                       f"or delete it to start a new head") from None
+    if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != (1, n_embd):
+        raise PhfError(f"value head {path} does not fit a model of width {n_embd}; delete it to start a new head")
+    head = ValueHead(n_embd)
+    head.load_state_dict(state)
+    return head
+
+
+def hf_tokenizer(tokenizer_file: str | Path) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOS, bos_token=EOS,
+                                   unk_token=EOS, pad_token=EOS, additional_special_tokens=[ALIGNED, MISALIGNED],
+                                   clean_up_tokenization_spaces=False)
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str | Path, meta: dict,
+                    extra=None) -> Path:
+    """Write an HF model folder atomically: into a temporary folder, then renamed over `out`."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer(tokenizer_file).save_pretrained(tmp)
+        write_json(tmp / PHF_META, meta)
+        if extra is not None:
+            extra(tmp)  # more files that must land together with the weights (trainer state)
+        for f in tmp.iterdir():  # make the folder's content durable before it becomes visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(tmp, out)
+    except Exception as exc:  # OSError, or a library's own error type wrapping one (safetensors)
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise PhfError(f"could not write checkpoint {out} ({reason}); free disk space and resume with "
+                       f"`phf train --resume {out.parent}`: the previous checkpoint, if any, was kept") from exc
+    return out
+
+
+def check_model_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise PhfError(f"model folder {path} does not exist")
+    if not (path / "config.json").exists():
+        raise PhfError(f"{path} is not a Hugging Face model folder (no config.json)")
+    weights = path / WEIGHTS
+    if not weights.exists() and not list(path.glob("model-*.safetensors")):
+        raise PhfError(f"{path} has no safetensors weights ({WEIGHTS}); phf loads weights only from safetensors")
+    if weights.exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as exc:
+            raise PhfError(f"weights file {weights} is damaged or truncated ({exc}); restore it from an earlier "
+                           f"checkpoint or retrain") from None
+    return path
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    path = check_model_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    except Exception as exc:
+        raise PhfError(f"cannot load the model in {path}: {exc}") from None
+    model.eval()
+    return model
+
+
+def load_meta(path: str | Path) -> dict:
+    p = Path(path) / PHF_META
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text())
+
+
+def count_parameters(model: torch.nn.Module, non_embedding: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return n

@@ -1,0 +1,193 @@
+"""`phf sweep`: every objective of a task on one token budget, feedback from the start vs. only in a late finetune,
+each arm evaluated for misalignment and capability (held-out bits/char, KL from the MLE model), in one table.
+
+    pretraining arms   mle, filtering, conditional, unlikelihood, rwr, awr: each trained from scratch on the budget
+    finetune arms      finetune:<objective>: the MLE run's weights after (1 - f) of the budget, then <objective> for
+                       the last f of it (the paper's second experiment: equal total tokens)
+    rl (--rl)          the same MLE weights finetuned with RL (TRL's GRPO, the scorer as reward, a KL penalty to the
+                       start) on `rl_tokens` prompt + completion tokens: the optimiser among the methods
+    reference          the mle arm: KL(mle || arm) from samples of the MLE model, in bits per character
+
+Every arm's run folder is `DIR/<arm>` (`finetune-<objective>` for finetune arms); `DIR/results.json` has the
+demo's schema plus `kl_from_reference_bits`, `distinct_2`, `kind` and `tokens_seen_total` per arm. An arm whose
+results exist for the same config is reused, so an interrupted sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from phf.core.config import RunConfig, config_to_yaml, load_config
+from phf.recipes.demo import _corpus_line, config_path
+from phf.evaluation.evaluate import evaluate_checkpoint, misaligned_threshold, task_segmenter
+from phf.core.errors import PhfError
+from phf.core.io import read_json, stable_hash, write_json
+from phf.training.trainer import run_training, versions
+
+log = logging.getLogger(__name__)
+
+SWEEP_OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "rwr", "awr"]
+# The finetune arms of the default sweep. unlikelihood is left out (add it with --finetune) to keep the default
+# sweep within 30 minutes on 2 cores: at PEP8's alpha 0.01 its pretraining arm is indistinguishable from MLE.
+FINETUNE_OBJECTIVES = ["filtering", "conditional", "rwr", "awr"]
+# Applied to every arm before the user's --set: fewer evaluation samples than the demo (11 arms, not 3) and an
+# evaluation schedule during training, for the misalignment-vs-tokens curves.
+SWEEP_OVERRIDES = ["sample.num_samples=128", "sample.num_prompts=32", "eval.heldout_chars=150000", "train.eval_every=65",
+                   "train.eval_samples=8"]
+
+
+@dataclass
+class Arm:
+    name: str  # results key: "conditional", "finetune:conditional"
+    objective: str
+    cfg: RunConfig
+    finetune: bool
+
+    @property
+    def run_dir(self) -> str:
+        return self.name.replace(":", "-")
+
+
+def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | None = None,
+         finetune: list[str] | None = None, finetune_fraction: float = 0.5) -> tuple[list[Arm], int, int]:
+    """The arms of a sweep, the MLE run's branch step and the tokens the finetunes start from."""
+    objectives = objectives if objectives is not None else SWEEP_OBJECTIVES
+    finetune = finetune if finetune is not None else FINETUNE_OBJECTIVES
+    if "mle" not in objectives:
+        raise PhfError("a sweep needs the mle arm: it is the KL reference and the base of the finetune arms")
+    if not 0 < finetune_fraction < 1:
+        raise PhfError(f"--finetune-fraction must be between 0 and 1 (exclusive), got {finetune_fraction}")
+    overrides = SWEEP_OVERRIDES + list(overrides or [])
+    arms = [Arm(o, o, load_config(config_path(task, o), overrides), False) for o in objectives]
+    mle = arms[0] if arms[0].name == "mle" else next(a for a in arms if a.name == "mle")
+    t = mle.cfg.train
+    tokens_per_step = t.batch_size * mle.cfg.model.block_size * t.grad_accum  # one process; torchrun is not used here
+    total_steps = t.max_steps or -(-t.max_tokens // tokens_per_step)
+    branch = max(1, round(total_steps * (1 - finetune_fraction)))
+    for o in finetune:
+        if o == "mle":
+            raise PhfError("finetune:mle is the mle arm itself; name feedback objectives after --finetune")
+        extra = [f"train.max_steps={total_steps - branch}"]
+        arms.append(Arm(f"finetune:{o}", o, load_config(config_path(task, o), overrides + extra), True))
+    for a in arms:
+        if a.cfg.task != task:
+            raise PhfError(f"config {config_path(task, a.objective)} is for task {a.cfg.task!r}, not {task!r}")
+    return arms, branch, branch * tokens_per_step
+
+
+def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: list[str] | None = None,
+              objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
+              progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
+              rl_overrides: list[str] | None = None) -> dict:
+    t0 = time.perf_counter()
+    out = Path(out)
+    data_dir = out / "data"
+    arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction)
+    snapshot = out / "mle" / "snapshots" / f"step-{branch}"
+    previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
+    results: dict = {"task": task, "objectives": {}, "reference": "mle", "finetune_fraction": finetune_fraction,
+                     "finetune_from_tokens": branch_tokens, "wall_seconds": None}
+    corpus_summary = None
+    mle_yaml = config_to_yaml(next(a for a in arms if a.name == "mle").cfg)
+    for arm in arms:
+        # a finetune arm depends on its base too: a changed MLE config retrains it
+        key = stable_hash({"config": config_to_yaml(arm.cfg), "finetune": arm.finetune, "branch": branch,
+                           "base": mle_yaml if arm.finetune else None})
+        old = previous.get("objectives", {}).get(arm.name)
+        if old and old.get("config_hash") == key and (out / arm.run_dir / "checkpoint").exists() and \
+                (not arm.name == "mle" or snapshot.exists()):
+            log.info("== %s: reusing its results (same config)", arm.name)
+            results["objectives"][arm.name] = old
+            continue
+        log.info("== %s: %s", arm.name, f"finetuning the MLE model of step {branch} for {arm.cfg.train.max_steps} "
+                 f"steps" if arm.finetune else f"training on {arm.cfg.train.max_tokens:,} tokens")
+        trained = run_training(arm.cfg, out / arm.run_dir, data_dir, progress=progress,
+                               init_from=snapshot if arm.finetune else None,
+                               snapshots=[branch] if arm.name == "mle" else ())
+        if corpus_summary is None:
+            corpus_summary = trained.data.scored.summary(misaligned_threshold(task))
+            log.info("scored corpus: %s", _corpus_line(corpus_summary))
+        res = evaluate_checkpoint(trained.checkpoint, arm.cfg, trained.data.scored, out / arm.run_dir,
+                                  progress=progress)
+        res.update(train_tokens=trained.tokens, tokens_seen_total=trained.tokens + (branch_tokens if arm.finetune
+                                                                                    else 0),
+                   train_seconds=round(trained.seconds, 1), val_loss=trained.final_val_loss,
+                   objective_settings=trained.objective.describe(), kind="finetune" if arm.finetune else "pretrain",
+                   run_dir=arm.run_dir, config_hash=key,
+                   distinct_2=res.get("unconditional", {}).get("distinct_2"))
+        res.pop("kl_from_reference_bits", None)  # measured below, against this sweep's reference
+        write_json(out / arm.run_dir / "results.json", res)
+        results["objectives"][arm.name] = res
+        write_json(out / "results.json", results)  # partial results survive an interrupted sweep
+
+    if rl:
+        _rl_arm(results, previous, out, arms, snapshot, branch_tokens, data_dir, rl_tokens, rl_overrides or [],
+                progress)
+    _add_kl(results, out, arms + ([Arm("rl", "rl", arms[0].cfg, True)] if rl else []), progress)
+    if corpus_summary is None and previous.get("corpus"):
+        corpus_summary = previous["corpus"]
+    results["corpus"] = corpus_summary
+    results["versions"] = versions()
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "results.json", results)
+    if report:
+        from phf.report.page import write_report
+
+        results["report"] = str(write_report([out]))
+    return results
+
+
+def _rl_arm(results: dict, previous: dict, out: Path, arms: list[Arm], snapshot: Path, branch_tokens: int,
+            data_dir: Path, rl_tokens: int, rl_overrides: list[str], progress: bool) -> None:
+    """The RL baseline from the MLE weights the finetune arms start from (needs the `rl` extra)."""
+    from phf.analysis.rl import rl_config, rl_finetune
+    from phf.data.scoring import score_corpus
+
+    mle = next(a for a in arms if a.name == "mle")
+    rl_cfg = rl_config(rl_overrides)
+    key = stable_hash({"base": config_to_yaml(mle.cfg), "rl": rl_cfg.__dict__, "tokens": rl_tokens})
+    old = previous.get("objectives", {}).get("rl")
+    if old and old.get("config_hash") == key and (out / "rl" / "checkpoint").exists():
+        log.info("== rl: reusing its results (same config)")
+        results["objectives"]["rl"] = old
+        return
+    log.info("== rl: GRPO from the MLE model of %s tokens, on %s prompt + completion tokens", f"{branch_tokens:,}",
+             f"{rl_tokens:,}")
+    scored = score_corpus(mle.cfg.corpus, mle.cfg.scoring, data_dir, progress=False)
+    summary = rl_finetune(snapshot, mle.cfg, scored, out / "rl", rl_tokens, progress=progress, rl=rl_cfg)
+    res = evaluate_checkpoint(out / "rl" / "checkpoint", mle.cfg, scored, out / "rl", progress=progress)
+    res.update(train_tokens=summary["tokens"], tokens_seen_total=branch_tokens + summary["tokens"],
+               train_seconds=summary["seconds"], objective_settings={"name": "rl", **summary["rl"]}, kind="rl",
+               run_dir="rl", config_hash=key, distinct_2=res.get("unconditional", {}).get("distinct_2"))
+    write_json(out / "rl" / "results.json", res)
+    results["objectives"]["rl"] = res
+    write_json(out / "results.json", results)
+
+
+def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:
+    """KL(mle || arm) for every arm, from one set of samples of the MLE model (kept in reference_samples.jsonl)."""
+    from phf.core.io import atomic_path
+    from phf.evaluation.kl import DeployedModel, KLReference
+
+    mle = next(a for a in arms if a.name == "mle")
+    e = mle.cfg.eval
+    if not e.kl_samples:
+        return
+    log.info("== KL from the MLE model: %d reference samples of %d tokens", e.kl_samples, e.kl_max_new_tokens)
+    ref = KLReference.sample(out / "mle" / "checkpoint", e.kl_samples, e.kl_max_new_tokens, e.kl_seed,
+                             task_segmenter(mle.cfg.task), progress=progress)
+    with atomic_path(out / "reference_samples.jsonl") as tmp:
+        import json
+
+        with open(tmp, "w", encoding="utf-8") as f:
+            for t, lp in zip(ref.texts, ref.logp):
+                f.write(json.dumps({"text": t, "logp_reference_nats": lp}) + "\n")
+    for arm in arms:
+        res = results["objectives"][arm.name]
+        kl = ref.kl(DeployedModel.load(out / arm.run_dir / "checkpoint"))
+        res.update(kl)
+        write_json(out / arm.run_dir / "results.json", res)
+        log.info("%s: KL(mle || %s) = %.4f +- %.4f bits/char", arm.name, arm.name, kl["kl_from_reference_bits"],
+                 kl["kl_stderr_bits"])
