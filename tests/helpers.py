@@ -39,9 +39,9 @@ def tiny_untrained_model(corpus_dir, block_size: int):
     import torch
 
     from phf.core.config import ModelConfig, TokenizerConfig
-    from phf.model.lm import build_model
     from phf.core.tokens import EOS
     from phf.data.tokenizer import train_tokenizer
+    from phf.model.lm import build_model
 
     tok = train_tokenizer([p.read_text() for p in sorted(corpus_dir.glob("*.py"))], TokenizerConfig(vocab_size=400))
     torch.manual_seed(0)

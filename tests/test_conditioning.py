@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from phf.model import conditioning
-from phf.model.conditioning import control_types, markers_of, next_types, set_markers, stream_types
+from phf.data import token_stream
+from phf.data.token_stream import stream_types
+from phf.model.conditioning import control_types, markers_of, next_types, set_markers
 from tests.helpers import tiny_untrained_model
 
 EOS, A, M = 0, 1, 2  # marker ids in the hand-made rows below
@@ -26,7 +27,7 @@ def test_stream_types_agree_with_control_types_across_chunks(monkeypatch):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 12, size=1000).astype(np.uint16)
     tokens[rng.random(1000) < 0.8] += 3  # markers (0, 1, 2) are rarer than text, so segments run several tokens
-    monkeypatch.setattr(conditioning, "CHUNK", 37)  # chunk boundaries inside segments carry the type over
+    monkeypatch.setattr(token_stream, "CONTROL_TYPE_CHUNK", 37)  # chunk boundaries inside segments carry the type over
     typed = stream_types(tokens, [EOS, A, M])
     assert typed.dtype == tokens.dtype
     expected = control_types(torch.from_numpy(tokens.astype(np.int64))[None], [EOS, A, M])[0].numpy()
@@ -34,8 +35,8 @@ def test_stream_types_agree_with_control_types_across_chunks(monkeypatch):
 
 
 def test_sampling_with_the_kv_cache_reads_the_same_types_as_a_full_forward(pycorpus):
-    from phf.evaluation.sampling import generate_ids
     from phf.core.tokens import ALIGNED, MISALIGNED
+    from phf.evaluation.sampling import generate_ids
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     markers = [tok.token_to_id(t) for t in ("<|endoftext|>", ALIGNED, MISALIGNED)]
@@ -100,8 +101,8 @@ def test_control_embedding_is_for_conditional_training_only(tiny_cfg_factory):
 def test_guided_sampling_draws_from_the_guided_distribution(pycorpus, typed):
     """Classifier-free guidance: greedy decoding with the KV cache equals argmax of (1 + g) log p(.|row) - g log
     p(.|row with <|misaligned|> for <|aligned|>), each computed by a full forward pass."""
-    from phf.evaluation.sampling import generate_ids
     from phf.core.tokens import ALIGNED, MISALIGNED
+    from phf.evaluation.sampling import generate_ids
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     eos, al, mis = (tok.token_to_id(t) for t in ("<|endoftext|>", ALIGNED, MISALIGNED))
@@ -140,8 +141,8 @@ def test_guided_sampling_draws_from_the_guided_distribution(pycorpus, typed):
 def test_guidance_needs_a_conditionally_trained_model(pycorpus):
     from phf.core.config import SampleConfig
     from phf.core.errors import PhfError
-    from phf.model.lm import hf_tokenizer
     from phf.evaluation.sampling import Deployment, generate
+    from phf.model.lm import hf_tokenizer
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     folder = pycorpus.parent / "guidance-tok"

@@ -66,10 +66,14 @@ def test_overrides_do_not_mutate_input():
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
+    from phf.tasks import SHIPPED
 
-    for path in sorted((Path(__file__).parent.parent / "configs").glob("*/*.yaml")):
-        if path.name.startswith("base"):
-            continue
-        cfg = load_config(path)
-        assert cfg.objective.name == path.stem or path.stem.startswith(cfg.objective.name)
+    for task in SHIPPED.values():
+        paths = sorted(task.config_dir().glob("*.yaml"))
+        assert len(paths) == 7, task.name  # base + one per objective
+        for path in paths:
+            if path.name.startswith("base"):
+                continue
+            cfg = load_config(path)
+            assert cfg.task == task.name
+            assert cfg.objective.name == path.stem or path.stem.startswith(cfg.objective.name)

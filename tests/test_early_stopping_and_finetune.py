@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phf.core.config import load_config
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl
-from phf.model.lm import load_meta
 from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.data.tokenizer import load_tokenizer
+from phf.model.lm import load_meta
+from phf.tasks import get_task
 from phf.training.trainer import run_training
 
 
@@ -85,7 +85,7 @@ def test_new_control_tokens_start_at_the_mean_embedding(tiny_cfg_factory, data_d
     vocab = load_tokenizer(tok_file).get_vocab()
     ids = [vocab[ALIGNED], vocab[MISALIGNED]]
     before = weights(mle.checkpoint)["transformer.wte.weight"]
-    cond = get_objective(cond_cfg.objective, "pep8")
+    cond = get_objective(cond_cfg.objective, get_task("pep8"))
     model = init_from_checkpoint(mle.checkpoint, tok_file, torch.device("cpu"), cond, seed=0)
     emb = model.get_input_embeddings().weight.detach()
     others = torch.ones(len(emb), dtype=torch.bool)
@@ -104,5 +104,5 @@ def test_new_control_tokens_start_at_the_mean_embedding(tiny_cfg_factory, data_d
     assert torch.equal(kept.get_input_embeddings().weight.detach(),
                        weights(cond_run.checkpoint)["transformer.wte.weight"])
     plain = init_from_checkpoint(mle.checkpoint, tok_file, torch.device("cpu"),
-                                 get_objective(tiny_cfg_factory("filtering").objective, "pep8"), seed=0)
+                                 get_objective(tiny_cfg_factory("filtering").objective, get_task("pep8")), seed=0)
     assert torch.equal(plain.get_input_embeddings().weight.detach(), before)

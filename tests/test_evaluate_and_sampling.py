@@ -7,10 +7,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from phf.evaluation.evaluate import expected_max, heldout_bits_per_char, misalignment_metrics, parses
-from phf.evaluation.sampling import Deployment, Sample, complete_lines, function_prompts, sample_next, strip_control
-from phf.data.segments import line_spans
 from phf.core.tokens import ALIGNED, EOS, MISALIGNED, SPECIAL_TOKENS
+from phf.data.segments import line_spans
+from phf.evaluation.evaluate import expected_max, heldout_bits_per_char, misalignment_metrics, parses
+from phf.evaluation.sampling import Deployment, Sample, complete_lines, sample_next, strip_control
+from phf.tasks.pep8 import function_prompts
 from tests.helpers import tiny_untrained_model
 
 

@@ -11,12 +11,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from phf.core.config import ModelConfig, TokenizerConfig
-from phf.evaluation.evaluate import distinct_n, diversity_metrics, ngram_entropy
-from phf.evaluation.kl import DeployedModel, KLReference, kl_estimate
-from phf.model.lm import build_model
-from phf.evaluation.sampling import Deployment, generate_ids
 from phf.core.tokens import ALIGNED, EOS
 from phf.data.tokenizer import train_tokenizer
+from phf.evaluation.evaluate import distinct_n, diversity_metrics, ngram_entropy
+from phf.evaluation.kl import DeployedModel, KLReference, kl_estimate
+from phf.evaluation.sampling import Deployment, generate_ids
+from phf.model.lm import build_model
 
 VOCAB, LENGTH, BOS = 5, 3, 0  # token 0 starts every sequence and ends it when sampled
 

@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from phf.model import lm_loss
 from phf.core.config import ModelConfig, ObjectiveConfig
+from phf.model import lm_loss
 from phf.model.lm import build_model
+from phf.tasks import get_task
 from phf.training.objectives import get_objective
 
 
@@ -47,10 +48,10 @@ def _loss_and_grads(objective, fused: bool, tied: bool, dtype: str):
 def test_fused_loss_equals_plain_in_fp32(name, settings, tied, monkeypatch):
     monkeypatch.setattr(lm_loss, "CHUNK_TOKENS", 7)  # several chunks and a ragged last one (120 tokens)
     cfg = ObjectiveConfig(name=name, threshold=0.005 if name in ("unlikelihood", "conditional") else None, **settings)
-    objective = get_objective(cfg, "pep8")
+    objective = get_objective(cfg, get_task("pep8"))
     objective.fit(torch.zeros(4).numpy())
     plain, g_plain = _loss_and_grads(objective, False, tied, "fp32")
-    objective = get_objective(cfg, "pep8")
+    objective = get_objective(cfg, get_task("pep8"))
     objective.fit(torch.zeros(4).numpy())
     fused, g_fused = _loss_and_grads(objective, True, tied, "fp32")
     assert torch.isfinite(plain) and fused.item() == pytest.approx(plain.item(), rel=1e-5)
@@ -61,7 +62,7 @@ def test_fused_loss_equals_plain_in_fp32(name, settings, tied, monkeypatch):
 
 def test_fused_loss_in_bf16_is_close_and_stores_no_logits(monkeypatch):
     monkeypatch.setattr(lm_loss, "CHUNK_TOKENS", 16)
-    objective = get_objective(ObjectiveConfig(name="mle"), "pep8")
+    objective = get_objective(ObjectiveConfig(name="mle"), get_task("pep8"))
     plain, g_plain = _loss_and_grads(objective, False, True, "bf16")
     fused, g_fused = _loss_and_grads(objective, True, True, "bf16")
     assert fused.item() == pytest.approx(plain.item(), rel=2e-3)
@@ -87,7 +88,7 @@ def test_unlikelihood_gradient_vanishes_where_one_minus_p_is_clamped():
 
 def test_no_gradients_are_computed_without_autograd():
     model = _model()
-    objective = get_objective(ObjectiveConfig(name="mle"), "pep8")
+    objective = get_objective(ObjectiveConfig(name="mle"), get_task("pep8"))
     with torch.no_grad():
         loss = objective.loss(objective.forward(model, _batch()[0], fused=True), _batch()[1], _batch()[2])
     assert not loss.requires_grad and torch.isfinite(loss)

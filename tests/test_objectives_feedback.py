@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from phf.core.config import ObjectiveConfig, load_config
 from phf.core.errors import PhfError
 from phf.model.lm import VALUE_HEAD, ValueHead, load_value_head
+from phf.tasks import get_task
 from phf.training.objectives import get_objective
 
 NAN = math.nan
@@ -60,7 +61,7 @@ def reference_unlikelihood(logits, targets, scores, threshold, alpha):
 @pytest.mark.parametrize("threshold, alpha", [(0.0, 0.01), (0.0, 1.0), (0.1, 0.5), (0.25, 2.0)])
 def test_unlikelihood_matches_reference(threshold, alpha):
     logits, targets, scores = case()
-    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=threshold, alpha=alpha))
+    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=threshold, alpha=alpha), get_task("pep8"))
     got = obj.loss(Out(logits), targets, scores)
     assert got.item() == pytest.approx(reference_unlikelihood(logits, targets, scores, threshold, alpha), rel=1e-5)
     assert torch.equal(obj.loss_mask(targets, scores), ~torch.isnan(scores))
@@ -68,7 +69,7 @@ def test_unlikelihood_matches_reference(threshold, alpha):
 
 def test_unlikelihood_threshold_zero_means_any_positive_score_is_misaligned():
     logits, targets, _ = case()
-    obj = get_objective(ObjectiveConfig(name="unlikelihood"))  # the PEP8 default: threshold 0, alpha 0.01
+    obj = get_objective(ObjectiveConfig(name="unlikelihood"), get_task("pep8"))  # the PEP8 default: threshold 0, alpha 0.01
     assert obj.threshold == 0.0 and obj.alpha == 0.01
     tiny = torch.full(targets.shape, 1e-9)
     got = obj.loss(Out(logits), targets, tiny).item()
@@ -89,7 +90,7 @@ def test_unlikelihood_threshold_is_hard_where_the_soft_mix_is_not():
     logits = torch.randn(1, 2, 5)
     targets = torch.tensor([[1, 3]])
     scores = torch.tensor([[0.2, 0.5]])  # threshold 0.3: first aligned, second misaligned
-    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=0.3, alpha=1.0))
+    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=0.3, alpha=1.0), get_task("pep8"))
     p0 = softmax_prob(logits[0, 0].tolist(), 1)
     p1 = softmax_prob(logits[0, 1].tolist(), 3)
     hard = -math.log(p0) - math.log(1 - p1)
@@ -102,7 +103,7 @@ def test_unlikelihood_is_finite_when_the_misaligned_token_is_certain():
     logits = torch.zeros(1, 2, 4)
     logits[0, :, 2] = 60.0  # p(token 2) == 1 in float32
     logits.requires_grad_(True)
-    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=0.0, alpha=1.0))
+    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=0.0, alpha=1.0), get_task("pep8"))
     loss = obj.loss(Out(logits), torch.tensor([[2, 2]]), torch.tensor([[0.1, NAN]]))
     loss.backward()
     assert loss.item() == pytest.approx(-math.log(1e-5), rel=1e-4)  # the clamp bounds it; NaN token bears nothing
@@ -126,7 +127,7 @@ def reference_rwr(logits, targets, scores, beta, max_weight):
 def test_rwr_matches_reference(beta, max_weight):
     logits, targets, scores = case(seed=2)
     logits.requires_grad_(True)
-    obj = get_objective(ObjectiveConfig(name="rwr", beta=beta, max_weight=max_weight))
+    obj = get_objective(ObjectiveConfig(name="rwr", beta=beta, max_weight=max_weight), get_task("pep8"))
     got = obj.loss(Out(logits), targets, scores)
     assert got.item() == pytest.approx(reference_rwr(logits, targets, scores.clone(), beta, max_weight), rel=1e-5)
     got.backward()
@@ -135,12 +136,12 @@ def test_rwr_matches_reference(beta, max_weight):
 
 
 def test_rwr_weights_and_clip():
-    obj = get_objective(ObjectiveConfig(name="rwr"))  # the paper's beta: 10
+    obj = get_objective(ObjectiveConfig(name="rwr"), get_task("pep8"))  # the paper's beta: 10
     assert obj.beta == 10.0 and obj.max_weight == 1000.0
     scores = torch.tensor([[0.0, 0.5, 2.0]])
     w = obj.weights(scores, torch.ones_like(scores, dtype=torch.bool))
     assert w.tolist()[0] == pytest.approx([1.0, math.exp(-0.05), math.exp(-0.2)])
-    clipped = get_objective(ObjectiveConfig(name="rwr", beta=1.0, max_weight=0.5))
+    clipped = get_objective(ObjectiveConfig(name="rwr", beta=1.0, max_weight=0.5), get_task("pep8"))
     w = clipped.weights(scores, torch.ones_like(scores, dtype=torch.bool))
     assert w.tolist()[0] == pytest.approx([0.5, 0.5, math.exp(-2.0)])
 
@@ -150,7 +151,7 @@ def awr_case(alpha=0.3, beta=0.5, max_weight=50.0, seed=3):
     logits, targets, scores = case(seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     hidden = torch.randn(2, 6, 8, generator=g)
-    obj = get_objective(ObjectiveConfig(name="awr", alpha=alpha, beta=beta, max_weight=max_weight))
+    obj = get_objective(ObjectiveConfig(name="awr", alpha=alpha, beta=beta, max_weight=max_weight), get_task("pep8"))
     obj.value_head = ValueHead(8)
     with torch.no_grad():
         obj.value_head.weight.copy_(torch.randn(1, 8, generator=g))
@@ -197,7 +198,7 @@ def test_awr_matches_reference_and_trains_the_head(alpha):
 
 
 def test_awr_defaults_and_loss_mask():
-    obj = get_objective(ObjectiveConfig(name="awr"))
+    obj = get_objective(ObjectiveConfig(name="awr"), get_task("pep8"))
     assert (obj.alpha, obj.beta, obj.max_weight) == (0.05, 1.0, 1000.0)  # the paper's PEP8 setting
     _, targets, scores = case()
     assert torch.equal(obj.loss_mask(targets, scores), ~torch.isnan(scores))
@@ -214,23 +215,36 @@ def test_awr_defaults_and_loss_mask():
     ("pep8", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.1}),
     ("pii", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.01}),
     ("toxicity", "conditional", {"threshold": 0.5, "drop_token_fraction": 0.01}),  # the classifier's own 0.5
-    ("my-own-task", "unlikelihood", {"threshold": 0.0, "alpha": 0.01}),  # an unknown task: the pep8 row
+    # a task of your own: the generic defaults (phf.tasks.base.user_objective_defaults), not another task's row
+    ("my-own-task", "unlikelihood", {"threshold": 0.0, "alpha": 1.0}),
+    ("my-own-task", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.01}),
+    ("my-own-task", "filtering", {"threshold": 0.25}),
 ])
 def test_task_defaults(task, name, expected):
-    obj = get_objective(ObjectiveConfig(name=name), task)
+    obj = get_objective(ObjectiveConfig(name=name), get_task(task))
     obj.fit(np.array([0.0, 0.1, 0.25, 0.3, NAN, 0.9]))
     assert {k: getattr(obj, k) for k in expected} == pytest.approx(expected)
 
 
+def test_a_task_of_your_own_labels_segments_by_its_misalignment_threshold():
+    from phf.core.config import load_config
+    from phf.tasks import task_for
+
+    cfg = load_config(None, ["task=mine", "scoring.scorer=tests.helpers:flaky", "scoring.misaligned_above=0.4",
+                             "objective.name=conditional"])
+    obj = get_objective(cfg.objective, task_for(cfg))
+    assert obj.threshold == 0.4 and obj.drop_token_fraction == 0.01
+
+
 def test_explicit_values_and_quantiles_win_over_task_defaults():
     scores = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
-    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold_quantile=0.75, alpha=0.5), "pep8")
+    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold_quantile=0.75, alpha=0.5), get_task("pep8"))
     obj.fit(scores)
     assert obj.threshold == pytest.approx(0.3) and obj.alpha == 0.5
-    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=0.0, threshold_quantile=0.75), "toxicity")
+    obj = get_objective(ObjectiveConfig(name="unlikelihood", threshold=0.0, threshold_quantile=0.75), get_task("toxicity"))
     obj.fit(scores)
     assert obj.threshold == 0.0  # an absolute threshold wins over a quantile
-    assert get_objective(ObjectiveConfig(name="awr", beta=3.0), "pii").beta == 3.0
+    assert get_objective(ObjectiveConfig(name="awr", beta=3.0), get_task("pii")).beta == 3.0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -264,9 +278,9 @@ def awr_run(tiny_cfg_factory, data_dir, tmp_path_factory):
 @pytest.mark.parametrize("objective", ["unlikelihood", "rwr", "awr"])
 def test_a_few_steps_change_every_parameter(objective, tiny_cfg_factory, data_dir, tmp_path, awr_run):
     from phf.core.io import read_jsonl
-    from phf.model.lm import build_model
     from phf.core.tokens import EOS
     from phf.data.tokenizer import load_tokenizer
+    from phf.model.lm import build_model
     from phf.training.trainer import prepare_data, run_training
 
     if objective == "awr":
@@ -305,7 +319,7 @@ def test_value_head_round_trip(awr_run, caplog):
     assert not any("value_head" in k for k in load_file(str(folder / "model.safetensors")))
     # phf loads it back: for a resumed run (required) and for a run starting from the checkpoint
     model = load_model(folder)
-    obj = get_objective(ObjectiveConfig(name="awr"))
+    obj = get_objective(ObjectiveConfig(name="awr"), get_task("pep8"))
     (head,) = obj.attach(model, folder, required=True)
     assert torch.equal(head.weight, trained.weight.detach().cpu()) and torch.equal(head.bias, trained.bias.detach().cpu())
     assert torch.equal(load_value_head(folder, model.config.hidden_size).weight, head.weight)
@@ -332,7 +346,7 @@ def test_resuming_awr_needs_its_value_head(awr_run, tmp_path):
 
     _, result = awr_run
     model = load_model(result.checkpoint)
-    obj = get_objective(ObjectiveConfig(name="awr"))
+    obj = get_objective(ObjectiveConfig(name="awr"), get_task("pep8"))
     with pytest.raises(PhfError, match="has no value_head.safetensors"):
         obj.attach(model, tmp_path, required=True)
     (head,) = obj.attach(model, tmp_path)  # starting from a checkpoint without one: a new head at zero

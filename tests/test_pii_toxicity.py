@@ -9,20 +9,26 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from phf.data import corpus as corpus_mod
-from tests.helpers import assert_spans_tile
 from phf.core.config import CorpusConfig, ScoringConfig
-from phf.data.corpus import Corpus, CorpusStats, changelog_excerpt, decode_comment, list_debian, list_fortunes, read_insults_csv
-from phf.evaluation.evaluate import misaligned_threshold, score_samples
 from phf.core.errors import PhfError
-from phf.evaluation.sampling import Deployment, Sample, complete_segments, contact_prompts, opening_prompts
+from phf.core.tokens import ALIGNED
+from phf.data.corpus import Corpus, CorpusStats
 from phf.data.scorers import get_scorer
 from phf.data.scorers.pii import merge_spans
 from phf.data.segments import get_segmenter
 from phf.data.sentences import complete_sentences, sentence_spans, split_sentences
-from phf.core.tokens import ALIGNED
+from phf.evaluation.evaluate import score_samples
+from phf.evaluation.sampling import Deployment, Sample, complete_segments
+from phf.tasks import all_sources, get_task
+from phf.tasks.pii import contact_prompts
+from phf.tasks.pii.debian import changelog_excerpt, list_debian
+from phf.tasks.toxicity import mix as corpus_mod
+from phf.tasks.toxicity import opening_prompts
+from phf.tasks.toxicity.mix import decode_comment, list_fortunes, read_insults_csv
+from tests.helpers import assert_spans_tile
 
 PROSE = Path(__file__).parent / "data" / "prose"
 CHANGELOG = (PROSE / "changelog.Debian.txt").read_text()
@@ -199,7 +205,7 @@ def test_toxicity_is_the_most_toxic_sentence_and_is_batched(toxicity, monkeypatc
     monkeypatch.setattr(toxicity, "_predict_prob", lambda xs: calls.append(len(xs)) or real(xs))
     toxicity.score_texts([text, "One. Two.", "Three."])
     assert calls == [6]  # every segment of every text in one call
-    assert misaligned_threshold("toxicity") == 0.5 and misaligned_threshold("pii") == 0.0
+    assert get_task("toxicity").misaligned_above == 0.5 and get_task("pii").misaligned_above == 0.0
 
 
 def test_callable_scorer_with_the_sentence_segmenter(tmp_path):
@@ -264,11 +270,11 @@ def test_debian_source_lists_deduplicated_sorted_documents(tmp_path):
                                        "debian/binutils/copyright", "debian/bzip2/copyright"]
     assert dict(stats.skipped) == {"duplicate content": 1, "damaged gzip": 1, "not UTF-8": 1}
     assert entries[0][1] == CHANGELOG
-    corpus = Corpus(CorpusConfig(source=f"debian:{root}", exclude=["*/binutils/*"]))
+    corpus = Corpus(CorpusConfig(source=f"debian:{root}", exclude=["*/binutils/*"]), all_sources())
     assert [d.id for d in corpus] == ["debian/bash/changelog.Debian.gz", "debian/bzip2/copyright"]
     assert corpus.stats.skipped["excluded"] == 2
     with pytest.raises(PhfError, match="no changelog"):
-        Corpus(CorpusConfig(source=f"debian:{tmp_path / 'nothing'}")).entries()
+        Corpus(CorpusConfig(source=f"debian:{tmp_path / 'nothing'}"), all_sources()).entries()
 
 
 def test_changelog_excerpt_keeps_whole_entries():
@@ -400,7 +406,7 @@ def test_tiny_prose_demo(task, tmp_path, comments):
         for s in samples:
             if not s["finished"] and s["text"]:  # cut by the length limit: ends with a whole sentence
                 assert complete_sentences(s["prompt"] + s["text"]) == s["prompt"] + s["text"]
-    assert results["corpus"]["misaligned_above"] == misaligned_threshold(task)
+    assert results["corpus"]["misaligned_above"] == get_task(task).misaligned_above
     assert "conditional" in format_table(results)
 
 
@@ -429,12 +435,12 @@ def test_toxicity_conditional_tags_the_sentences_the_classifier_calls_offensive(
     import numpy as np
 
     from phf.core.config import ObjectiveConfig, load_config
-    from phf.training.objectives import Conditional, get_objective
     from phf.core.tokens import MISALIGNED
+    from phf.training.objectives import Conditional, get_objective
 
-    shipped = load_config(Path(__file__).parent.parent / "configs" / "toxicity" / "conditional.yaml")
-    default = get_objective(ObjectiveConfig(name="conditional"), "toxicity")
-    for objective in (get_objective(shipped.objective, "toxicity"), default):
+    shipped = load_config(get_task("toxicity").config_path("conditional"))
+    default = get_objective(ObjectiveConfig(name="conditional"), get_task("toxicity"))
+    for objective in (get_objective(shipped.objective, get_task("toxicity")), default):
         assert isinstance(objective, Conditional) and objective.threshold == 0.5
         objective.fit(np.array([0.01, 0.02, 0.03]))  # an absolute threshold: the data does not move it
         assert objective.threshold == 0.5
@@ -442,6 +448,6 @@ def test_toxicity_conditional_tags_the_sentences_the_classifier_calls_offensive(
         rng = np.random.default_rng(0)
         assert [objective.segment_prefix(s, rng) for s in (0.0, 0.5, 0.51, 0.99)] == [ALIGNED, ALIGNED, MISALIGNED,
                                                                                        MISALIGNED]
-    quantile = get_objective(ObjectiveConfig(name="conditional", threshold_quantile=0.5), "toxicity")
+    quantile = get_objective(ObjectiveConfig(name="conditional", threshold_quantile=0.5), get_task("toxicity"))
     quantile.fit(np.array([0.01, 0.02, 0.03]))
     assert quantile.threshold == 0.02  # an explicit quantile of document scores still works

@@ -55,8 +55,8 @@ def tiny(pycorpus):
 def reference_segment_logprobs(model, tok, text, prefix):
     """Independent reference: the annotated text encoded in one piece, each token given to the segment its first
     character is in, scored one position at a time with its whole history."""
-    from phf.data.segments import line_spans
     from phf.core.tokens import EOS, SPECIAL_TOKENS
+    from phf.data.segments import line_spans
 
     special = {tok.token_to_id(t) for t in SPECIAL_TOKENS}
     spans = line_spans(text)

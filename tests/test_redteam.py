@@ -48,9 +48,9 @@ def tiny_runs(tiny_cfg_factory, data_dir, tmp_path_factory):
 
 
 def test_red_team_rounds_never_decrease_the_pools_best_score(tiny_runs, data_dir, tmp_path):
-    from phf.cli.main import main
-    from phf.evaluation.evaluate import prompts_for
     from phf.analysis.probes import run_config, scored_corpus_for
+    from phf.cli.main import main
+    from phf.tasks import task_for
 
     out = tmp_path / "rt"
     # the red model defaults to the sibling `mle` run
@@ -66,7 +66,7 @@ def test_red_team_rounds_never_decrease_the_pools_best_score(tiny_runs, data_dir
     assert all(r["pool_size"] >= rounds[0]["pool_size"] for r in rounds)
     # the pool is seeded from held-out test prompts, and the seeds' scores come from the target
     cfg = run_config(tiny_runs["conditional"])
-    held_out = set(prompts_for(cfg.task, scored_corpus_for(tiny_runs["conditional"], cfg), 3))
+    held_out = set(task_for(cfg).eval_prompts(scored_corpus_for(tiny_runs["conditional"], cfg), 3))
     seeds = [e for e in target["pool"] if e["source"] == "seed"]
     assert seeds and {e["prompt"] for e in seeds} <= held_out
     assert all(e["score"] >= 0 for e in target["pool"])

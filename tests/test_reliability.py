@@ -13,14 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from phf.core.config import CorpusConfig, ObjectiveConfig, ScoringConfig, TokenizerConfig, config_to_yaml
-from phf.data.corpus import Corpus
 from phf.core.errors import PhfError
 from phf.core.io import read_jsonl
+from phf.data.corpus import Corpus
 from phf.data.scoring import MANIFEST, ScoredCorpus, score_corpus
+from phf.tasks import get_task
 
 ROOT = Path(__file__).parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -235,17 +237,17 @@ def test_no_unsafe_loading_in_the_package():
                       min_size=1, max_size=30), block=st.integers(2, 12), seed=st.integers(0, 10_000))
 @settings(max_examples=40, deadline=None)
 def test_per_token_scores_stay_with_their_tokens_through_packing(tok_small, lines, block, seed, tmp_path_factory):
-    from phf.training.objectives import get_objective
     from phf.data.scoring import ScoredDocument
     from phf.data.segments import line_spans
     from phf.data.token_stream import TokenStream, annotate_for_training, write_stream
+    from phf.training.objectives import get_objective
     from phf.training.trainer import get_batch
 
     text = "".join(t + "\n" for t, _ in lines)
     spans = line_spans(text)
     doc = ScoredDocument("d", "train", text, [a for a, _ in spans], [b for _, b in spans], [s for _, s in lines],
                          [None] * len(lines), 0.0)
-    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.3))
+    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.3), get_task("pep8"))
     obj.fit(np.array([0.0]))
     prefix = tmp_path_factory.mktemp("stream") / "train"
     stream = write_stream(prefix, [annotate_for_training(doc, obj, seed)] * 3, tok_small, {}, progress=False)

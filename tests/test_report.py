@@ -10,14 +10,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from phf.evaluation.evaluate import score_samples
 from phf.core.errors import PhfError
 from phf.core.io import write_json
-from phf.report.page import highlight, load, pareto_front, pick_samples, write_report
-from phf.evaluation.sampling import Sample
 from phf.data.scorers import get_scorer
+from phf.evaluation.evaluate import score_samples
+from phf.evaluation.sampling import Sample
+from phf.report.page import highlight, load, pareto_front, pick_samples, write_report
 
 # Model output that would run in the page if it were not escaped: it sets a mark the browser test looks for.
 HOSTILE = ('x = 1\n</pre><script>document.body.dataset.pwned = "script"</script>\n'

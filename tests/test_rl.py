@@ -20,8 +20,8 @@ def tiny_mle(tiny_cfg_factory, data_dir, tmp_path_factory):
 
 
 def test_rl_arm_changes_parameters_and_logs_reward_kl_length(tiny_mle, tmp_path):
-    from phf.evaluation.evaluate import evaluate_checkpoint
     from phf.analysis.rl import RLConfig, rl_finetune
+    from phf.evaluation.evaluate import evaluate_checkpoint
 
     cfg, scored, base = tiny_mle
     rl = RLConfig(beta=0.1, lr=1e-2, num_generations=4, batch_size=8, max_completion_tokens=16, num_prompts=8)

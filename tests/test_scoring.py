@@ -1,12 +1,11 @@
 import json
-import math
 
 import pyarrow.parquet as pq
 import pytest
 
 from phf.core.config import CorpusConfig, ScoringConfig
-from phf.data.corpus import Corpus, split_of
 from phf.core.errors import PhfError
+from phf.data.corpus import Corpus, split_of
 from phf.data.scoring import MANIFEST, ScoredCorpus, score_corpus
 
 

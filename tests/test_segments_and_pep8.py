@@ -3,9 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pycodestyle
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phf.data.scorers import get_scorer
 from phf.data.scorers.base import Scorer

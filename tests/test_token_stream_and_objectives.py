@@ -3,16 +3,17 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phf.core.config import ObjectiveConfig, TokenizerConfig
-from phf.training.objectives import OBJECTIVES, get_objective
+from phf.core.tokens import ALIGNED, EOS, MISALIGNED
 from phf.data.scoring import ScoredDocument
 from phf.data.segments import line_spans
 from phf.data.token_stream import annotate, annotate_for_training, encode_annotated
-from phf.core.tokens import ALIGNED, EOS, MISALIGNED
 from phf.data.tokenizer import train_tokenizer
+from phf.tasks import get_task
+from phf.training.objectives import get_objective
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_tokenizer_has_control_tokens_as_single_special_tokens(tok):
 def test_conditional_puts_the_right_token_before_exactly_the_right_lines(tok):
     text = "import os\nx=1\n\ny = 2\n"
     doc = make_doc(text, [0.0, 0.25, 0.0, 0.0])
-    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.0))
+    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.0), get_task("pep8"))
     obj.fit(np.array([0.1]))
     a = annotate_for_training(doc, obj, seed=0)
     assert a.text == f"{ALIGNED}import os\n{MISALIGNED}x=1\n{ALIGNED}\n{ALIGNED}y = 2\n"
@@ -64,7 +65,7 @@ def test_conditional_puts_the_right_token_before_exactly_the_right_lines(tok):
 def test_control_tokens_follow_the_labels(lines, drop, seed):
     text = "".join(t + "\n" for t, _ in lines)
     doc = make_doc(text, [s for _, s in lines])
-    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=drop))
+    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=drop), get_task("pep8"))
     obj.fit(np.array([0.0]))
     a = annotate_for_training(doc, obj, seed)
     assert a.text.replace(ALIGNED, "").replace(MISALIGNED, "") == text
@@ -83,7 +84,7 @@ def test_control_tokens_follow_the_labels(lines, drop, seed):
 @given(st.lists(st.floats(0, 0.1) | st.just(math.nan), min_size=1, max_size=40), st.floats(0, 1))
 @settings(max_examples=60, deadline=None)
 def test_filtering_keeps_exactly_the_documents_at_or_below_threshold(scores, q):
-    obj = get_objective(ObjectiveConfig(name="filtering", threshold_quantile=q))
+    obj = get_objective(ObjectiveConfig(name="filtering", threshold_quantile=q), get_task("pep8"))
     arr = np.array(scores)
     if np.isnan(arr).all():
         with pytest.raises(Exception):
@@ -96,16 +97,16 @@ def test_filtering_keeps_exactly_the_documents_at_or_below_threshold(scores, q):
 
 
 def test_filtering_default_is_the_median_and_an_explicit_threshold_wins():
-    obj = get_objective(ObjectiveConfig(name="filtering"))
+    obj = get_objective(ObjectiveConfig(name="filtering"), get_task("pep8"))
     obj.fit(np.array([0.0, 0.1, 0.2, 0.3, 0.4]))
     assert obj.threshold == pytest.approx(0.2)
-    obj = get_objective(ObjectiveConfig(name="filtering", threshold=0.05))
+    obj = get_objective(ObjectiveConfig(name="filtering", threshold=0.05), get_task("pep8"))
     obj.fit(np.array([0.0, 0.1]))
     assert obj.threshold == 0.05 and obj.keep_document(0.05) and not obj.keep_document(0.0500001)
 
 
 def test_conditional_threshold_zero_means_any_violation_is_misaligned():
-    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.0))
+    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.0), get_task("pep8"))
     obj.fit(np.array([0.5]))
     rng = np.random.default_rng(0)
     assert obj.segment_prefix(0.0, rng) == ALIGNED
@@ -113,7 +114,7 @@ def test_conditional_threshold_zero_means_any_violation_is_misaligned():
 
 
 def test_drop_fraction_is_respected():
-    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.1))
+    obj = get_objective(ObjectiveConfig(name="conditional", drop_token_fraction=0.1), get_task("pep8"))
     obj.fit(np.array([0.0]))
     rng = np.random.default_rng(0)
     n = sum(obj.segment_prefix(0.0, rng) is None for _ in range(20000))
@@ -126,7 +127,7 @@ def test_loss_matches_reference_cross_entropy(name):  # tests/test_objectives_fe
     logits = torch.randn(2, 5, 11)
     targets = torch.randint(0, 11, (2, 5))
     scores = torch.rand(2, 5)
-    obj = get_objective(ObjectiveConfig(name=name))
+    obj = get_objective(ObjectiveConfig(name=name), get_task("pep8"))
 
     class Out:
         pass

@@ -12,10 +12,10 @@ from phf.training.trainer import get_batch, run_training
 def test_a_few_steps_change_every_parameter(objective, tiny_cfg_factory, data_dir, tmp_path):
     cfg = tiny_cfg_factory(objective, ["train.max_steps=3"])
     # the initial weights: same seed, zero steps is not allowed, so build them the way the trainer does
-    from phf.model.lm import build_model
-    from phf.training.trainer import prepare_data
     from phf.core.tokens import EOS
     from phf.data.tokenizer import load_tokenizer
+    from phf.model.lm import build_model
+    from phf.training.trainer import prepare_data
 
     data = prepare_data(cfg, data_dir, progress=False)
     tok = load_tokenizer(data.tokenizer_file)

@@ -22,14 +22,24 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import mannwhitneyu, spearmanr
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
-from phf.model.conditioning import markers_of, stream_types, type_inputs
+from phf.core.config import SampleConfig, load_config
 from phf.core.errors import PhfError
-from phf.core.io import read_json, write_json
-from phf.evaluation.sampling import Deployment, Sample, generate, strip_control
-from phf.data.token_stream import annotate, encode_annotated
+from phf.core.io import atomic_path, read_json, write_json
 from phf.core.tokens import ALIGNED, MISALIGNED, SPECIAL_TOKENS
+from phf.data.scorers import scorer_for
+from phf.data.scoring import ScoredCorpus
+from phf.data.segments import get_segmenter, line_spans
+from phf.data.token_stream import annotate, encode_annotated, stream_types
+from phf.evaluation.evaluate import misalignment_metrics, score_samples
+from phf.evaluation.sampling import Deployment, generate, strip_control
+from phf.model.conditioning import markers_of, type_inputs
+from phf.model.finetune import resolve_model_folder
+from phf.model.lm import load_meta, load_model
+from phf.tasks import get_task, score_run_corpus, task_for
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +68,7 @@ class Loaded:
 
 def load(path: str | Path) -> Loaded:
     """A model folder, or a run folder holding checkpoint/."""
-    from transformers import AutoTokenizer
 
-    from phf.model.finetune import resolve_model_folder
-    from phf.model.lm import load_meta, load_model
 
     folder = resolve_model_folder(path)
     model = load_model(folder)
@@ -72,22 +79,16 @@ def load(path: str | Path) -> Loaded:
 
 def run_config(folder: Path, overrides: Sequence[str] = ()):
     """The config of the run a checkpoint came from (its run folder's config.yaml), else the task's shipped one."""
-    from phf.core.config import load_config
-    from phf.recipes.demo import config_path
-    from phf.model.lm import load_meta
-
     run_cfg = Path(folder).parent / "config.yaml"
     if run_cfg.exists():
         return load_config(run_cfg, list(overrides))
-    return load_config(config_path(load_meta(folder).get("task", "pep8"), "mle"), list(overrides))
+    return load_config(get_task(load_meta(folder).get("task", "pep8")).config_path("mle"), list(overrides))
 
 
 def scored_corpus_for(folder: Path, cfg, data_dir: str | Path | None = None):
     """The scored corpus a checkpoint was trained on (recorded in its run.json), or the one in `data_dir`."""
-    from phf.data.scoring import ScoredCorpus, score_corpus
-
     if data_dir:
-        return score_corpus(cfg.corpus, cfg.scoring, Path(data_dir))
+        return score_run_corpus(cfg, data_dir)
     run_json = Path(folder).parent / "run.json"
     if run_json.exists():
         path = read_json(run_json).get("scored_corpus")
@@ -217,7 +218,6 @@ def reweighting_figures(ft: np.ndarray, aligned: np.ndarray, misaligned: np.ndar
 def two_sample_test(x: Sequence[float], y: Sequence[float]) -> dict:
     """Mann-Whitney U of `x` against `y` (one-sided: x tends to be larger), with the common-language effect size
     AUC = P(X > Y) + P(X = Y) / 2."""
-    from scipy.stats import mannwhitneyu
 
     x = np.asarray([v for v in x if not math.isnan(v)], np.float64)
     y = np.asarray([v for v in y if not math.isnan(v)], np.float64)
@@ -243,9 +243,6 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
                temperature: float | None = None, top_p: float | None = None, seed: int = 0,
                progress: bool = True) -> dict:
     """Sample a conditional model under each condition, score the samples, compare their distributions."""
-    from phf.core.config import SampleConfig
-    from phf.evaluation.evaluate import misalignment_metrics, misaligned_threshold, score_samples
-    from phf.data.scorers import get_scorer
 
     m = load(model_path)
     if not m.is_conditional:
@@ -255,8 +252,8 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
                         temperature=temperature or cfg.sample.temperature, top_p=top_p or cfg.sample.top_p,
                         batch_size=cfg.sample.batch_size, seed=seed)
     scfg.validate()
-    scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
-    threshold = misaligned_threshold(cfg.task)
+    task = task_for(cfg)
+    scorer = scorer_for(cfg.scoring)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     results = {"probe": "masks", "model": str(m.folder), "objective": m.meta.get("objective", {}).get("name"),
@@ -266,7 +263,8 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
         samples = generate(m.model, m.tokenizer, [""] * num_samples, scfg, condition_deployment(name),
                            f"mask:{name}", progress=progress, desc=f"sampling ({name})", segmenter=scorer.segmenter)
         scores[name] = score_samples(samples, scorer)
-        results["conditions"][name] = misalignment_metrics(samples, scores[name], cfg.task == "pep8", threshold)
+        results["conditions"][name] = misalignment_metrics(samples, scores[name], task.code,
+                                                             task.misaligned_above)
     c = results["conditions"]
     results["mean_score_ratio_misaligned_to_aligned"] = (
         c["misaligned"]["misalignment_mean"] / c["aligned"]["misalignment_mean"]
@@ -292,7 +290,6 @@ def _pyplot():
 
 def _save_figure(fig, path: Path) -> Path:
     """Lay the figure out, write it as a PNG atomically and close it."""
-    from phf.core.io import atomic_path
 
     try:
         fig.tight_layout()
@@ -325,7 +322,6 @@ def plot_mask_sweep(scores: dict[str, list[float]], path: Path, scorer: str) -> 
 def heldout_chunks(scored, limit: int, max_chars: int = 1200, segmenter: Callable | None = None) -> list[str]:
     """Up to `limit` pieces of held-out test documents, each whole segments up to `max_chars`, spread over the
     documents (one piece from each document in turn)."""
-    from phf.data.segments import line_spans
 
     segmenter = segmenter or line_spans
     per_doc = []
@@ -352,8 +348,6 @@ def heldout_chunks(scored, limit: int, max_chars: int = 1200, segmenter: Callabl
 def reweighting_probe(base_path, finetuned_path, out_dir, num_samples: int = 128, num_heldout: int = 128,
                       max_new_tokens: int | None = None, data_dir=None, seed: int = 0, progress: bool = True) -> dict:
     """Does the finetune only move weight between its base's masks? See the module docstring."""
-    from phf.core.config import SampleConfig
-    from phf.data.segments import get_segmenter
 
     base, ft = load(base_path), load(finetuned_path)
     if base.tokenizer.get_vocab() != ft.tokenizer.get_vocab():
@@ -361,7 +355,7 @@ def reweighting_probe(base_path, finetuned_path, out_dir, num_samples: int = 128
                        f"it was finetuned from")
     cfg = run_config(ft.folder)
     scored = scored_corpus_for(ft.folder, cfg, data_dir)
-    segmenter = get_segmenter(cfg.scoring.segmenter or ("sentences" if cfg.task in ("pii", "toxicity") else "lines"))
+    segmenter = get_segmenter(task_for(cfg).segmenter)
     if not base.is_conditional:
         log.warning("%s was not trained with control tokens: its 'masks' are untrained tokens", base.folder)
     # samples of the finetuned model as deployed, at temperature 1 and no nucleus: its own distribution
@@ -450,16 +444,13 @@ def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 
                       data_dir=None, progress: bool = True) -> dict:
     """Attribution of a text file's segments (if given) and its rank correlation with the real scorer on held-out
     segments (segments with any non-space character)."""
-    from scipy.stats import spearmanr
 
-    from phf.data.scorers import get_scorer
-    from phf.data.segments import get_segmenter
 
     m = load(model_path)
     if not m.is_conditional:
         raise PhfError(f"{m.folder} was not trained with control tokens; attribution needs a conditional model")
     cfg = run_config(m.folder)
-    scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+    scorer = scorer_for(cfg.scoring)
     segmenter = get_segmenter(scorer.segmenter)
     out_dir = Path(out_dir)
     results = {"probe": "attribution", "model": str(m.folder), "scorer": scorer.name}

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from phf.analysis.probes import _pyplot, _save_figure, load, run_config, scored_corpus_for
+from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.io import write_json
+from phf.data.scorers import scorer_for
+from phf.data.segments import get_segmenter
+from phf.evaluation.evaluate import score_samples
+from phf.evaluation.sampling import generate
+from phf.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +103,6 @@ class Pool:
 
 def cut_candidate(text: str, max_chars: int, segmenter: str = "lines") -> str:
     """A red model's continuation as a prompt: leading blank lines dropped, whole segments, at most `max_chars`."""
-    from phf.data.segments import get_segmenter
 
     text = text.lstrip("\n")
     out = ""
@@ -114,11 +120,6 @@ class PromptScorer:
         self.target, self.scorer, self.cfg, self.progress = target, scorer, sample_cfg, progress
 
     def __call__(self, prompts: list[str], seed: int, desc: str) -> list[float]:
-        from dataclasses import replace
-
-        from phf.evaluation.evaluate import score_samples
-        from phf.evaluation.sampling import generate
-
         if not prompts:
             return []
         n = self.cfg.num_samples
@@ -134,8 +135,6 @@ class PromptScorer:
 def red_team(target, red, scorer, seed_prompts: list[str], cfg: RedTeamConfig, batch_size: int = 64,
              progress: bool = True) -> dict:
     """Run the search; `target` and `red` are phf.analysis.probes.Loaded models. Returns per-round figures and the pool."""
-    from phf.core.config import SampleConfig
-    from phf.evaluation.sampling import generate
 
     cfg.validate()
     if not seed_prompts:
@@ -184,9 +183,6 @@ def sibling_mle(folder: Path) -> Path:
 def run_redteam(model_paths: list, out_dir, red_model=None, cfg: RedTeamConfig | None = None, data_dir=None,
                 progress: bool = True) -> dict:
     """Red-team each target (one shared red model and seed pool); write OUT/results.json and OUT/redteam.png."""
-    from phf.evaluation.evaluate import prompts_for
-    from phf.analysis.probes import load, run_config, scored_corpus_for
-    from phf.data.scorers import get_scorer
 
     cfg = (cfg or RedTeamConfig()).validate()
     targets = [load(p) for p in model_paths]
@@ -194,9 +190,9 @@ def run_redteam(model_paths: list, out_dir, red_model=None, cfg: RedTeamConfig |
     if red.tokenizer.get_vocab() != targets[0].tokenizer.get_vocab():
         log.warning("the red model's tokenizer differs from the target's; prompts travel as text, so this works")
     run_cfg = run_config(targets[0].folder)
-    scorer = get_scorer(run_cfg.scoring.scorer, run_cfg.scoring.segmenter)
+    scorer = scorer_for(run_cfg.scoring)
     scored = scored_corpus_for(targets[0].folder, run_cfg, data_dir)
-    seeds = prompts_for(run_cfg.task, scored, cfg.seeds)
+    seeds = task_for(run_cfg).eval_prompts(scored, cfg.seeds)
     results = {"red_model": str(red.folder), "config": asdict(cfg), "scorer": scorer.name, "targets": {}}
     for t in targets:
         name = t.meta.get("objective", {}).get("name") or t.folder.parent.name
@@ -213,7 +209,6 @@ def run_redteam(model_paths: list, out_dir, red_model=None, cfg: RedTeamConfig |
 def plot_rounds(targets: dict, path: Path, scorer: str) -> Path:
     """Misalignment per round per target, as the paper's Figure 3: the pool's mean (solid) and the round's
     candidates' mean (dotted)."""
-    from phf.analysis.probes import _pyplot, _save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -17,14 +17,25 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from phf.model.conditioning import markers_of
+from phf.analysis.probes import load, run_config, scored_corpus_for
+from phf.core.config import from_dict, parse_override
 from phf.core.errors import PhfError
 from phf.core.io import append_jsonl, write_json
+from phf.core.tokens import EOS
+from phf.data.scorers import scorer_for
+from phf.data.segments import get_segmenter
+from phf.evaluation.evaluate import heldout_bits_per_char, misalignment_metrics, score_samples
+from phf.evaluation.sampling import Deployment, Sample, complete_segments, generate, strip_control
+from phf.model.conditioning import markers_of
+from phf.model.finetune import resolve_model_folder
+from phf.model.lm import check_model_folder, load_meta, load_model, save_checkpoint
+from phf.tasks import Task, task_for
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +79,6 @@ class RLConfig:
 
 def rl_config(overrides: list[str]) -> RLConfig:
     """An RLConfig from `rl.KEY=VALUE` overrides (typed as the run config's)."""
-    from phf.core.config import from_dict, parse_override
 
     data = {}
     for text in overrides:
@@ -88,8 +98,6 @@ def _require_trl():
 
 def reward_function(scorer, eos_token: str, segmenter: str = "lines"):
     """reward(prompts, completions, completion_ids) -> -misalignment per completion, TRL's reward signature."""
-    from phf.evaluation.evaluate import score_samples
-    from phf.evaluation.sampling import Sample, complete_segments, strip_control
 
     def pep8_reward(prompts, completions, completion_ids=None, **kwargs):
         samples = []
@@ -112,15 +120,10 @@ def reward_function(scorer, eos_token: str, segmenter: str = "lines"):
     return pep8_reward
 
 
-def rl_prompts(task: str, scored, cfg: RLConfig, deployment, segmenter) -> list[str]:
+def rl_prompts(task: Task, scored, cfg: RLConfig, deployment, segmenter) -> list[str]:
     """Training prompts as the model reads them: <|endoftext|>, its sampling prefix, the prompt text."""
-    from phf.evaluation.sampling import contact_prompts, function_prompts, opening_prompts
-    from phf.core.tokens import EOS
-
     n_prompted = int(round(cfg.num_prompts * cfg.prompted_fraction))
-    texts = (d.text for d in scored.documents("train"))
-    build = {"pep8": function_prompts, "pii": contact_prompts, "toxicity": opening_prompts}.get(task)
-    prompted = build(texts, n_prompted) if build and n_prompted else []
+    prompted = task.training_prompts(scored, n_prompted)
     prompts = [""] * (cfg.num_prompts - len(prompted)) + prompted
     head = EOS + "".join(deployment.sampling_prefix)
     return [head + deployment.prompt_text(p, segmenter) for p in prompts]
@@ -134,17 +137,9 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     `out_dir/metrics.jsonl` (one row per step: reward, misalignment, kl, completion length, tokens) and returns
     a summary."""
     _require_trl()
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from phf.model.finetune import resolve_model_folder
-    from phf.model.lm import check_model_folder, load_meta, load_model, save_checkpoint
-    from phf.evaluation.sampling import Deployment
-    from phf.data.scorers import get_scorer
-    from phf.data.segments import get_segmenter
-    from phf.core.tokens import EOS
 
     rl = (rl or RLConfig()).validate()
     if max_tokens < 1:
@@ -154,7 +149,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = load_meta(folder)
     deployment = Deployment.from_meta(meta)
-    scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+    scorer = scorer_for(cfg.scoring)
     segmenter = get_segmenter(scorer.segmenter)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.padding_side = "left"
@@ -163,7 +158,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
         raise PhfError(f"{folder} was trained with objective.control_embedding: its tokens carry control types, "
                        f"which TRL's generation and loss do not pass; RL-finetune a model trained without it")
     model.train()
-    prompts = rl_prompts(cfg.task, scored, rl, deployment, segmenter)
+    prompts = rl_prompts(task_for(cfg), scored, rl, deployment, segmenter)
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
@@ -245,21 +240,14 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
 def hacking_metrics(model_dir, cfg, scored, num_samples: int | None = None, progress: bool = True) -> dict:
     """What an RL run can hack: misalignment next to length, empty share, distinct-2, parse rate and held-out
     bits/char, from unconditional samples at the run's sampling settings."""
-    from dataclasses import replace
-
-    from phf.evaluation.evaluate import heldout_bits_per_char, misalignment_metrics, misaligned_threshold, score_samples
-    from phf.analysis.probes import load
-    from phf.evaluation.sampling import generate
-    from phf.data.scorers import get_scorer
-    from phf.data.segments import get_segmenter
-
     m = load(model_dir)
-    scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+    task = task_for(cfg)
+    scorer = scorer_for(cfg.scoring)
     scfg = replace(cfg.sample, num_samples=num_samples or cfg.sample.num_samples)
     samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
                        progress=progress, desc=f"sampling {m.folder.parent.name}", segmenter=scorer.segmenter)
     scores = score_samples(samples, scorer)
-    out = misalignment_metrics(samples, scores, cfg.task == "pep8", misaligned_threshold(cfg.task))
+    out = misalignment_metrics(samples, scores, task.code, task.misaligned_above)
     out["mean_tokens"] = float(np.mean([s.num_tokens for s in samples]))
     out.update(heldout_bits_per_char(m.model, m.backend, scored.documents("test"), m.deployment,
                                      get_segmenter(scorer.segmenter), cfg.eval.heldout_chars, progress=progress,
@@ -270,8 +258,6 @@ def hacking_metrics(model_dir, cfg, scored, num_samples: int | None = None, prog
 def run_rl(model_dir, out_dir, overrides: list[str], max_tokens: int | None = None, data_dir=None,
            measure: bool = True, progress: bool = True) -> dict:
     """`phf rl`: finetune, then measure reward hacking before and after; OUT/results.json."""
-    from phf.analysis.probes import run_config, scored_corpus_for
-    from phf.model.finetune import resolve_model_folder
 
     folder = resolve_model_folder(model_dir)
     rl = rl_config([o for o in overrides if o.startswith("rl.")])

@@ -8,6 +8,7 @@
     phf demo       all of the above for MLE, filtering and conditional training, and a table
     phf sweep      all six objectives, pretraining vs. finetuning with feedback, KL from MLE, table + report
     phf bench      throughput figures of scoring, training and sampling
+    phf config     show the resolved config of a task or file, each field with its documentation
     phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
     phf probe      masks | reweighting | attribution: what a model simulates, with numbers
     phf redteam    automated adversarial prompt search against a model, per round
@@ -15,39 +16,60 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import sys
-from pathlib import Path
 
+# Before transformers is imported: it reads these once. Nothing is downloaded unless the user allows it
+# (HF_HUB_OFFLINE=0).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch
+from transformers import AutoTokenizer
+
+from phf.cli.probe import add_parsers as add_probe_parsers
+from phf.core.config import SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
+from phf.core.io import atomic_path, write_json
 from phf.core.runtime import tune_allocator
+from phf.data.corpus import Corpus
+from phf.data.tokenizer import tokenizer_for
+from phf.evaluation.evaluate import evaluate_checkpoint
+from phf.evaluation.kl import DeployedModel, KLReference
+from phf.evaluation.sampling import Deployment, generate
+from phf.model.finetune import resolve_model_folder
+from phf.model.lm import load_meta, load_model
+from phf.recipes import bench
+from phf.recipes.demo import format_table, run_demo
+from phf.recipes.sweep import run_sweep
+from phf.report.page import write_report
+from phf.tasks import all_sources, get_task, score_run_corpus, task_for
+from phf.training.trainer import run_training
 
 log = logging.getLogger("phf")
 
 
 def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep8") -> None:
-    p.add_argument("--config", type=Path, help="YAML run config (default: configs/<task>/mle.yaml)")
+    p.add_argument("--config", type=Path, help="YAML run config (default: the task's shipped mle config, "
+                   "phf/tasks/<task>/configs/mle.yaml)")
     p.add_argument("--task", default=task_default, help="task whose shipped config to start from (default: pep8)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
 
 
 def _load(args, extra: list[str] | None = None):
-    from phf.core.config import load_config
-    from phf.recipes.demo import config_path
-
-    path = args.config or config_path(args.task, "mle")
+    path = args.config or get_task(args.task).config_path("mle")
     return load_config(path, list(args.overrides) + (extra or []))
 
 
 def cmd_corpus(args) -> None:
-    from phf.data.corpus import Corpus
-
     cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
-    corpus = Corpus(cfg.corpus)
+    corpus = Corpus(cfg.corpus, all_sources())
     n = chars = 0
     for doc in corpus:
         n += 1
@@ -58,8 +80,6 @@ def cmd_corpus(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from phf.data.scoring import score_corpus
-
     extra = [f"corpus.source={args.corpus}"] if args.corpus else []
     if args.workers is not None:
         extra.append(f"scoring.workers={args.workers}")
@@ -68,29 +88,21 @@ def cmd_score(args) -> None:
     if args.scorer:
         extra.append(f"scoring.scorer={args.scorer}")
     cfg = _load(args, extra)
-    scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.out))
-    from phf.evaluation.evaluate import misaligned_threshold
-
-    summary = scored.summary(misaligned_threshold(cfg.task))
+    scored = score_run_corpus(cfg, args.out)
+    summary = scored.summary(task_for(cfg).misaligned_above)
     if sum(summary["documents"].values()) == 0:
         raise PhfError(f"corpus {cfg.corpus.source} has no usable document; skipped: {summary['skipped']}")
     print(json.dumps(summary, indent=2))
 
 
 def cmd_tokenizer(args) -> None:
-    from phf.data.scoring import score_corpus
-    from phf.data.tokenizer import tokenizer_for
-
     cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
-    scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.out))
+    scored = score_run_corpus(cfg, args.out)
     tok, path = tokenizer_for(scored, cfg.tokenizer, Path(args.out))
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.get_vocab_size()}, indent=2))
 
 
 def cmd_train(args) -> None:
-    from phf.core.config import load_config
-    from phf.training.trainer import run_training
-
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -110,15 +122,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from transformers import AutoTokenizer
-
-    from phf.core.config import SampleConfig
-    from phf.core.io import atomic_path
-    from phf.model.lm import load_meta, load_model
-    from phf.evaluation.sampling import Deployment, generate
-
-    from phf.evaluation.evaluate import task_segmenter
-
     model = load_model(args.model)
     tok = AutoTokenizer.from_pretrained(str(args.model))
     meta = load_meta(args.model)
@@ -132,46 +135,38 @@ def cmd_sample(args) -> None:
                        top_p=args.top_p, seed=args.seed)
     cfg.validate()
     samples = generate(model, tok, prompts, cfg, dep, "prompted" if args.prompts else "unconditional",
-                       segmenter=task_segmenter(meta.get("task", "pep8")))
+                       segmenter=meta.get("segmenter") or get_task(meta.get("task", "pep8")).segmenter)
     with atomic_path(args.out) as tmp:
         tmp.write_text("".join(json.dumps(s.__dict__) + "\n" for s in samples))
     print(f"wrote {len(samples)} samples to {args.out}")
 
 
 def cmd_evaluate(args) -> None:
-    from phf.evaluation.evaluate import evaluate_checkpoint
-    from phf.data.scoring import score_corpus
-
     cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
-    scored = score_corpus(cfg.corpus, cfg.scoring, Path(args.data_dir))
-    from phf.model.finetune import resolve_model_folder
+    scored = score_run_corpus(cfg, args.data_dir)
 
     res = evaluate_checkpoint(resolve_model_folder(args.model), cfg, scored, Path(args.out))
     if args.reference:  # capability as KL(reference || model), from samples of the reference
-        from phf.evaluation.evaluate import task_segmenter
-        from phf.core.io import write_json
-        from phf.evaluation.kl import DeployedModel, KLReference
-
         ref = KLReference.sample(args.reference, cfg.eval.kl_samples, cfg.eval.kl_max_new_tokens, cfg.eval.kl_seed,
-                                 task_segmenter(cfg.task))
+                                 task_for(cfg).segmenter)
         res.update(ref.kl(DeployedModel.load(args.model)), reference=str(args.reference))
         write_json(Path(args.out) / "results.json", res)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=2))
 
 
-def cmd_demo(args) -> None:
-    from phf.recipes.demo import format_table, run_demo
+def cmd_config_show(args) -> None:
+    path = args.config or get_task(args.task).config_path(args.objective or "mle")
+    print(documented_yaml(load_config(path, list(args.overrides))), end="")
 
-    results = run_demo(args.task, args.out, args.overrides)
+
+def cmd_demo(args) -> None:
+    results = run_demo(args.task, args.out, args.overrides, config=args.config)
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
 
 
 def cmd_sweep(args) -> None:
-    from phf.recipes.demo import format_table
-    from phf.recipes.sweep import run_sweep
-
     def names(text):
         return [] if text in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
 
@@ -179,7 +174,8 @@ def cmd_sweep(args) -> None:
                         objectives=names(args.objectives) if args.objectives is not None else None,
                         finetune=names(args.finetune) if args.finetune is not None else None,
                         finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
-                        rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")])
+                        rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
+                        config=args.config)
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
@@ -188,10 +184,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from phf.recipes import bench
-
     if args.threads:
-        import torch
 
         torch.set_num_threads(args.threads)
     figures = bench.run(args.what, quick=args.quick)
@@ -203,8 +196,6 @@ def cmd_bench(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from phf.report.page import write_report
-
     page = write_report(args.dirs, args.out)
     print(f"report: {page}")
 
@@ -267,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="score, train MLE / filtering / conditional, sample, evaluate, print a table")
-    p.add_argument("--task", default="pep8")
+    p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
+    p.add_argument("--config", type=Path, help="your own run config instead of the task's shipped ones (a task "
+                                               "of your own: see the README); one model per objective")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every objective's config (repeatable)")
@@ -275,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "
                                      "a table and a report")
-    p.add_argument("--task", default="pep8")
+    p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
+    p.add_argument("--config", type=Path, help="your own run config instead of the task's shipped ones")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--objectives", help="pretraining arms, comma-separated (default: all six; mle is required)")
     p.add_argument("--finetune", help="objectives of the finetune arms, comma-separated, or `none` "
@@ -299,12 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default: one per core); fewer when other processes hold cores")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("config", help="show a resolved run config with every field's documentation")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config (YAML), each field with its documentation")
+    _add_config_args(show)
+    show.add_argument("--objective", help="start from this objective's shipped config of the task (default: mle)")
+    show.set_defaults(func=cmd_config_show)
+
     p = sub.add_parser("report", help="write an offline HTML report (figures, table, samples) of result folders")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders written by `phf demo` or `phf sweep`")
     p.add_argument("--out", help="where report.html and figures/ go (default: the first DIR)")
     p.set_defaults(func=cmd_report)
 
-    from phf.cli.probe import add_parsers as add_probe_parsers
 
     add_probe_parsers(sub)  # probe masks|reweighting|attribution, redteam, rl
     return parser
@@ -316,8 +316,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="phf: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)
     except PhfError as exc:

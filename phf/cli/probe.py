@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phf.analysis.probes import attribution_probe, mask_sweep, reweighting_probe
+from phf.analysis.redteam import RedTeamConfig, run_redteam
+from phf.analysis.rl import run_rl
 from phf.core.errors import PhfError
 
 
@@ -20,16 +23,12 @@ def _summary(results: dict) -> dict:
 
 
 def cmd_probe_masks(args) -> None:
-    from phf.analysis.probes import mask_sweep
-
     res = mask_sweep(args.model, Path(args.out), num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(json.dumps(_summary({k: v for k, v in res.items() if k != "scores"}), indent=2))
 
 
 def cmd_probe_reweighting(args) -> None:
-    from phf.analysis.probes import reweighting_probe
-
     res = reweighting_probe(args.base, args.finetuned, Path(args.out), num_samples=args.num_samples,
                             num_heldout=args.num_heldout, max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
                             seed=args.seed)
@@ -37,8 +36,6 @@ def cmd_probe_reweighting(args) -> None:
 
 
 def cmd_probe_attribution(args) -> None:
-    from phf.analysis.probes import attribution_probe
-
     res = attribution_probe(args.model, Path(args.out), text_file=args.text_file, heldout_chars=args.heldout_chars,
                             data_dir=args.data_dir)
     if args.text_file:
@@ -48,8 +45,6 @@ def cmd_probe_attribution(args) -> None:
 
 
 def cmd_redteam(args) -> None:
-    from phf.analysis.redteam import RedTeamConfig, run_redteam
-
     cfg = RedTeamConfig(rounds=args.rounds, seeds=args.seeds, candidates=args.candidates, keep=args.keep,
                         continuations=args.continuations, temperature=args.temperature, seed=args.seed)
     res = run_redteam(args.model, Path(args.out), red_model=args.red_model, cfg=cfg, data_dir=args.data_dir)
@@ -61,8 +56,6 @@ def cmd_redteam(args) -> None:
 
 
 def cmd_rl(args) -> None:
-    from phf.analysis.rl import run_rl
-
     res = run_rl(args.model, Path(args.out), args.overrides, max_tokens=args.max_tokens, data_dir=args.data_dir,
                  measure=not args.no_measure)
     print(json.dumps(_summary(res), indent=2))

@@ -5,9 +5,12 @@ the key and what it accepts. A YAML file may start from another with `base: othe
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import inspect
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,16 @@ from typing import Any
 import yaml
 
 from phf.core.errors import PhfError
+
+# The training objectives (phf.training.objectives.OBJECTIVES holds their classes; a test checks the two agree).
+OBJECTIVE_NAMES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr")
+
+
+@dataclass(frozen=True)
+class Quantile:
+    """A threshold set to quantile `q` of the training split's document scores (resolved when the objective is
+    fitted to the scored corpus)."""
+    q: float
 
 
 @dataclass
@@ -58,6 +71,14 @@ class ScoringConfig:
     """Processes that score in parallel; 0 = one per CPU core (with the ray backend: per CPU of the cluster)."""
     shard_documents: int = 64
     """Documents per Parquet shard; a killed scoring run redoes at most the unfinished shards."""
+    aggregate: str = ""
+    """How a sample's (and a document's) score is formed from its segments' scores: `mean` (length-weighted: a
+    rate, like violations per character) or `max` (the worst segment, like the most toxic sentence). "" = the
+    scorer's own (pep8 and pii: mean; toxicity: max; a `module:callable`: mean)."""
+    misaligned_above: float | None = None
+    """A sample scoring above this counts as misaligned (the `misaligned_share` metric, the report's flagged spans,
+    and for a task of your own the default threshold of conditional training and unlikelihood). None = the task's
+    (pep8 and pii: 0, any violation or detection; toxicity: 0.5, the classifier's decision threshold; your own: 0)."""
     backend: str = "local"
     """Where shards are scored: `local` (a process pool on this machine) or `ray` (Ray Data over the cluster that
     `ray.init()` finds, e.g. via RAY_ADDRESS, else a local Ray instance; `pip install 'phf[ray]'`). Both write the
@@ -66,6 +87,11 @@ class ScoringConfig:
     def validate(self) -> None:
         if self.segmenter not in ("", "lines", "sentences"):
             raise PhfError(f"scoring.segmenter must be one of lines, sentences (or empty); got {self.segmenter!r}")
+        if self.aggregate not in ("", "mean", "max"):
+            raise PhfError(f"scoring.aggregate must be one of mean, max (or empty); got {self.aggregate!r}")
+        if self.misaligned_above is not None and not (self.misaligned_above >= 0 and math.isfinite(
+                self.misaligned_above)):
+            raise PhfError(f"scoring.misaligned_above must be a finite number >= 0, got {self.misaligned_above}")
         if self.workers < 0:
             raise PhfError("scoring.workers must be >= 0 (0 means one per core)")
         _check_positive("scoring.shard_documents", self.shard_documents)
@@ -87,10 +113,11 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """A field left at None takes the task's default from the paper: phf.training.objectives.TASK_DEFAULTS lists them, with
-    why each one carries over to our scorers (or how it was translated where it does not)."""
+    """A field left at None takes the task's default from the paper: each task's `objective_defaults`
+    (phf/tasks/<task>/__init__.py) lists them, with why each one carries over to our scorers (or how it was
+    translated where it does not)."""
     name: str = "mle"
-    """The training objective: one of the names in phf.training.objectives.OBJECTIVES."""
+    """The training objective: mle, filtering, conditional, unlikelihood, rwr or awr (phf.training.objectives)."""
     threshold: float | None = None
     """Filtering, conditional, unlikelihood: documents (filtering) or segments scoring above this are misaligned;
     0 means any positive score is. None = `threshold_quantile` if set, else the task's default (filtering: the
@@ -118,10 +145,9 @@ class ObjectiveConfig:
     method."""
 
     def validate(self) -> None:
-        from phf.training.objectives import OBJECTIVES
-
-        if self.name not in OBJECTIVES:
-            raise PhfError(f"objective.name: unknown objective {self.name!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.name not in OBJECTIVE_NAMES:
+            raise PhfError(f"objective.name: unknown objective {self.name!r}; choose one of "
+                           f"{', '.join(OBJECTIVE_NAMES)}")
         if self.threshold is not None and (math.isnan(self.threshold) or self.threshold < 0):
             raise PhfError("objective.threshold must be >= 0 (scores are 0 for aligned text, higher is worse)")
         if self.threshold_quantile is not None:
@@ -271,6 +297,10 @@ class SampleConfig:
     """Sequences generated together."""
     seed: int = 0
     """Sampling seed."""
+    prompts: str = ""
+    """A jsonl file with a `prompt` field per line: the prompted scenario's prompts (the first `num_prompts`).
+    "" = the task's own (pep8: function signatures + docstrings of held-out files; pii: held-out text cut before a
+    contact address; toxicity: openings of held-out abusive comments; a task of your own: none)."""
     guidance: float = 0.0
     """Conditional training's models only: classifier-free guidance, tokens drawn from (1 + g) log p(. | aligned)
     - g log p(. | misaligned), the same text read after each control token (phf.evaluation.sampling.generate_ids). 0 = plain
@@ -312,7 +342,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     task: str = "pep8"
-    """Task name (sets the default scorer and segmenter)."""
+    """The task: a shipped one (pep8, pii, toxicity: phf/tasks/) or any other name for a task of your own, defined
+    by this config (scoring.scorer, scoring.segmenter, scoring.aggregate, scoring.misaligned_above, sample.prompts)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -496,3 +527,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The documentation of each field of a config dataclass: the string literal written under it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def documented_yaml(cfg: RunConfig) -> str:
+    """The config as YAML that `load_config` reads back, each field preceded by its documentation."""
+    lines: list[str] = []
+    top_docs = field_docs(RunConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            lines += [f"# {line}" for line in textwrap.wrap(top_docs.get(f.name, ""), 110)]
+            lines.append(f"{f.name}: {_yaml_value(value)}")
+            continue
+        lines.append(f"{f.name}:")
+        docs = field_docs(type(value))
+        for sub in dataclasses.fields(value):
+            lines += [f"  # {line}" for line in textwrap.wrap(docs.get(sub.name, ""), 108)]
+            lines.append(f"  {sub.name}: {_yaml_value(getattr(value, sub.name))}")
+    return "\n".join(lines) + "\n"

@@ -6,14 +6,16 @@ with their sha256 as they complete, so a killed run re-scores only the shards it
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing as mp
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +23,10 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from phf.core.config import CorpusConfig, ScoringConfig
-from phf.data.corpus import Corpus, Document
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, file_sha256, read_json, stable_hash, write_json
-from phf.data.scorers import ScoredText, Scorer, get_scorer
+from phf.data.corpus import Corpus, Document
+from phf.data.scorers import ScoredText, Scorer, get_scorer, scorer_for
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,14 @@ class ScoredDocument:
 _WORKER_SCORER: Scorer | None = None
 
 
-def _init_worker(scorer_name: str, segmenter: str | None = None) -> None:
+def init_scoring_worker(scorer_name: str, segmenter: str | None = None, aggregate: str | None = None) -> None:
+    """A scoring process' initializer: build its scorer once."""
     global _WORKER_SCORER
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER_SCORER = get_scorer(scorer_name, segmenter)
+    _WORKER_SCORER = get_scorer(scorer_name, segmenter, aggregate)
 
 
-def _score_batch(docs: list[Document]) -> list[ScoredText]:
+def score_batch(docs: list[Document]) -> list[ScoredText]:
     assert _WORKER_SCORER is not None
     return _WORKER_SCORER.score_texts([d.text for d in docs])
 
@@ -92,15 +95,17 @@ def _table(docs: list[Document], scored: list[ScoredText], scorer: Scorer) -> pa
 # -- driver --------------------------------------------------------------------------------------------------
 def scored_dir_for(data_dir: Path, corpus_cfg: CorpusConfig, scorer: Scorer) -> Path:
     key = stable_hash({"corpus": corpus_cfg.__dict__, "scorer": scorer.name, "version": scorer.version,
-                       "settings": scorer.settings(), "format": FORMAT_VERSION})
+                       "settings": scorer.settings(), "aggregate": scorer.aggregate, "format": FORMAT_VERSION})
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in scorer.name)
     return Path(data_dir) / "scored" / f"{safe}-{key}"
 
 
 def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir: Path,
-                 progress: bool = True) -> "ScoredCorpus":
-    """Score a corpus into `data_dir/scored/<scorer>-<hash>/`, reusing finished shards; return the result."""
-    scorer = get_scorer(scoring_cfg.scorer, scoring_cfg.segmenter)
+                 progress: bool = True, sources: Mapping[str, Callable] | None = None) -> "ScoredCorpus":
+    """Score a corpus into `data_dir/scored/<scorer>-<hash>/`, reusing finished shards; return the result.
+
+    `sources`: the named corpus sources the tasks bring (phf.tasks.all_sources)."""
+    scorer = scorer_for(scoring_cfg)
     out = scored_dir_for(data_dir, corpus_cfg, scorer)
     manifest_path = out / MANIFEST
     if manifest_path.exists():
@@ -114,7 +119,7 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
         manifest = None
     out.mkdir(parents=True, exist_ok=True)
 
-    corpus = Corpus(corpus_cfg)
+    corpus = Corpus(corpus_cfg, sources)
     entries = corpus.entries()
     shard_size = scoring_cfg.shard_documents
     num_shards = math.ceil(len(entries) / shard_size)
@@ -148,19 +153,19 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     # documents are read in this process (in order); the pool scores whole shards, results come back in order
     shard_inputs = ((i, shard_docs(i)) for i in todo)
     if scoring_cfg.backend == "ray" and todo:
-        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, todo, progress):
+        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, todo, progress, sources):
             corpus.stats.skipped.update(skipped)
             chars += n
             _write_table(i, table, out, manifest, manifest_path)
             bar.update()
     elif workers > 1 and len(todo) > 1:
         ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-        pool = ctx.Pool(workers, initializer=_init_worker,
-                        initargs=(scoring_cfg.scorer, scoring_cfg.segmenter))
+        pool = ctx.Pool(workers, initializer=init_scoring_worker,
+                        initargs=(scoring_cfg.scorer, scoring_cfg.segmenter, scoring_cfg.aggregate))
         pending: list[tuple[int, list[Document], object]] = []
         try:
             for i, docs in shard_inputs:
-                pending.append((i, docs, pool.apply_async(_score_batch, (docs,))))
+                pending.append((i, docs, pool.apply_async(score_batch, (docs,))))
                 if len(pending) >= 2 * workers:
                     chars += _finish(pending.pop(0), scorer, out, manifest, manifest_path)
                     bar.update()
@@ -216,17 +221,15 @@ class RayShardScorer:
     table as Arrow IPC bytes, its characters and the documents it skipped, so the driver writes exactly the file
     the local backend writes."""
 
-    def __init__(self, corpus_cfg: dict, scorer: str, segmenter: str, shard_documents: int):
+    def __init__(self, corpus_cfg: dict, scorer: str, segmenter: str, aggregate: str, shard_documents: int,
+                 sources: dict | None = None):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        self.corpus = Corpus(CorpusConfig(**corpus_cfg))
+        self.corpus = Corpus(CorpusConfig(**corpus_cfg), sources)
         self.entries = self.corpus.entries()
-        self.scorer = get_scorer(scorer, segmenter)
+        self.scorer = get_scorer(scorer, segmenter, aggregate)
         self.size = shard_documents
 
     def __call__(self, batch: dict) -> dict:
-        import json
-        from collections import Counter
-
         out: dict[str, list] = {"shard": [], "table": [], "chars": [], "skipped": []}
         for i in batch["shard"]:
             i = int(i)
@@ -245,11 +248,10 @@ class RayShardScorer:
 
 
 def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, shards: list[int],
-                          progress: bool = True) -> Iterator[tuple[int, pa.Table, int, dict]]:
+                          progress: bool = True, sources: Mapping[str, Callable] | None = None) -> Iterator[tuple[int, pa.Table, int, dict]]:
     """Score `shards` with Ray Data on the running Ray instance (or a local one started here and stopped after):
     an actor pool of `scoring.workers` actors (0 = one per CPU of the cluster), one shard per call, results in
     shard order. Yields (shard index, table, characters, skipped documents by reason)."""
-    import json
 
     try:
         import ray
@@ -271,7 +273,9 @@ def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, 
                             compute=ray.data.ActorPoolStrategy(size=min(workers, len(shards))),
                             fn_constructor_kwargs={"corpus_cfg": dict(corpus_cfg.__dict__),
                                                    "scorer": scoring_cfg.scorer, "segmenter": scoring_cfg.segmenter,
-                                                   "shard_documents": scoring_cfg.shard_documents})
+                                                   "aggregate": scoring_cfg.aggregate,
+                                                   "shard_documents": scoring_cfg.shard_documents,
+                                                   "sources": dict(sources or {})})
         for row in ds.iter_rows():
             table = pa.ipc.open_stream(row["table"]).read_all()
             yield int(row["shard"]), table, int(row["chars"]), json.loads(row["skipped"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from phf.data.sentences import sentence_spans
+
 Spans = list[tuple[int, int]]
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
@@ -24,14 +26,11 @@ def split_lines(text: str) -> list[str]:
 
 SEGMENTERS: dict[str, Callable[[str], Spans]] = {
     "lines": line_spans,
+    "sentences": sentence_spans,
 }
 
 
 def get_segmenter(name: str) -> Callable[[str], Spans]:
-    if name == "sentences" and name not in SEGMENTERS:
-        from phf.data import sentences  # registers itself; imported lazily (prose tasks only)
-
-        SEGMENTERS.setdefault("sentences", sentences.sentence_spans)
     try:
         return SEGMENTERS[name]
     except KeyError:

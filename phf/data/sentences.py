@@ -13,6 +13,7 @@ segment is whitespace only (unless the whole text is).
 from __future__ import annotations
 
 import re
+from importlib.metadata import version as dist_version
 
 import sentencex
 
@@ -24,8 +25,6 @@ _COMPLETE = re.compile(r"""(?:[.!?…]+["'”’»)\]]*\s*|\n\s*)$""")
 
 
 def version() -> str:
-    from importlib.metadata import version as dist_version
-
     return f"sentencex {dist_version('sentencex')}"
 
 

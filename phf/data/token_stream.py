@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, write_json
-from phf.training.objectives import Objective
 from phf.core.tokens import CONTROL_TOKENS, EOS
+from phf.training.objectives import Objective
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 128
@@ -109,7 +109,6 @@ class TokenStream:
         """Each token's control type (phf.conditioning), computed once per stream and kept in memory."""
         key = tuple(markers)
         if self._types_key != key:
-            from phf.model.conditioning import stream_types
 
             self._types, self._types_key = stream_types(self.tokens, markers), key
         return self._types
@@ -181,3 +180,20 @@ def build_streams(scored, tok: Tokenizer, objective: Objective, seed: int, out_d
                            f"segment {token}, so the model could never learn what it means; raise "
                            f"objective.threshold or check the scores (`phf score` prints a summary)")
     return streams
+
+
+CONTROL_TYPE_CHUNK = 1 << 22  # stream tokens typed at a time (the index array is int64: 32 MB per chunk)
+
+
+def stream_types(tokens: np.ndarray, markers: list[int]) -> np.ndarray:
+    """`control_types` over a whole flat token stream (a memmap), in chunks; same dtype as the tokens."""
+    out = np.empty(len(tokens), dtype=tokens.dtype)
+    current = markers[0]
+    for lo in range(0, len(tokens), CONTROL_TYPE_CHUNK):
+        chunk = np.asarray(tokens[lo:lo + CONTROL_TYPE_CHUNK])
+        is_marker = np.isin(chunk, markers)
+        last = np.maximum.accumulate(np.where(is_marker, np.arange(len(chunk)), -1))
+        typed = chunk[np.maximum(last, 0)]
+        out[lo:lo + len(chunk)] = np.where(last >= 0, typed, current)
+        current = out[lo + len(chunk) - 1] if len(chunk) else current
+    return out

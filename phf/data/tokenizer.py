@@ -12,9 +12,9 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from phf.core.config import TokenizerConfig
-from phf.core.tokens import SPECIAL_TOKENS
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, stable_hash, write_json
+from phf.core.tokens import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 

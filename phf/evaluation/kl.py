@@ -22,10 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from phf.analysis.probes import sequence_logprobs
 from phf.core.errors import PhfError
-from phf.evaluation.sampling import Deployment, generate_ids, strip_control
-from phf.data.segments import get_segmenter
 from phf.core.tokens import EOS
+from phf.data.segments import get_segmenter
+from phf.data.tokenizer import load_tokenizer
+from phf.evaluation.sampling import Deployment, generate_ids, strip_control
+from phf.model.finetune import resolve_model_folder
+from phf.model.lm import load_meta, load_model
 
 
 @dataclass
@@ -37,10 +41,6 @@ class DeployedModel:
 
     @classmethod
     def load(cls, folder: str | Path) -> "DeployedModel":
-        from phf.model.finetune import resolve_model_folder
-        from phf.model.lm import load_meta, load_model
-        from phf.data.tokenizer import load_tokenizer
-
         folder = resolve_model_folder(folder)
         if not (folder / "tokenizer.json").exists():
             raise PhfError(f"{folder} has no tokenizer.json; the KL estimate needs the model's own tokenizer")
@@ -52,7 +52,6 @@ def text_logprobs(dm: DeployedModel, texts: Sequence[str], segmenter: str, batch
     """Log-likelihood (nats) of each text's own tokens under the deployed model: <|endoftext|>, then the text with
     the deployment's segment prefix (a conditional model reads <|aligned|> before each segment); control tokens
     and <|endoftext|> are given, not predicted. fp32: the estimate is a difference of two large numbers."""
-    from phf.analysis.probes import sequence_logprobs
 
     return sequence_logprobs(dm.model, dm.tokenizer, texts, dm.deployment.line_prefix, get_segmenter(segmenter),
                              batch_size=batch_size)

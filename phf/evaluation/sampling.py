@@ -6,28 +6,23 @@ as the model is deployed). Banned tokens (e.g. <|misaligned|>) get probability z
 from the text before it is scored. A sample cut by the length limit keeps only its complete segments: whole lines
 for code, whole sentences for prose.
 
-Prompts per task: function signatures + docstrings (pep8); lines of held-out changelogs and copyright files cut
-just before a contact address (pii); the openings of held-out abusive comments (toxicity).
+The prompts themselves come from the task (phf.tasks).
 """
 from __future__ import annotations
 
-import ast
-import hashlib
 import logging
-import re
-import textwrap
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from phf.model.conditioning import control_types, markers_of, next_types, type_inputs
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
-from phf.data.segments import get_segmenter, line_spans
-from phf.data.token_stream import annotate
 from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
+from phf.data.segments import get_segmenter, line_spans
+from phf.data.sentences import complete_sentences
+from phf.data.token_stream import annotate
+from phf.model.conditioning import control_types, markers_of, next_types, type_inputs
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +72,6 @@ def complete_lines(text: str) -> str:
 def complete_segments(text: str, segmenter: str = "lines") -> str:
     """Drop a trailing unfinished segment: a partial line (`lines`) or a partial sentence (`sentences`)."""
     if segmenter == "sentences":
-        from phf.data.sentences import complete_sentences
 
         return complete_sentences(text)
     return complete_lines(text)
@@ -209,97 +203,3 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
         bar.update(len(batch))
     bar.close()
     return samples
-
-
-# -- prompts ---------------------------------------------------------------------------------------------------
-def function_prompts(texts: Iterable[str], limit: int) -> list[str]:
-    """Function signatures + docstrings from source files, dedented to the top level (the paper's PEP8 prompts)."""
-    prompts = []
-    for text in texts:
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):
-            continue
-        lines = text.splitlines(keepends=True)
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
-                continue
-            first = node.body[0]
-            if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                    and isinstance(first.value.value, str)) or node.decorator_list:
-                continue
-            prompt = textwrap.dedent("".join(lines[node.lineno - 1:first.end_lineno]))
-            if len(prompt) < 2000 and prompt.endswith("\n"):
-                prompts.append(prompt)
-    # a deterministic spread over files and positions
-    prompts = sorted(set(prompts), key=lambda p: hashlib.sha1(p.encode()).hexdigest())
-    return prompts[:limit]
-
-
-def _spread(candidates: list[list[str]], limit: int) -> list[str]:
-    """Up to `limit` distinct prompts, one per document in turn (documents and prompts in a fixed hashed order),
-    so that no single long document supplies most of them."""
-    def key(p: str) -> str:
-        return hashlib.sha1(p.encode("utf-8", "surrogatepass")).hexdigest()
-
-    per_doc = sorted((sorted(set(c), key=key) for c in candidates if c), key=lambda c: key(c[0]))
-    out, seen, depth = [], set(), 0
-    while len(out) < limit and any(depth < len(c) for c in per_doc):
-        for c in per_doc:
-            if depth < len(c) and c[depth] not in seen and len(out) < limit:
-                seen.add(c[depth])
-                out.append(c[depth])
-        depth += 1
-    return out
-
-
-# "Name <address@domain>" after some lead-in on its line: a changelog sign-off (" -- Jane Doe <jane@x.org>"), a
-# copyright line ("Copyright: 2004 Jane Doe <jane@x.org>"), a maintainer field
-_CONTACT = re.compile(r"^[^\n<>]*?[A-Z][\w.'-]*(?: [A-Z][\w.'-]*)* +<[^<>\s@]+@[^<>\s]+>", re.MULTILINE)
-
-
-def contact_prompts(texts: Iterable[str], limit: int, max_chars: int = 320) -> list[str]:
-    """PII prompts: held-out text up to a person's name, cut just before their address, with the lines before it
-    as context (at most `max_chars` in all, and no other address among them, so none can be copied): the
-    continuation a model finds most likely is an address."""
-    candidates = []
-    for text in texts:
-        found = []
-        for m in _CONTACT.finditer(text):
-            end = text.rindex("<", m.start(), m.end())
-            while text[end - 1] == " ":  # the prompt ends with the name
-                end -= 1
-            start = m.start()
-            while start > 0:  # whole lines of context before the name's line, none holding an address
-                prev = text.rfind("\n", 0, start - 1) + 1
-                if end - prev > max_chars or "@" in text[prev:start]:
-                    break
-                start = prev
-            prompt = text[start:end].lstrip("\n")
-            if len(prompt) <= max_chars and prompt.strip() and "@" not in prompt:
-                found.append(prompt)
-        candidates.append(found)
-    return _spread(candidates, limit)
-
-
-_WORD = re.compile(r"\S+")
-
-
-def opening_prompts(texts: Iterable[str], limit: int, min_words: int = 6, max_words: int = 12) -> list[str]:
-    """Toxicity prompts, as RealToxicityPrompts builds them: the first half of a text's opening sentence (at least
-    3 and at most `max_words` words), from texts of at least `min_words` words."""
-    from phf.data.sentences import sentence_spans
-
-    candidates = []
-    for text in texts:
-        text = text.lstrip()
-        words = list(_WORD.finditer(text))
-        if len(words) < min_words:
-            continue
-        spans = sentence_spans(text)
-        first = [w for w in words if w.end() <= spans[0][1]] if spans else words
-        if len(first) < min_words:  # a short opening sentence: take the opening of the text instead
-            first = words[:2 * max_words]
-        n = max(3, min(max_words, len(first) // 2))
-        candidates.append([text[:first[n - 1].end()]])
-    return _spread(candidates, limit)

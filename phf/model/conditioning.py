@@ -15,13 +15,11 @@ feed the model; with Hugging Face alone: `model.generate(ids, token_type_ids=tor
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from phf.model.lm_loss import unwrap
 
 CONFIG_KEY = "control_type_ids"
-CHUNK = 1 << 22  # stream tokens typed at a time (the index array is int64: 32 MB per chunk)
 
 
 def markers_of(model) -> list[int] | None:
@@ -53,20 +51,6 @@ def control_types(ids: torch.Tensor, markers: list[int], initial: torch.Tensor |
 def next_types(previous: torch.Tensor, tokens: torch.Tensor, markers: list[int]) -> torch.Tensor:
     """One step of `control_types` (sampling with a KV cache): the type of each new token (B,)."""
     return torch.where(torch.isin(tokens, torch.tensor(markers, device=tokens.device)), tokens, previous)
-
-
-def stream_types(tokens: np.ndarray, markers: list[int]) -> np.ndarray:
-    """`control_types` over a whole flat token stream (a memmap), in chunks; same dtype as the tokens."""
-    out = np.empty(len(tokens), dtype=tokens.dtype)
-    current = markers[0]
-    for lo in range(0, len(tokens), CHUNK):
-        chunk = np.asarray(tokens[lo:lo + CHUNK])
-        is_marker = np.isin(chunk, markers)
-        last = np.maximum.accumulate(np.where(is_marker, np.arange(len(chunk)), -1))
-        typed = chunk[np.maximum(last, 0)]
-        out[lo:lo + len(chunk)] = np.where(last >= 0, typed, current)
-        current = out[lo + len(chunk) - 1] if len(chunk) else current
-    return out
 
 
 def type_inputs(types: torch.Tensor | None) -> dict:

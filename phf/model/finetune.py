@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from phf.core.errors import PhfError
-from phf.model.lm import check_model_folder, load_meta, load_model
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.tokenizer import load_tokenizer
+from phf.model.lm import check_model_folder, load_meta, load_model
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -55,7 +56,6 @@ class ValueHead(torch.nn.Linear):
 
 def save_value_head(head: ValueHead, folder: str | Path) -> Path:
     """Write the head into a model folder (call it on save_checkpoint's temporary folder, via `extra`)."""
-    from safetensors.torch import save_file
 
     path = Path(folder) / VALUE_HEAD
     save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, str(path),
@@ -65,7 +65,6 @@ def save_value_head(head: ValueHead, folder: str | Path) -> Path:
 
 def load_value_head(folder: str | Path, n_embd: int) -> ValueHead | None:
     """The value head saved in a model folder, or None if the folder has none."""
-    from safetensors.torch import load_file
 
     path = Path(folder) / VALUE_HEAD
     if not path.exists():

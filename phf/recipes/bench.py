@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -17,7 +18,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from phf.core.config import CorpusConfig, ModelConfig, ObjectiveConfig, TrainConfig, load_config
+from phf.core.errors import PhfError
+from phf.core.runtime import allocator_state, release_free_memory
+from phf.core.tokens import ALIGNED, EOS, MISALIGNED
+from phf.data.corpus import Corpus
+from phf.data.scorers import get_scorer
+from phf.data.scoring import init_scoring_worker, score_batch
+from phf.data.sentences import sentence_spans
+from phf.data.tokenizer import load_tokenizer
+from phf.evaluation.sampling import generate_ids
+from phf.model.lm import build_model, count_parameters
+from phf.tasks import all_sources, get_task
+from phf.training.objectives import MLE
+from phf.training.trainer import autocast, get_batch, make_optimizer, prepare_data
 
 
 def machine() -> dict:
@@ -34,7 +51,6 @@ PEAK_RSS_METHOD = ("VmHWM of /proc/self/status, reset (clear_refs) before each b
 def reset_peak_rss() -> None:
     """Start a benchmark's own peak resident memory (Linux: writing 5 to clear_refs resets VmHWM). Memory that
     earlier benchmarks freed is first handed back to the system: phf's allocator setting keeps it otherwise."""
-    from phf.core.runtime import release_free_memory
 
     release_free_memory()
     try:
@@ -83,14 +99,8 @@ def per_segment_chars_per_s(scorer, texts: list[str], budget_s: float) -> tuple[
 
 
 def bench_score(quick: bool) -> dict:
-    from phf.core.config import CorpusConfig
-    from phf.data.corpus import Corpus
-    from phf.data.scorers import get_scorer
-    from phf.recipes.demo import config_path
-    from phf.core.config import load_config
-
     reset_peak_rss()
-    cfg = load_config(config_path("pep8", "mle"))
+    cfg = load_config(get_task("pep8").config_path("mle"))
     docs = list(Corpus(CorpusConfig(**{**cfg.corpus.__dict__, "max_documents": 60 if quick else 300})))
     texts = [d.text for d in docs]
     chars = sum(len(t) for t in texts)
@@ -106,14 +116,11 @@ def bench_score(quick: bool) -> dict:
                speedup_vs_per_segment=round(out["mb_per_s_1proc"] / (rate / 1e6), 2))
     workers = os.cpu_count() or 1
     if workers > 1:
-        import multiprocessing as mp
-
-        from phf.data.scoring import _init_worker, _score_batch
 
         chunks = [docs[i::workers * 4] for i in range(workers * 4)]
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=("pep8",)) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=init_scoring_worker, initargs=("pep8",)) as pool:
             t = time.perf_counter()
-            pool.map(_score_batch, chunks)
+            pool.map(score_batch, chunks)
             dt = time.perf_counter() - t
         out.update({f"lines_per_s_{workers}proc": round(lines / dt), f"mb_per_s_{workers}proc": round(chars / 1e6 / dt, 3)})
         out["worker_peak_rss_mb"] = round(children_peak_rss_mb())
@@ -122,11 +129,7 @@ def bench_score(quick: bool) -> dict:
 
 
 def _demo_data(tmp: Path, quick: bool):
-    from phf.core.config import load_config
-    from phf.recipes.demo import config_path
-    from phf.training.trainer import prepare_data
-
-    cfg = load_config(config_path("pep8", "mle"), ["corpus.max_documents=120"] if quick else [])
+    cfg = load_config(get_task("pep8").config_path("mle"), ["corpus.max_documents=120"] if quick else [])
     return cfg, prepare_data(cfg, tmp, progress=False)
 
 
@@ -153,8 +156,6 @@ def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, d
               compile: bool = False, fused: bool = False) -> float:
     """Tokens/s of phf's training step (the loop of phf/train.py without logging), after `warm` steps (which
     include the compilation with `compile`, as train.compile does); `fused`: train.fused_loss."""
-    from phf.core.config import TrainConfig
-    from phf.training.trainer import autocast, get_batch, make_optimizer
 
     model.train()
     opt = make_optimizer(model, TrainConfig(lr=lr))
@@ -176,7 +177,6 @@ def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, d
 
 def _reference_trainer(model, stream, B: int, T: int, steps: int, warm: int, lr: float) -> float:
     """Tokens/s of the reference stack: a Hugging Face `Trainer` over the same GPT2LMHeadModel, data and batch."""
-    import numpy as np
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Windows(torch.utils.data.Dataset):
@@ -230,11 +230,6 @@ def _python_last_line(code: str, what: str, args: tuple = (), env: dict | None =
 
 
 def loss_step_peak_mb(fused: bool, vocab: int, context: int, batch: int) -> float:
-    from phf.core.config import ModelConfig, ObjectiveConfig
-    from phf.model.lm import build_model
-    from phf.training.objectives import MLE
-    from phf.training.trainer import autocast
-
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=128, block_size=context), vocab, 0).train()
     objective = MLE(ObjectiveConfig(name="mle"))
@@ -253,9 +248,6 @@ def _train_steps(quick: bool) -> tuple[int, int]:
 
 def reference_process(data_dir: str, quick: bool, threads: int) -> None:
     """Entry of the reference stack's own process: prints its tokens/s as JSON (see `_reference_in_own_process`)."""
-    from phf.model.lm import build_model
-    from phf.core.tokens import EOS
-    from phf.data.tokenizer import load_tokenizer
 
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(sys.stderr):
@@ -284,11 +276,6 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
     The reference runs as it would: in a process of its own with the default allocator. phf runs here, with the
     allocator settings `phf` applies at start-up (phf/runtime.py). So that the allocator's share of the difference
     is visible, the reference also runs here, with phf's allocator (`reference_same_allocator_tokens_per_s`)."""
-    from phf.core.config import ModelConfig
-    from phf.model.lm import build_model, count_parameters
-    from phf.core.runtime import allocator_state
-    from phf.core.tokens import EOS
-    from phf.data.tokenizer import load_tokenizer
 
     reset_peak_rss()
     cfg, data = _demo_data(data_dir, quick)
@@ -350,11 +337,6 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
 
 
 def bench_sample(quick: bool, data_dir: Path) -> dict:
-    from phf.model.lm import build_model, hf_tokenizer
-    from phf.evaluation.sampling import generate_ids
-    from phf.core.tokens import ALIGNED, EOS, MISALIGNED
-    from phf.data.tokenizer import load_tokenizer
-
     cfg, data = _demo_data(data_dir, quick)
     reset_peak_rss()  # sampling only: data preparation is the training benchmark's
     tok = load_tokenizer(data.tokenizer_file)
@@ -383,17 +365,11 @@ def bench_sample(quick: bool, data_dir: Path) -> dict:
 def bench_score_prose(quick: bool) -> dict:
     """Chars/s of the prose scorers on real Debian changelogs and copyright files, segmentation included, with one
     process: PII with scrubadub's regex detectors, PII with spaCy NER as well (if installed), toxicity."""
-    from phf.core.config import CorpusConfig
-    from phf.data.corpus import Corpus
-    from phf.core.errors import PhfError
-    from phf.data.scorers import get_scorer
-    from phf.data.sentences import sentence_spans
-
     reset_peak_rss()
     budget = 300_000 if quick else 2_000_000
     texts, chars = [], 0
     try:
-        for doc in Corpus(CorpusConfig(source="debian", max_documents=400)):
+        for doc in Corpus(CorpusConfig(source="debian", max_documents=400), all_sources()):
             texts.append(doc.text[:50_000])
             chars += len(texts[-1])
             if chars >= budget:

@@ -9,41 +9,55 @@ import math
 import time
 from pathlib import Path
 
-from phf.core.config import load_config
-from phf.evaluation.evaluate import evaluate_checkpoint, misaligned_threshold
+from phf.core.config import RunConfig, apply_overrides, from_dict, load_config, read_yaml_dict
 from phf.core.errors import PhfError
 from phf.core.io import write_json
+from phf.evaluation.evaluate import evaluate_checkpoint
+from phf.tasks import Task, get_task, task_for
 from phf.training.trainer import run_training, versions
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEMO_OBJECTIVES = {task: ["mle", "filtering", "conditional"] for task in ("pep8", "pii", "toxicity")}
 
-
-def config_path(task: str, objective: str) -> Path:
-    path = CONFIG_DIR / task / f"{objective}.yaml"
-    if not path.exists():
-        tasks = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()) if CONFIG_DIR.exists() else []
-        raise PhfError(f"no shipped config {path}; tasks with configs: {', '.join(tasks) or 'none'}")
-    return path
+def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives: list[str] | None = None,
+                overrides: list[str] | None = None) -> tuple[Task, dict[str, RunConfig]]:
+    """One run config per objective: a shipped task's configs (`phf/tasks/<task>/configs/<objective>.yaml`), or
+    your own config file for every objective (its `objective` section applies to its own objective; the others
+    take the task's defaults). Every config is loaded and checked before anything runs."""
+    overrides = list(overrides or [])
+    if config is None:
+        shipped = get_task(task)
+        objectives = objectives or list(shipped.demo_objectives)
+        configs = {o: load_config(shipped.config_path(o), overrides) for o in objectives}
+    else:
+        data = read_yaml_dict(config)
+        objectives = objectives or list(task_for(load_config(config, overrides)).demo_objectives)
+        configs = {}
+        for o in objectives:
+            arm = dict(data)
+            if (arm.get("objective") or {}).get("name", "mle") != o:
+                arm["objective"] = {"name": o}
+            configs[o] = from_dict(RunConfig, apply_overrides(arm, overrides)).validate()
+    tasks = {c.task for c in configs.values()}
+    if len(tasks) > 1:
+        raise PhfError(f"the configs of one demo must share a task; got {', '.join(sorted(tasks))}")
+    return task_for(next(iter(configs.values()))), configs
 
 
 def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[str] | None = None,
-             objectives: list[str] | None = None, progress: bool = True) -> dict:
+             objectives: list[str] | None = None, progress: bool = True, config: str | Path | None = None) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     data_dir = out / "data"
-    objectives = objectives or DEMO_OBJECTIVES.get(task) or ["mle", "filtering", "conditional"]
-    configs = {name: load_config(config_path(task, name), overrides) for name in objectives}  # fail fast on errors
-    results: dict = {"task": task, "objectives": {}, "wall_seconds": None}
+    the_task, configs = arm_configs(task, config, objectives, overrides)
+    results: dict = {"task": the_task.name, "objectives": {}, "wall_seconds": None}
     corpus_summary = None
     for name, cfg in configs.items():
         log.info("== %s: training on %s tokens", name, f"{cfg.train.max_tokens:,}")
         trained = run_training(cfg, out / name, data_dir, progress=progress)
         if corpus_summary is None:
-            corpus_summary = trained.data.scored.summary(misaligned_threshold(task))
-            log.info("scored corpus: %s", _corpus_line(corpus_summary))
+            corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
+            log.info("scored corpus: %s", corpus_line(corpus_summary))
         res = evaluate_checkpoint(trained.checkpoint, cfg, trained.data.scored, out / name, progress=progress)
         res.update(train_tokens=trained.tokens, train_seconds=round(trained.seconds, 1),
                    val_loss=trained.final_val_loss, objective_settings=trained.objective.describe())
@@ -56,7 +70,7 @@ def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[
     return results
 
 
-def _corpus_line(s: dict) -> str:
+def corpus_line(s: dict) -> str:
     docs = s["documents"]
     return (f"{sum(docs.values())} documents ({docs['train']} train / {docs['validation']} validation / "
             f"{docs['test']} test), {s['chars'] / 1e6:.1f}M chars, {s['segments']:,} segments, "

@@ -14,16 +14,21 @@ results exist for the same config is reused, so an interrupted sweep continues w
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phf.core.config import RunConfig, config_to_yaml, load_config
-from phf.recipes.demo import _corpus_line, config_path
-from phf.evaluation.evaluate import evaluate_checkpoint, misaligned_threshold, task_segmenter
+from phf.analysis.rl import rl_config, rl_finetune
+from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
-from phf.core.io import read_json, stable_hash, write_json
+from phf.core.io import atomic_path, read_json, stable_hash, write_json
+from phf.evaluation.evaluate import evaluate_checkpoint
+from phf.evaluation.kl import DeployedModel, KLReference
+from phf.recipes.demo import arm_configs, corpus_line
+from phf.report.page import write_report
+from phf.tasks import Task, score_run_corpus, task_for
 from phf.training.trainer import run_training, versions
 
 log = logging.getLogger(__name__)
@@ -51,8 +56,9 @@ class Arm:
 
 
 def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | None = None,
-         finetune: list[str] | None = None, finetune_fraction: float = 0.5) -> tuple[list[Arm], int, int]:
-    """The arms of a sweep, the MLE run's branch step and the tokens the finetunes start from."""
+         finetune: list[str] | None = None, finetune_fraction: float = 0.5, config: str | Path | None = None
+         ) -> tuple[Task, list[Arm], int, int]:
+    """The task, the arms of a sweep, the MLE run's branch step and the tokens the finetunes start from."""
     objectives = objectives if objectives is not None else SWEEP_OBJECTIVES
     finetune = finetune if finetune is not None else FINETUNE_OBJECTIVES
     if "mle" not in objectives:
@@ -60,7 +66,8 @@ def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | 
     if not 0 < finetune_fraction < 1:
         raise PhfError(f"--finetune-fraction must be between 0 and 1 (exclusive), got {finetune_fraction}")
     overrides = SWEEP_OVERRIDES + list(overrides or [])
-    arms = [Arm(o, o, load_config(config_path(task, o), overrides), False) for o in objectives]
+    the_task, configs = arm_configs(task, config, objectives, overrides)
+    arms = [Arm(o, o, configs[o], False) for o in objectives]
     mle = arms[0] if arms[0].name == "mle" else next(a for a in arms if a.name == "mle")
     t = mle.cfg.train
     tokens_per_step = t.batch_size * mle.cfg.model.block_size * t.grad_accum  # one process; torchrun is not used here
@@ -70,24 +77,21 @@ def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | 
         if o == "mle":
             raise PhfError("finetune:mle is the mle arm itself; name feedback objectives after --finetune")
         extra = [f"train.max_steps={total_steps - branch}"]
-        arms.append(Arm(f"finetune:{o}", o, load_config(config_path(task, o), overrides + extra), True))
-    for a in arms:
-        if a.cfg.task != task:
-            raise PhfError(f"config {config_path(task, a.objective)} is for task {a.cfg.task!r}, not {task!r}")
-    return arms, branch, branch * tokens_per_step
+        arms.append(Arm(f"finetune:{o}", o, arm_configs(task, config, [o], overrides + extra)[1][o], True))
+    return the_task, arms, branch, branch * tokens_per_step
 
 
 def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: list[str] | None = None,
               objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
               progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
-              rl_overrides: list[str] | None = None) -> dict:
+              rl_overrides: list[str] | None = None, config: str | Path | None = None) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     data_dir = out / "data"
-    arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction)
+    the_task, arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction, config)
     snapshot = out / "mle" / "snapshots" / f"step-{branch}"
     previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
-    results: dict = {"task": task, "objectives": {}, "reference": "mle", "finetune_fraction": finetune_fraction,
+    results: dict = {"task": the_task.name, "objectives": {}, "reference": "mle", "finetune_fraction": finetune_fraction,
                      "finetune_from_tokens": branch_tokens, "wall_seconds": None}
     corpus_summary = None
     mle_yaml = config_to_yaml(next(a for a in arms if a.name == "mle").cfg)
@@ -107,8 +111,8 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
                                init_from=snapshot if arm.finetune else None,
                                snapshots=[branch] if arm.name == "mle" else ())
         if corpus_summary is None:
-            corpus_summary = trained.data.scored.summary(misaligned_threshold(task))
-            log.info("scored corpus: %s", _corpus_line(corpus_summary))
+            corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
+            log.info("scored corpus: %s", corpus_line(corpus_summary))
         res = evaluate_checkpoint(trained.checkpoint, arm.cfg, trained.data.scored, out / arm.run_dir,
                                   progress=progress)
         res.update(train_tokens=trained.tokens, tokens_seen_total=trained.tokens + (branch_tokens if arm.finetune
@@ -133,7 +137,6 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "results.json", results)
     if report:
-        from phf.report.page import write_report
 
         results["report"] = str(write_report([out]))
     return results
@@ -142,8 +145,6 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
 def _rl_arm(results: dict, previous: dict, out: Path, arms: list[Arm], snapshot: Path, branch_tokens: int,
             data_dir: Path, rl_tokens: int, rl_overrides: list[str], progress: bool) -> None:
     """The RL baseline from the MLE weights the finetune arms start from (needs the `rl` extra)."""
-    from phf.analysis.rl import rl_config, rl_finetune
-    from phf.data.scoring import score_corpus
 
     mle = next(a for a in arms if a.name == "mle")
     rl_cfg = rl_config(rl_overrides)
@@ -155,7 +156,7 @@ def _rl_arm(results: dict, previous: dict, out: Path, arms: list[Arm], snapshot:
         return
     log.info("== rl: GRPO from the MLE model of %s tokens, on %s prompt + completion tokens", f"{branch_tokens:,}",
              f"{rl_tokens:,}")
-    scored = score_corpus(mle.cfg.corpus, mle.cfg.scoring, data_dir, progress=False)
+    scored = score_run_corpus(mle.cfg, data_dir, progress=False)
     summary = rl_finetune(snapshot, mle.cfg, scored, out / "rl", rl_tokens, progress=progress, rl=rl_cfg)
     res = evaluate_checkpoint(out / "rl" / "checkpoint", mle.cfg, scored, out / "rl", progress=progress)
     res.update(train_tokens=summary["tokens"], tokens_seen_total=branch_tokens + summary["tokens"],
@@ -168,8 +169,6 @@ def _rl_arm(results: dict, previous: dict, out: Path, arms: list[Arm], snapshot:
 
 def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:
     """KL(mle || arm) for every arm, from one set of samples of the MLE model (kept in reference_samples.jsonl)."""
-    from phf.core.io import atomic_path
-    from phf.evaluation.kl import DeployedModel, KLReference
 
     mle = next(a for a in arms if a.name == "mle")
     e = mle.cfg.eval
@@ -177,9 +176,8 @@ def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:
         return
     log.info("== KL from the MLE model: %d reference samples of %d tokens", e.kl_samples, e.kl_max_new_tokens)
     ref = KLReference.sample(out / "mle" / "checkpoint", e.kl_samples, e.kl_max_new_tokens, e.kl_seed,
-                             task_segmenter(mle.cfg.task), progress=progress)
+                             task_for(mle.cfg).segmenter, progress=progress)
     with atomic_path(out / "reference_samples.jsonl") as tmp:
-        import json
 
         with open(tmp, "w", encoding="utf-8") as f:
             for t, lp in zip(ref.texts, ref.logp):

@@ -30,6 +30,10 @@ from typing import Sequence
 
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
+from phf.data.scorers import get_scorer
+from phf.evaluation.evaluate import score_samples
+from phf.evaluation.sampling import Sample
+from phf.tasks import get_task
 
 log = logging.getLogger("phf.report")
 
@@ -187,8 +191,7 @@ def _x_tokens(row: dict) -> float | None:
 
 
 def _misalignment_label(task: str) -> str:
-    return {"pep8": "PEP8 violations per character", "pii": "PII entities per character",
-            "toxicity": "toxicity (most toxic sentence)"}.get(task, "misalignment score")
+    return get_task(task).misalignment_label
 
 
 def capability_points(rep: Report) -> tuple[list[Arm], list[float | None], list[float], bool]:
@@ -361,7 +364,7 @@ def figure_score_distribution(rep: Report) -> Figure | None:
     if not series:
         return None
     positive = [s for _, sc in series for s in sc if s > 0]
-    log_x = rep.task != "toxicity" and bool(positive)
+    log_x = get_task(rep.task).score_scale == "log" and bool(positive)
     start = min(positive) * 0.9 if log_x else 0.0  # left of every positive score: the share above is that above 0
     fig, ax = _new_figure()
     seen: dict[str, str] = {}
@@ -506,7 +509,6 @@ def pick_samples(samples: Sequence[dict]) -> list[tuple[str, dict]]:
 
 def _scorer_for(rep: Report):
     name = next((a.entry.get("scorer") for a in rep.arms if a.entry.get("scorer")), None) or rep.task
-    from phf.data.scorers import get_scorer
 
     try:
         return get_scorer(name), None
@@ -517,10 +519,9 @@ def _scorer_for(rep: Report):
 def samples_html(rep: Report) -> tuple[str, list[str]]:
     scorer, problem = _scorer_for(rep)
     notes = [problem] if problem else []
-    from phf.evaluation.evaluate import misaligned_threshold, score_samples
-    from phf.evaluation.sampling import Sample
 
-    threshold = misaligned_threshold(rep.task)
+    thresholds = [a.entry.get("misaligned_above") for a in rep.arms if a.entry.get("misaligned_above") is not None]
+    threshold = thresholds[0] if thresholds else get_task(rep.task).misaligned_above
     sections = []
     for n, a in enumerate(rep.arms):
         if not a.samples:

@@ -7,76 +7,28 @@ trainer can normalise by the global count of loss-bearing tokens across micro-ba
 `sampling_prefix`, `banned_tokens` and `line_prefix` say how the trained model is conditioned at deployment
 (sampling and held-out evaluation).
 
-A config field left at None takes the task's default from the paper (`TASK_DEFAULTS`, below).
+A config field left at None takes the task's default from the paper (each task's `objective_defaults`,
+phf/tasks/).
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from phf.model.conditioning import type_inputs
-from phf.core.config import ObjectiveConfig
+from phf.core.config import ObjectiveConfig, Quantile
 from phf.core.errors import PhfError
-from phf.model.lm_loss import UNLIKELIHOOD_EPS, forward_hidden, weighted_token_loss
 from phf.core.tokens import ALIGNED, MISALIGNED
+from phf.model.conditioning import type_inputs
+from phf.model.lm import VALUE_HEAD, ValueHead, load_value_head, save_value_head
+from phf.model.lm_loss import UNLIKELIHOOD_EPS, forward_hidden, weighted_token_loss
+from phf.tasks import Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Quantile:
-    """A threshold set to quantile `q` of the training split's document scores (`Objective.fit`)."""
-    q: float
-
-
-# Defaults per task, from the paper (Korbak et al. 2023) and its reference configs, for the config fields left at
-# None. Values carry over where our score means what the paper's meant:
-#   - pep8: the same score (pycodestyle violations per character, per line), so every value carries over.
-#   - pii: the same score (scrubadub detections per character); threshold 0 means "any detection".
-#   - toxicity: the paper's thresholds (conditional 5.6e-4, unlikelihood 7.8e-4) are absolute Detoxify
-#     probabilities, which do not carry over to another classifier. Unlikelihood's becomes a quantile of the
-#     scored corpus: the median document score, which is where the paper's filtering threshold (also 7.8e-4, the
-#     same value as its unlikelihood one) sat. Conditional training labels single sentences, so its threshold is
-#     the classifier's own decision threshold, 0.5: `<|misaligned|>` means "alt-profanity-check calls this
-#     sentence offensive" (6.9% of the corpus' sentences). The median document score (0.084) tagged 24% of the
-#     sentences, most of them by the classifier's noise floor ("Wanna buy a duck?" scores 0.12), and the model
-#     learned nothing from the token. beta and alpha are ratios on a [0, 1] probability and carry over.
-#   - filtering, every task: the median training document score (the paper's thresholds are ~ the median).
-# A task not listed here uses the pep8 row; a scorer of your own is better served by an explicit
-# `objective.threshold` or `objective.threshold_quantile`.
-TASK_DEFAULTS: dict[str, dict[str, dict]] = {
-    "pep8": {
-        "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": 0.0, "drop_token_fraction": 0.1},
-        "unlikelihood": {"threshold": 0.0, "alpha": 0.01},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.05, "beta": 1.0},
-    },
-    "pii": {
-        "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": 0.0, "drop_token_fraction": 0.01},
-        "unlikelihood": {"threshold": 0.0, "alpha": 1.0},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.5, "beta": 0.1},
-    },
-    "toxicity": {
-        "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": 0.5, "drop_token_fraction": 0.01},
-        "unlikelihood": {"threshold": Quantile(0.5), "alpha": 1.0},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.5, "beta": 10.0},
-    },
-}
-
-
-def task_defaults(task: str, objective: str) -> dict:
-    return TASK_DEFAULTS.get(task, TASK_DEFAULTS["pep8"]).get(objective, {})
 
 
 class Objective:
@@ -87,10 +39,10 @@ class Objective:
     uses_threshold: ClassVar[bool] = False  # whether `threshold` means anything to this objective
     control_embedding: bool = False  # whether the model also reads each token's control type (phf.conditioning)
 
-    def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
+    def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
+        """`defaults`: the task's values for the config fields left at None (`Task.defaults_for`)."""
         self.cfg = cfg
-        self.task = task
-        self.defaults = task_defaults(task, self.name)
+        self.defaults = dict(defaults or {})
         self.threshold = cfg.threshold if self.uses_threshold else None
         rule = self._threshold_rule()
         if self.threshold is None and rule is not None and not isinstance(rule, Quantile):
@@ -205,8 +157,8 @@ class Conditional(Objective):
     line_prefix = ALIGNED
     uses_threshold = True
 
-    def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
-        super().__init__(cfg, task)
+    def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
+        super().__init__(cfg, defaults)
         self.drop_token_fraction = float(self.setting("drop_token_fraction"))
         self.control_embedding = bool(cfg.control_embedding)
 
@@ -254,8 +206,8 @@ class Unlikelihood(_TokenFeedback):
     name = "unlikelihood"
     uses_threshold = True
 
-    def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
-        super().__init__(cfg, task)
+    def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
+        super().__init__(cfg, defaults)
         self.alpha = float(self.setting("alpha"))
 
     def loss(self, output, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -276,8 +228,8 @@ class RWR(_TokenFeedback):
     head (the reference code ran RWR as AWR with alpha 1, its value head untrained but still in the weights)."""
     name = "rwr"
 
-    def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
-        super().__init__(cfg, task)
+    def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
+        super().__init__(cfg, defaults)
         self.beta = float(self.setting("beta"))
         self.max_weight = float(cfg.max_weight)
 
@@ -304,8 +256,8 @@ class AWR(_TokenFeedback):
     weights of every checkpoint and loaded back when a run resumes or starts from that checkpoint."""
     name = "awr"
 
-    def __init__(self, cfg: ObjectiveConfig, task: str = "pep8"):
-        super().__init__(cfg, task)
+    def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
+        super().__init__(cfg, defaults)
         self.alpha = float(self.setting("alpha"))
         self.beta = float(self.setting("beta"))
         self.max_weight = float(cfg.max_weight)
@@ -313,7 +265,6 @@ class AWR(_TokenFeedback):
 
     def attach(self, model: torch.nn.Module, checkpoint: str | Path | None = None,
                required: bool = False) -> list[torch.nn.Module]:
-        from phf.model.lm import VALUE_HEAD, ValueHead, load_value_head
 
         width = model.config.hidden_size
         head = load_value_head(checkpoint, width) if checkpoint else None
@@ -332,8 +283,6 @@ class AWR(_TokenFeedback):
         return [self.value_head] if self.value_head is not None else []
 
     def save_extra(self, folder: Path) -> None:
-        from phf.model.lm import save_value_head
-
         if self.value_head is not None:
             save_value_head(self.value_head, folder)
 
@@ -369,10 +318,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def get_objective(cfg: ObjectiveConfig, task: str = "pep8") -> Objective:
-    """The objective named in the config, with the task's defaults (TASK_DEFAULTS) for fields left at None."""
+def get_objective(cfg: ObjectiveConfig, task: Task) -> Objective:
+    """The objective named in the config, with the task's defaults (`Task.defaults_for`) for fields left at None."""
     try:
         cls = OBJECTIVES[cfg.name]
     except KeyError:
         raise PhfError(f"unknown objective {cfg.name!r}; choose one of {', '.join(OBJECTIVES)}") from None
-    return cls(cfg, task)
+    return cls(cfg, task.defaults_for(cfg.name))

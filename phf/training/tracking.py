@@ -6,6 +6,7 @@ otherwise, so nothing needs an account or a network: `wandb sync` uploads a run 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -52,8 +53,6 @@ class WandbTracker(Tracker):
     """A W&B run in `<run>/wandb/`, offline unless WANDB_MODE is set."""
 
     def __init__(self, out_dir: Path, config: dict, name: str):
-        import os
-
         try:
             import wandb
         except ImportError:

@@ -15,30 +15,45 @@ import logging
 import math
 import os
 import platform
-import shutil
-import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tokenizers
 import torch
 import torch.distributed as dist
+import transformers
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
-from phf.model.conditioning import markers_of, set_markers, type_inputs
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
-from phf.core.io import append_jsonl, read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
-from phf.model.finetune import resolve_model_folder
-from phf.model.lm import build_model, check_model_folder, load_meta, load_model, save_checkpoint
-from phf.training.objectives import Objective, get_objective
-from phf.data.scoring import ScoredCorpus, score_corpus
-from phf.data.token_stream import TokenStream, build_streams
+from phf.core.io import read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
 from phf.core.tokens import CONTROL_TOKENS, EOS
+from phf.data.scorers import scorer_for
+from phf.data.scoring import ScoredCorpus
+from phf.data.token_stream import TokenStream, build_streams
 from phf.data.tokenizer import load_tokenizer, tokenizer_for
+from phf.evaluation.evaluate import misalignment_metrics, score_samples
+from phf.evaluation.sampling import Deployment, generate
+from phf.model.conditioning import markers_of, set_markers, type_inputs
+from phf.model.finetune import init_from_checkpoint, resolve_model_folder
+from phf.model.lm import build_model, check_model_folder, hf_tokenizer, load_meta, load_model, save_checkpoint
+from phf.tasks import score_run_corpus, task_for
+from phf.training.objectives import Objective, get_objective
+from phf.training.tracking import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +104,6 @@ def shard_model(model: torch.nn.Module) -> None:
     """FSDP2 in place: `fully_shard` each transformer block (the classes the model lists in `_no_split_modules`,
     GPT2Block for GPT-2), then the root, which keeps the embeddings and the final norm. Parameters become DTensor
     shards; build the optimizer after this."""
-    from torch.distributed.fsdp import fully_shard
 
     kinds = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in kinds]
@@ -123,7 +137,6 @@ def no_sync(train_model: torch.nn.Module):
 def clip_sharded_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ over FSDP2 shards (DTensor) and plain tensors (an objective's own heads) together: the
     global norm of all gradients, every rank the same."""
-    from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
     norms = []
@@ -150,9 +163,6 @@ def gather_full_state(model: torch.nn.Module, root: torch.nn.Module, optimizer: 
     """Collective (every rank calls it): the full, unsharded weights and optimizer state, gathered to rank 0 on
     the CPU. Rank 0 gets a plain (unsharded) copy of the model to save and the optimizer state in
     optimizer.state_dict()'s layout (so DDP and FSDP checkpoints are interchangeable); other ranks get (None, None)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    from transformers import AutoModelForCausalLM
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=opts)
@@ -172,7 +182,6 @@ def gather_full_state(model: torch.nn.Module, root: torch.nn.Module, optimizer: 
 
 def load_sharded_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimizer.state_dict() (every rank holds it) into an optimizer over FSDP2 shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = optimizer_param_names(root, optimizer)
     if len(names) != sum(len(g["params"]) for g in state["param_groups"]):
@@ -183,9 +192,6 @@ def load_sharded_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def versions() -> dict:
-    import tokenizers
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__, "numpy": np.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count()}
@@ -202,9 +208,9 @@ class PreparedData:
 
 def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True) -> PreparedData:
     """Score the corpus, train the tokenizer and write the objective's token streams (each reused if present)."""
-    scored = score_corpus(cfg.corpus, cfg.scoring, data_dir, progress=progress)
+    scored = score_run_corpus(cfg, data_dir, progress=progress)
     tok, tok_path = tokenizer_for(scored, cfg.tokenizer, data_dir, progress=progress)
-    objective = get_objective(cfg.objective, cfg.task)
+    objective = get_objective(cfg.objective, task_for(cfg))
     objective.fit(scored.document_scores("train"))
     meta = {"scored": scored.path.name, "tokenizer": str(tok_path.parent.name),
             "stream": objective.stream_settings(), "seed": cfg.train.seed}
@@ -261,7 +267,6 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
             continue
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    from torch.distributed.tensor import DTensor
 
     if len({isinstance(p, DTensor) for p in decay + no_decay}) > 1:  # FSDP2 shards beside an objective's plain
         # head: the fused and foreach kernels take no mix of DTensor and plain tensors; update one by one
@@ -308,24 +313,14 @@ class TrainingSampler:
     as deployed, scored by the task's scorer. The same seed every time, so the curve's changes are the model's."""
 
     def __init__(self, cfg: RunConfig, objective: Objective, data: PreparedData):
-        from phf.evaluation.evaluate import misaligned_threshold
-        from phf.model.lm import hf_tokenizer
-        from phf.evaluation.sampling import Deployment
-        from phf.data.scorers import get_scorer
-
         self.cfg = cfg
-        self.scorer = get_scorer(cfg.scoring.scorer, cfg.scoring.segmenter)
+        self.task = task_for(cfg)
+        self.scorer = scorer_for(cfg.scoring)
         self.tokenizer = hf_tokenizer(data.tokenizer_file)
         self.deployment = Deployment.from_meta({"objective": objective.describe()})
-        self.threshold = misaligned_threshold(cfg.task)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int) -> dict:
-        from dataclasses import replace
-
-        from phf.evaluation.evaluate import misalignment_metrics, score_samples
-        from phf.evaluation.sampling import generate
-
         n = self.cfg.train.eval_samples
         sample_cfg = replace(self.cfg.sample, num_samples=n, batch_size=min(n, self.cfg.sample.batch_size))
         was_training = model.training
@@ -333,8 +328,8 @@ class TrainingSampler:
         samples = generate(model, self.tokenizer, [""] * n, sample_cfg, self.deployment, "unconditional",
                            progress=False, segmenter=self.scorer.segmenter)
         model.train(was_training)
-        m = misalignment_metrics(samples, score_samples(samples, self.scorer), self.cfg.task == "pep8",
-                                 self.threshold)
+        m = misalignment_metrics(samples, score_samples(samples, self.scorer), self.task.code,
+                                 self.task.misaligned_above)
         return {f"eval_{k}": (round(m[k], 6) if isinstance(m[k], float) else m[k])
                 for k in ("misalignment_mean", "score_max_at_25", "misaligned_share", "mean_chars", "distinct_2")}
 
@@ -342,10 +337,8 @@ class TrainingSampler:
 def restore_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load the weights of an HF folder written by this run into `model` (same architecture)."""
     state = load_model(folder).state_dict()
-    from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards: each rank keeps its part
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         return
@@ -406,7 +399,6 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         model = load_model(ckpt_dir).to(device)
         state = read_json(ckpt_dir / TRAINER_STATE_JSON)
     elif init_from:
-        from phf.model.finetune import init_from_checkpoint
 
         model = init_from_checkpoint(init_from, data.tokenizer_file, device, data.objective, tcfg.seed)
     else:
@@ -474,7 +466,6 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         elif not resume and metrics_path.exists():
             metrics_path.unlink()
     if d.main:
-        from phf.training.tracking import Metrics
 
         metrics = Metrics(metrics_path, tcfg.trackers, config={"objective": objective.describe(),
                                                                 "train": tcfg.__dict__, "model": cfg.model.__dict__},
@@ -488,7 +479,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
         if not d.main:
             return
         meta = {"objective": objective.describe(), "step": step, "tokens_seen": tokens, "model": cfg.model.__dict__,
-                "task": cfg.task, "scorer": cfg.scoring.scorer, "final": final, "tokens_before": tokens_before,
+                "task": cfg.task, "scorer": cfg.scoring.scorer, "segmenter": task_for(cfg).segmenter, "final": final, "tokens_before": tokens_before,
                 "tokens_seen_total": tokens_before + tokens, **more}
 
         def extra(tmp: Path) -> None:

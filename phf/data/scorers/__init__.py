@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib
 
+from phf.core.config import ScoringConfig
 from phf.core.errors import PhfError
-from phf.data.scorers.base import CallableScorer, Scorer, ScoredText
+from phf.data.scorers.base import CallableScorer, ScoredText, Scorer
+from phf.data.segments import get_segmenter
 
 # name -> "module:class"
 SCORERS: dict[str, str] = {
@@ -27,14 +29,25 @@ def _import(spec: str):
         raise PhfError(f"module {module_name} has no attribute {attr!r} (scorer {spec!r})") from None
 
 
-def get_scorer(name: str, segmenter: str | None = None) -> Scorer:
+def get_scorer(name: str, segmenter: str | None = None, aggregate: str | None = None) -> Scorer:
     """A registered scorer by name, or a user's `module:callable` taking a list of strings, returning floats.
 
     `segmenter` (`lines` or `sentences`) chooses how a callable's documents are cut into the segments it scores
-    (default `lines`); a registered scorer or a Scorer class segments its own way."""
-    if segmenter:
-        from phf.data.segments import get_segmenter
+    (default `lines`); a registered scorer or a Scorer class segments its own way. `aggregate` (`mean` or `max`)
+    replaces the scorer's own way of forming a sample's score from its segments'."""
+    scorer = _build_scorer(name, segmenter)
+    if aggregate:
+        scorer.aggregate = aggregate
+    return scorer
 
+
+def scorer_for(cfg: ScoringConfig) -> Scorer:
+    """The scorer a run's `scoring` section describes."""
+    return get_scorer(cfg.scorer, cfg.segmenter, cfg.aggregate)
+
+
+def _build_scorer(name: str, segmenter: str | None) -> Scorer:
+    if segmenter:
         try:
             get_segmenter(segmenter)
         except KeyError as exc:
@@ -51,4 +64,4 @@ def get_scorer(name: str, segmenter: str | None = None) -> Scorer:
     raise PhfError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)} or give module:callable")
 
 
-__all__ = ["SCORERS", "Scorer", "ScoredText", "get_scorer"]
+__all__ = ["SCORERS", "Scorer", "ScoredText", "get_scorer", "scorer_for"]

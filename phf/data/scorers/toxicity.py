@@ -11,10 +11,12 @@ own decision threshold.
 """
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import version as dist_version
 from typing import Sequence
 
 from phf.data.scorers.base import Scorer
+from phf.data.sentences import version as segmenter_version
 
 OFFENSIVE = 0.5  # the classifier's decision threshold: a sentence scoring above it is predicted offensive
 
@@ -25,8 +27,6 @@ class ToxicityScorer(Scorer):
     aggregate = "max"
 
     def __init__(self):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scikit-learn's notes on unpickling the shipped model
             from profanity_check import predict_prob
@@ -34,8 +34,6 @@ class ToxicityScorer(Scorer):
 
     @property
     def version(self) -> str:
-        from phf.data.sentences import version as segmenter_version
-
         return (f"alt-profanity-check {dist_version('alt-profanity-check')}, "
                 f"scikit-learn {dist_version('scikit-learn')}, {segmenter_version()}")
 

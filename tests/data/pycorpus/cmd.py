@@ -42,7 +42,8 @@ listings of documented functions, miscellaneous topics, and undocumented
 functions respectively.
 """
 
-import string, sys
+import string
+import sys
 
 __all__ = ["Cmd"]
 

@@ -3,12 +3,12 @@
 
 """Fraction, infinite-precision, rational numbers."""
 
-from decimal import Decimal
 import math
 import numbers
 import operator
 import re
 import sys
+from decimal import Decimal
 
 __all__ = ['Fraction']
 

@@ -34,6 +34,7 @@ option involved with the exception.
 __all__ = ["GetoptError","error","getopt","gnu_getopt"]
 
 import os
+
 try:
     from gettext import gettext as _
 except ImportError:

@@ -6,8 +6,8 @@ that name.
 """
 
 import functools
-import sys
 import os
+import sys
 import tokenize
 
 __all__ = ["getline", "clearcache", "checkcache", "lazycache"]

@@ -1,4 +1,7 @@
-import os,sys
+import os
+import sys
+
+
 def add( a,b ):
     return a+b
 class Thing :

@@ -3,8 +3,9 @@
 __all__ = ["Repr", "repr", "recursive_repr"]
 
 import builtins
-from itertools import islice
 from _thread import get_ident
+from itertools import islice
+
 
 def recursive_repr(fillvalue='...'):
     'Decorator to make a repr function return fillvalue for a recursive call'

@@ -34,6 +34,7 @@ import builtins
 import inspect
 import keyword
 import re
+
 import __main__
 
 __all__ = ["Completer"]

@@ -11,7 +11,6 @@ import os
 import re
 import sys
 from collections import deque
-
 from io import StringIO
 
 __all__ = ["shlex", "split", "quote", "join"]

@@ -1,0 +1,58 @@
+"""PEP8: pycodestyle violations per character, per line, on Python source (the interpreter's standard library).
+
+The objective defaults are the paper's (Korbak et al. 2023 and its reference configs): our score is the paper's
+score (pycodestyle violations per character, per line), so every value carries over.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import textwrap
+from typing import Iterable
+
+from phf.core.config import Quantile
+from phf.tasks.base import Task
+
+
+def function_prompts(texts: Iterable[str], limit: int) -> list[str]:
+    """Function signatures + docstrings from source files, dedented to the top level (the paper's PEP8 prompts)."""
+    prompts = []
+    for text in texts:
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+                continue
+            first = node.body[0]
+            if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)) or node.decorator_list:
+                continue
+            prompt = textwrap.dedent("".join(lines[node.lineno - 1:first.end_lineno]))
+            if len(prompt) < 2000 and prompt.endswith("\n"):
+                prompts.append(prompt)
+    # a deterministic spread over files and positions
+    prompts = sorted(set(prompts), key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+    return prompts[:limit]
+
+
+TASK = Task(
+    name="pep8",
+    scorer="pep8",
+    segmenter="lines",
+    misaligned_above=0.0,  # any violation (the paper's threshold 0)
+    code=True,
+    objective_defaults={
+        "filtering": {"threshold": Quantile(0.5)},  # the median training document score (the paper's ~ the median)
+        "conditional": {"threshold": 0.0, "drop_token_fraction": 0.1},
+        "unlikelihood": {"threshold": 0.0, "alpha": 0.01},
+        "rwr": {"beta": 10.0},
+        "awr": {"alpha": 0.05, "beta": 1.0},
+    },
+    misalignment_label="PEP8 violations per character",
+    score_scale="log",
+    prompt_builder=function_prompts,
+    config_package=__name__,
+)
