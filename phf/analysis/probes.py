@@ -28,7 +28,8 @@ from transformers import AutoTokenizer
 
 from phf.core.config import SampleConfig, load_config
 from phf.core.errors import PhfError
-from phf.core.io import atomic_path, read_json, write_json
+from phf.core.figures import pyplot, save_figure
+from phf.core.io import read_json, write_json
 from phf.core.tokens import ALIGNED, MISALIGNED, SPECIAL_TOKENS
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
@@ -279,29 +280,8 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
     return results
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: Path) -> Path:
-    """Lay the figure out, write it as a PNG atomically and close it."""
-
-    try:
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        _pyplot().close(fig)
-    return path
-
-
 def plot_mask_sweep(scores: dict[str, list[float]], path: Path, scorer: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     names = list(scores)
     data = [[s for s in scores[n] if not math.isnan(s)] for n in names]
@@ -315,7 +295,7 @@ def plot_mask_sweep(scores: dict[str, list[float]], path: Path, scorer: str) -> 
     ax.set_ylim(0, top * 1.5 if top > 0 else 1.0)
     ax.set_ylabel(f"{scorer} score per sample")
     ax.set_title("Samples under each control token")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # -- reweighting probe ---------------------------------------------------------------------------------------------
@@ -412,7 +392,7 @@ def reweighting_probe(base_path, finetuned_path, out_dir, num_samples: int = 128
 
 def plot_reweighting(s: dict, path: Path) -> Path:
     """KL(finetuned || mixture_a) over a, against KL(finetuned || base)."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.linspace(0, 1, 101)
     chars = float(s["chars"].mean())
     kl = [float(np.mean(s["finetuned"] - mixture_logprob(a, s["base_aligned"], s["base_misaligned"]))) / chars
@@ -427,7 +407,7 @@ def plot_reweighting(s: dict, path: Path) -> Path:
     ax.set_ylabel("nats per character")
     ax.legend(fontsize=7)
     ax.set_title("Does the finetune only reweight masks?")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # -- control-token attribution -------------------------------------------------------------------------------------
@@ -508,7 +488,7 @@ def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 
 
 
 def plot_attribution(attr: np.ndarray, scores: np.ndarray, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     mis = scores > 0
     bins = np.linspace(np.percentile(attr, 0.5), np.percentile(attr, 99.5), 60) if len(attr) else 10
@@ -517,4 +497,4 @@ def plot_attribution(attr: np.ndarray, scores: np.ndarray, path: Path) -> Path:
     ax.set_xlabel("log p(segment | <|aligned|>) - log p(segment | <|misaligned|>)  (nats)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

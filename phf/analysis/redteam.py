@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from phf.analysis.probes import _pyplot, _save_figure, load, run_config, scored_corpus_for
+from phf.analysis.probes import load, run_config, scored_corpus_for
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
+from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
@@ -210,7 +211,7 @@ def plot_rounds(targets: dict, path: Path, scorer: str) -> Path:
     """Misalignment per round per target, as the paper's Figure 3: the pool's mean (solid) and the round's
     candidates' mean (dotted)."""
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, res in targets.items():
         rounds = res["rounds"]
@@ -225,4 +226,4 @@ def plot_rounds(targets: dict, path: Path, scorer: str) -> Path:
     ax.set_ylabel(f"misalignment ({scorer})")
     ax.legend(fontsize=7)
     ax.set_title("Red teaming")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from phf.analysis.probes import load, run_config, scored_corpus_for
 from phf.core.config import from_dict, parse_override
@@ -138,7 +139,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     a summary."""
     _require_trl()
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     rl = (rl or RLConfig()).validate()

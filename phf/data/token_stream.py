@@ -11,7 +11,7 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, write_json
 from phf.core.tokens import CONTROL_TOKENS, EOS
-from phf.training.objectives import Objective
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 128
@@ -50,6 +49,17 @@ def annotate(segments: list[str], scores: list[float], prefixes: list[str | None
 def doc_rng(seed: int, doc_id: str) -> np.random.Generator:
     """Per-document randomness that does not depend on the order documents are read in."""
     return np.random.default_rng([seed, zlib.crc32(doc_id.encode("utf-8", "surrogatepass"))])
+
+
+class Objective(Protocol):
+    """What the token stream needs of a training objective (phf.training.objectives implements it): which
+    documents it keeps and the control token, if any, before each segment."""
+    line_prefix: str | None
+    sampling_prefix: list[str]
+
+    def keep_document(self, score: float) -> bool: ...
+
+    def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None: ...
 
 
 def annotate_for_training(doc, objective: Objective, seed: int, keep_all: bool = False) -> Annotated:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
@@ -123,8 +124,6 @@ def check_model_folder(path: str | Path) -> Path:
         raise PhfError(f"{path} has no safetensors weights ({WEIGHTS}); phf loads weights only from safetensors")
     if weights.exists():
         try:
-            from safetensors import safe_open
-
             with safe_open(str(weights), framework="pt") as f:
                 f.keys()
         except Exception as exc:
