@@ -58,12 +58,16 @@ def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep
     p.add_argument("--config", type=Path, help="YAML run config (default: the task's shipped mle config, "
                    "phf/tasks/<task>/configs/mle.yaml)")
     p.add_argument("--task", default=task_default, help="task whose shipped config to start from (default: pep8)")
+    p.add_argument("--objective", help="start from this objective's shipped config of the task (default: mle)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
 
 
 def _load(args, extra: list[str] | None = None):
-    path = args.config or get_task(args.task).config_path("mle")
+    if args.config and args.objective:
+        raise PhfError("give --config FILE or --objective NAME (a shipped config of the task), not both; with your "
+                       "own file, set the objective with --set objective.name=NAME")
+    path = args.config or get_task(args.task).config_path(args.objective or "mle")
     return load_config(path, list(args.overrides) + (extra or []))
 
 
@@ -155,8 +159,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_config_show(args) -> None:
-    path = args.config or get_task(args.task).config_path(args.objective or "mle")
-    print(documented_yaml(load_config(path, list(args.overrides))), end="")
+    print(documented_yaml(_load(args)), end="")
 
 
 def cmd_demo(args) -> None:
@@ -297,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = p.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the resolved config (YAML), each field with its documentation")
     _add_config_args(show)
-    show.add_argument("--objective", help="start from this objective's shipped config of the task (default: mle)")
     show.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("report", help="write an offline HTML report (figures, table, samples) of result folders")
