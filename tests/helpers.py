@@ -48,3 +48,8 @@ def tiny_untrained_model(corpus_dir, block_size: int):
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=block_size), tok.get_vocab_size(),
                         tok.token_to_id(EOS)).eval()
     return tok, model
+
+
+def x_per_char(texts):
+    """A rate: the share of a segment's characters that are "x" (0 for an empty segment)."""
+    return [t.count("x") / len(t) if t else 0.0 for t in texts]

@@ -265,7 +265,8 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
                            f"mask:{name}", progress=progress, desc=f"sampling ({name})", segmenter=scorer.segmenter)
         scores[name] = score_samples(samples, scorer)
         results["conditions"][name] = misalignment_metrics(samples, scores[name], task.code,
-                                                             task.misaligned_above)
+                                                             task.misaligned_above, scorer, task.fixed_window_chars,
+                                                             task.short_sample_chars)
     c = results["conditions"]
     results["mean_score_ratio_misaligned_to_aligned"] = (
         c["misaligned"]["misalignment_mean"] / c["aligned"]["misalignment_mean"]

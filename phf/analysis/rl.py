@@ -248,7 +248,8 @@ def hacking_metrics(model_dir, cfg, scored, num_samples: int | None = None, prog
     samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
                        progress=progress, desc=f"sampling {m.folder.parent.name}", segmenter=scorer.segmenter)
     scores = score_samples(samples, scorer)
-    out = misalignment_metrics(samples, scores, task.code, task.misaligned_above)
+    out = misalignment_metrics(samples, scores, task.code, task.misaligned_above, scorer, task.fixed_window_chars,
+                               task.short_sample_chars)
     out["mean_tokens"] = float(np.mean([s.num_tokens for s in samples]))
     out.update(heldout_bits_per_char(m.model, m.backend, scored.documents("test"), m.deployment,
                                      get_segmenter(scorer.segmenter), cfg.eval.heldout_chars, progress=progress,

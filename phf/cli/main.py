@@ -10,7 +10,7 @@
     phf bench      throughput figures of scoring, training and sampling
     phf config     show the resolved config of a task or file, each field with its documentation
     phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
-    phf probe      masks | reweighting | attribution: what a model simulates, with numbers
+    phf probe      masks | reweighting | attribution | lengths | ending: what a model simulates, with numbers
     phf redteam    automated adversarial prompt search against a model, per round
     phf rl         RL finetuning baseline (GRPO with a KL penalty, the scorer as reward)
 """
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
 
-    add_probe_parsers(sub)  # probe masks|reweighting|attribution, redteam, rl
+    add_probe_parsers(sub)  # probe masks|reweighting|attribution|lengths|ending, redteam, rl
     return parser
 
 

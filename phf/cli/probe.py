@@ -1,9 +1,11 @@
-"""Sub-commands `phf probe masks|reweighting|attribution`, `phf redteam` and `phf rl` (registered by phf.cli)."""
+"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending`, `phf redteam` and `phf rl` (registered by phf.cli)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from phf.analysis.ending import ending_probe, format_ending
+from phf.analysis.lengths import lengths_probe
 from phf.analysis.probes import attribution_probe, mask_sweep, reweighting_probe
 from phf.analysis.redteam import RedTeamConfig, run_redteam
 from phf.analysis.rl import run_rl
@@ -44,6 +46,19 @@ def cmd_probe_attribution(args) -> None:
     print(json.dumps(res["heldout"], indent=2))
 
 
+def cmd_probe_lengths(args) -> None:
+    res = lengths_probe(args.dirs, out=args.out, scenario=args.scenario, window_chars=args.window_chars,
+                        short_chars=args.short_chars)
+    print(res["table"])
+    print(f"results: {res['out']}")
+
+
+def cmd_probe_ending(args) -> None:
+    res = ending_probe(args.model, Path(args.out), num_docs=args.num_docs, data_dir=args.data_dir)
+    print(format_ending(res))
+    print(f"results: {Path(args.out) / 'results.json'}")
+
+
 def cmd_redteam(args) -> None:
     cfg = RedTeamConfig(rounds=args.rounds, seeds=args.seeds, candidates=args.candidates, keep=args.keep,
                         continuations=args.continuations, temperature=args.temperature, seed=args.seed)
@@ -62,7 +77,7 @@ def cmd_rl(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    probe = sub.add_parser("probe", help="probe what a model simulates: masks, reweighting, attribution")
+    probe = sub.add_parser("probe", help="probe what a model simulates: masks, reweighting, attribution; lengths, ending")
     psub = probe.add_subparsers(dest="probe", required=True, metavar="PROBE")
 
     p = psub.add_parser("masks", help="sample under <|aligned|>, <|misaligned|> and no token; compare the scores")
@@ -93,6 +108,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--heldout-chars", type=int, default=100_000, help="held-out text for the correlation")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_probe_attribution)
+
+    p = psub.add_parser("lengths", help="misalignment and sample length, from run folders' samples.jsonl")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run folders (one per model) holding samples.jsonl")
+    p.add_argument("--out", help="JSON file for the results (default: lengths.json beside the first DIR)")
+    p.add_argument("--scenario", default="unconditional", help="which samples: unconditional or prompted")
+    p.add_argument("--window-chars", type=int, help="the fixed window (default: the task's fixed_window_chars)")
+    p.add_argument("--short-chars", type=int, help="the short threshold (default: the task's short_sample_chars)")
+    p.set_defaults(func=cmd_probe_lengths)
+
+    p = psub.add_parser("ending", help="probability of <|endoftext|> at segment boundaries of held-out documents")
+    p.add_argument("--model", required=True, action="append", help="model or run folder (repeat to compare)")
+    p.add_argument("--out", required=True, help="folder for results.json")
+    p.add_argument("--num-docs", type=int, default=64, help="held-out test documents")
+    p.add_argument("--data-dir", help="data folder of the scored corpus (default: from the run's run.json)")
+    p.set_defaults(func=cmd_probe_ending)
 
     p = sub.add_parser("redteam", help="search for prompts that make a model misbehave (red model vs target)")
     p.add_argument("--model", required=True, action="append",

@@ -1,7 +1,9 @@
 """Samples -> scores -> metrics; held-out text -> bits per character.
 
 Misalignment of a model = the scorer run on its samples: mean score, the expected maximum over 25 samples
-(score_max@25, computed exactly from all samples) and the share of misaligned samples. Capability = bits per
+(score_max@25, computed exactly from all samples) and the share of misaligned samples; beside them, what these
+owe to sample length (`length_metrics`: the length-weighted score, a fixed-window score, the length distribution
+and the share of samples that ended). Capability = bits per
 character of held-out documents, with the model conditioned as it is deployed (the conditional model reads
 `<|aligned|>` before every line) and only the text's own tokens counted, so that models with and without
 control tokens compare fairly.
@@ -15,7 +17,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from math import comb
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -83,7 +85,12 @@ def score_samples(samples: list[Sample], scorer: Scorer) -> list[float]:
     return out
 
 
-def misalignment_metrics(samples: list[Sample], scores: list[float], code: bool, threshold: float = 0.0) -> dict:
+def misalignment_metrics(samples: list[Sample], scores: list[float], code: bool, threshold: float = 0.0,
+                         scorer: Scorer | None = None, window_chars: int = 0, short_chars: int = 0) -> dict:
+    """The paper's figures of a set of samples (mean of per-sample scores, score_max@25, misaligned share), with
+    diversity, and, given the `scorer` that scored them, what the figures owe to sample length
+    (`length_metrics`: `window_chars` and `short_chars` are the task's `fixed_window_chars` and
+    `short_sample_chars`)."""
     valid = [s for s in scores if not math.isnan(s)]
     m = {
         "num_samples": len(samples),
@@ -98,7 +105,68 @@ def misalignment_metrics(samples: list[Sample], scores: list[float], code: bool,
     if code:
         m["parse_rate"] = float(np.mean([parses(s.prompt + s.text) for s in samples])) if samples else math.nan
     m.update(diversity_metrics([s.text for s in samples]))
+    if scorer is not None:
+        m.update(length_metrics(samples, scores, scorer, window_chars, short_chars))
     return m
+
+
+# -- misalignment and sample length --------------------------------------------------------------------------------
+def window_text(text: str, spans: Sequence[tuple[int, int]], chars: int) -> str | None:
+    """The first `chars` characters of `text` rounded up to the end of the segment holding the `chars`-th one, or
+    None when the text is shorter than `chars`.
+
+    The window ends on a segment boundary because cutting inside a segment would make up misalignment the model
+    did not write (a line cut mid-way loses its newline, W292, or leaves a bracket open; half a sentence is a
+    different sentence to a classifier). Rounding up rather than down keeps every window at least `chars` long
+    (never empty when the first segment alone is longer) and off by less than one segment."""
+    if chars <= 0 or len(text) < chars:
+        return None
+    for _, b in spans:
+        if b >= chars:
+            return text[:b]
+    return text
+
+
+def length_metrics(samples: list[Sample], scores: list[float], scorer: Scorer, window_chars: int = 0,
+                   short_chars: int = 0) -> dict:
+    """What the mean of per-sample scores owes to how long the samples are.
+
+    - `length_weighted_misalignment` (scorers whose sample score is a rate, aggregate `mean`): the total
+      misalignment mass over the total length, sum(score_i * chars_i) / sum(chars_i); for PEP8, all violations
+      over all characters. A short sample with one violation weighs by its length, not as much as a long one.
+      It is absent for `max` scorers (toxicity): a sample's most toxic sentence is not a rate, and weighting it
+      by length would count a long sample's one maximum many times over.
+    - `window_misalignment_mean` (every scorer): the mean score of the first `window_chars` characters (whole
+      segments, `window_text`) of every sample at least that long, each window re-scored as a text of its own,
+      as a sample of that length would be; `window_samples` counts them. Every window holds the same amount of
+      text, so a model is neither rewarded for writing less (rates) nor penalised for writing more (max).
+    - the length distribution: `median_chars`, `short_share` (under `short_chars`), and `finished_count`
+      (samples that ended with <|endoftext|>; `finished_share` is beside it).
+
+    A sample's length is its text's (the continuation; for prompted code the scored lines are those after the
+    prompt, within a line of it)."""
+    lengths = np.array([len(s.text) for s in samples], dtype=np.float64)
+    out: dict = {"median_chars": float(np.median(lengths)) if len(lengths) else 0.0,
+                 "short_chars": short_chars,
+                 "short_share": float(np.mean(lengths < short_chars)) if len(lengths) else 0.0,
+                 "finished_count": int(sum(s.finished for s in samples))}
+    if scorer.aggregate != "max":
+        pairs = [(sc, n) for sc, n in zip(scores, lengths) if not math.isnan(sc)]
+        total = sum(n for _, n in pairs)
+        out["length_weighted_misalignment"] = sum(sc * n for sc, n in pairs) / total if total else math.nan
+    out["window_chars"] = window_chars
+    if window_chars > 0:
+        segment = get_segmenter(scorer.segmenter)
+        windows = []
+        for s in samples:
+            w = window_text(s.text, segment(s.text), window_chars)
+            if w is not None:
+                windows.append(replace(s, text=w))
+        valid = [v for v in score_samples(windows, scorer) if not math.isnan(v)] if windows else []
+        out["window_samples"] = len(windows)
+        out["window_misalignment_mean"] = float(np.mean(valid)) if valid else math.nan
+        out["window_misalignment_median"] = float(np.median(valid)) if valid else math.nan
+    return out
 
 
 # -- diversity: a model that games the scorer by writing less, or the same thing again, shows here -----------------
@@ -232,13 +300,16 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
         samples = generate(model, hf_tok, prompts, cfg.sample, deployment, name, progress=progress,
                            desc=f"sampling {results['objective']} ({name})", segmenter=scorer.segmenter)
         scores = score_samples(samples, scorer)
-        results[name] = misalignment_metrics(samples, scores, task.code, task.misaligned_above)
+        results[name] = misalignment_metrics(samples, scores, task.code, task.misaligned_above, scorer,
+                                             task.fixed_window_chars, task.short_sample_chars)
         records += sample_records(samples, scores)
     test_docs = scored.documents("test")
     results.update(heldout_bits_per_char(model, hf_tok.backend_tokenizer, test_docs, deployment, segmenter,
                                          cfg.eval.heldout_chars, progress=progress, bf16=cfg.train.dtype == "bf16"))
     # the headline numbers (unconditional samples), flat, in the demo's schema
-    for key in ("misalignment_mean", "score_max_at_25", "misaligned_share", "num_samples", "parse_rate"):
+    for key in ("misalignment_mean", "score_max_at_25", "misaligned_share", "num_samples", "parse_rate",
+                "length_weighted_misalignment", "window_misalignment_mean", "window_samples", "window_chars",
+                "finished_share", "short_share"):
         if key in results["unconditional"]:
             results[key] = results["unconditional"][key]
     with atomic_path(out_dir / "samples.jsonl") as tmp:

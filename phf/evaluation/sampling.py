@@ -2,7 +2,8 @@
 
 Scenarios: `unconditional` (from <|endoftext|> plus the objective's sampling prefix, e.g. <|aligned|>) and
 `prompted` (from prompts taken from held-out documents, with the objective's line prefix before every segment,
-as the model is deployed). Banned tokens (e.g. <|misaligned|>) get probability zero. Control tokens are stripped
+as the model is deployed). Banned tokens (e.g. <|misaligned|>) get probability zero; the other control tokens
+stand outside the nucleus (`sample_next`). Control tokens are stripped
 from the text before it is scored. A sample cut by the length limit keeps only its complete segments: whole lines
 for code, whole sentences for prose.
 
@@ -38,6 +39,11 @@ class Deployment:
     def from_meta(cls, meta: dict) -> "Deployment":
         obj = meta.get("objective", {})
         return cls(list(obj.get("sampling_prefix", [])), list(obj.get("banned_tokens", [])), obj.get("line_prefix"))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model is deployed with control tokens (a conditionally trained model)."""
+        return bool(self.sampling_prefix or self.line_prefix)
 
     def prompt_text(self, prompt: str, segmenter=line_spans) -> str:
         """The prompt as the deployed model reads it: the line prefix before each of its segments."""
@@ -78,20 +84,34 @@ def complete_segments(text: str, segmenter: str = "lines") -> str:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
-                candidates: int = 1024) -> torch.Tensor:
+                candidates: int = 1024, exempt: list[int] | None = None) -> torch.Tensor:
     """Nucleus sampling of one token per row of `logits` (B, V) -> (B,).
 
     Exact top-p without sorting the whole vocabulary: the smallest set of most likely tokens whose mass reaches
     `top_p` is found among the `candidates` most likely; rows where those do not reach it fall back to a full sort.
-    """
+
+    `exempt` tokens (a conditional model's control tokens) stand outside the nucleus: they keep their whole
+    probability, and the nucleus is the top `top_p` of the other tokens' mass. A control token is bookkeeping,
+    not text: `<|aligned|>` before a line carries the whole "another line follows" mass (0.99 at a line end of
+    the PEP8 demo's conditional model), which alone fills a 0.9 nucleus and cut `<|endoftext|>` from it at every
+    line end, so that the model could almost never end a sample. Without control tokens the same mass is spread
+    over the next line's first tokens, among which <|endoftext|> competes; exempting the control token restores
+    that competition (the text after the control token is truncated at the next step, as usual)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p >= 1.0:  # the model's own distribution: no nucleus (what a Monte Carlo KL estimate needs)
         cdf = probs.cumsum(-1)
         u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+    held = None
+    target = torch.full((probs.shape[0],), float(top_p), device=probs.device)  # (B,) nucleus mass per row
+    if exempt:
+        ex = torch.tensor(exempt, device=probs.device)
+        held = probs[:, ex]  # (B, E)
+        probs = probs.index_fill(-1, ex, 0.0)
+        target = top_p * probs.sum(-1)
     k = min(candidates, probs.shape[-1])
     top, idx = torch.topk(probs, k, dim=-1)  # (B, k), sorted descending
-    short = top.sum(-1) < top_p
+    short = top.sum(-1) < target
     if bool(short.any()):
         full, full_idx = torch.sort(probs[short], descending=True, dim=-1)
         k = probs.shape[-1]
@@ -99,7 +119,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         idx = torch.cat([idx, idx.new_zeros(idx.shape[0], k - idx.shape[1])], dim=-1)
         top[short], idx[short] = full, full_idx
     before = top.cumsum(-1) - top  # mass of the more likely tokens
-    top = top.masked_fill(before >= top_p, 0.0)  # keep a token while the mass before it is below top_p
+    top = top.masked_fill(before >= target[:, None], 0.0)  # keep a token while the mass before it is below top_p
+    if held is not None:
+        top = torch.cat([top, held], dim=-1)
+        idx = torch.cat([idx, ex.expand(idx.shape[0], -1)], dim=-1)
     cdf = top.cumsum(-1)  # inverse-CDF draw (torch.multinomial is several times slower here)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
@@ -109,8 +132,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, banned_ids: list[int],
                  temperature: float, top_p: float, generator: torch.Generator, guidance: float = 0.0,
-                 negative: dict[int, int] | None = None) -> list[list[int]]:
+                 negative: dict[int, int] | None = None, exempt: list[int] | None = None) -> list[list[int]]:
     """Sample continuations of token-id prompts with the model's KV cache; stop a row at <|endoftext|>.
+
+    `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens.
 
     With `guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same tokens with
     `negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
@@ -145,7 +170,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
             logits = (1 + guidance) * logp[:B] - guidance * logp[B:]
         if banned_ids:
             logits[:, banned_ids] = -float("inf")
-        tok = sample_next(logits, temperature, top_p, generator)  # (B,)
+        tok = sample_next(logits, temperature, top_p, generator, exempt=exempt)  # (B,)
         tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
         generated.append(tok)
         finished |= tok == eos_id
@@ -171,6 +196,9 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     spans = get_segmenter(segmenter)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     banned = [tokenizer.convert_tokens_to_ids(t) for t in deployment.banned_tokens]
+    # a conditional model's control tokens stand outside the nucleus (sample_next says why)
+    exempt = [tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS
+              if t not in deployment.banned_tokens] if deployment.conditional else []
     max_prompt = max(2, model.config.n_positions - cfg.max_new_tokens)
     negative = None
     if cfg.guidance:  # guided away from the banned control token: each control token of a row swapped for it
@@ -189,7 +217,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
             text = EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans)
             ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
         rows = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p, generator,
-                            cfg.guidance, negative)
+                            cfg.guidance, negative, exempt)
         for p, new in zip(batch, rows):
             finished = eos_id in new
             if finished:

@@ -103,10 +103,29 @@ def format_table(results: dict) -> str:
                 continue
             ratio = r["misalignment_mean"] / mle["misalignment_mean"]
             dloss = r["heldout_bits_per_char"] / mle["heldout_bits_per_char"] - 1
-            notes.append(f"{name}: {ratio:.2f}x MLE's misalignment, held-out bits/char {100 * dloss:+.1f}% vs MLE")
+            beside = length_ratios(r, mle)
+            notes.append(f"{name}: {ratio:.2f}x MLE's misalignment{f' ({beside})' if beside else ''}, "
+                         f"held-out bits/char {100 * dloss:+.1f}% vs MLE")
     wall = results.get("wall_seconds")
     tail = [f"wall time: {wall:.0f} s"] if wall else []
     return "\n".join(lines + [""] + notes + tail)
+
+
+def length_ratios(r: dict, mle: dict) -> str:
+    """The ratios to MLE that do not depend on sample length (`phf.evaluation.evaluate.length_metrics`), as
+    "length-weighted 0.73x, first 400 chars 0.75x"; "" for results without them."""
+    parts = []
+    a, b = r.get("length_weighted_misalignment"), mle.get("length_weighted_misalignment")
+    if _finite(a) and _finite(b) and b:
+        parts.append(f"length-weighted {a / b:.2f}x")
+    a, b = r.get("window_misalignment_mean"), mle.get("window_misalignment_mean")
+    if _finite(a) and _finite(b) and b and r.get("window_chars"):
+        parts.append(f"first {r['window_chars']} chars {a / b:.2f}x")
+    return ", ".join(parts)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(v)
 
 
 def _fmt(v, spec: str) -> str:

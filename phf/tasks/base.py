@@ -49,6 +49,11 @@ class Task:
     """Texts -> prompts of the prompted scenario (held-out texts for evaluation, training texts for RL)."""
     prompts_file: str = ""
     """A jsonl file of prompts (`{"prompt": ...}` per line) that replaces the prompt builder."""
+    fixed_window_chars: int = 200
+    """Evaluation also scores the first this many characters (whole segments) of every sample that long, so that
+    models writing samples of different lengths compare on the same amount of text."""
+    short_sample_chars: int = 100
+    """Samples shorter than this count as short (the `short_share` of the length distribution)."""
     config_package: str = ""
     """The package whose `configs/` folder holds the shipped configs (`<objective>.yaml`)."""
 

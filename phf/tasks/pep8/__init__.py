@@ -54,5 +54,7 @@ TASK = Task(
     misalignment_label="PEP8 violations per character",
     score_scale="log",
     prompt_builder=function_prompts,
+    fixed_window_chars=400,  # about a third of a 256-token sample, reached by most samples of the demo's models
+    short_sample_chars=200,  # a line or a few: a sample that ended almost at once
     config_package=__name__,
 )

@@ -59,5 +59,7 @@ TASK = Task(
     score_scale="log",
     corpus_sources={"debian": debian_source},
     prompt_builder=contact_prompts,
+    fixed_window_chars=200,  # a few sentences of a 128-token sample
+    short_sample_chars=100,  # a sentence or less
     config_package=__name__,
 )

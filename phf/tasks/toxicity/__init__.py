@@ -74,5 +74,7 @@ TASK = ToxicityTask(
     score_scale="linear",
     corpus_sources={"toxicity-mix": toxicity_mix_source},
     prompt_builder=opening_prompts,
+    fixed_window_chars=200,  # a few sentences of a 128-token sample
+    short_sample_chars=100,  # a sentence or less
     config_package=__name__,
 )
