@@ -34,7 +34,7 @@ def test_yaml_with_base_and_typed_overrides(tmp_path):
     ("train.compile=maybe", "train.compile: expected true or false"),
     ("objective.name=dpo", "unknown objective 'dpo'; choose one of mle, filtering, conditional"),
     ("objective.threshold=-1", "objective.threshold must be >= 0"),
-    ("train.dtype=fp16", "train.dtype must be one of bf16, fp32"),
+    ("train.dtype=fp16", "train.dtype must be one of auto, bf16, fp32"),
     ("train.parallel=zero3", "train.parallel must be one of ddp, fsdp; got 'zero3'"),
     ("scoring.backend=spark", "scoring.backend must be one of local, ray; got 'spark'"),
     ("model.n_embd=130", "model.n_embd (130) must be a multiple of model.n_head"),
@@ -77,3 +77,17 @@ def test_shipped_configs_load():
             cfg = load_config(path)
             assert cfg.task == task.name
             assert cfg.objective.name == path.stem or path.stem.startswith(cfg.objective.name)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from phf.core import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.resolve_dtype("fp32", cpu) == "fp32" and runtime.resolve_dtype("bf16", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_dtype("auto", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_dtype("auto", cpu) == "fp32"
+    assert load_config().train.dtype == "auto"

@@ -215,8 +215,10 @@ class TrainConfig:
     """AdamW weight decay on matrices (not on biases, norms or embeddings)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
-    dtype: str = "bf16"
-    """Autocast precision: `bf16` or `fp32`."""
+    dtype: str = "auto"
+    """Autocast precision of training and evaluation: `bf16`, `fp32`, or `auto`: bf16 where the device computes it
+    in hardware (a recent GPU; a CPU with AVX512-BF16, AMX or Arm BF16), else fp32. A CPU without it emulates bf16
+    about 50x slower than fp32 (phf.core.runtime.resolve_dtype)."""
     compile: bool = False
     """Compile the model with torch.compile (faster steps after a compile of tens of seconds)."""
     fused_loss: bool = False
@@ -264,8 +266,8 @@ class TrainConfig:
         _check_fraction("train.warmup_fraction", self.warmup_fraction)
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise PhfError("train.weight_decay and train.grad_clip must be >= 0")
-        if self.dtype not in ("bf16", "fp32"):
-            raise PhfError(f"train.dtype must be one of bf16, fp32; got {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise PhfError(f"train.dtype must be one of auto, bf16, fp32; got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise PhfError(f"train.parallel must be one of ddp, fsdp; got {self.parallel!r}")
         for name in ("threads", "eval_every", "checkpoint_every", "eval_tokens", "eval_samples",

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
+import platform
 import sys
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +68,31 @@ def _libc_function(name: str):
 def allocator_state() -> str:
     """What tune_allocator did in this process, for benchmark figures and run metadata."""
     return "glibc heap only, never trimmed" if _tuned else "default"
+
+
+# CPU flags of native bf16 matrix arithmetic: x86's AVX512-BF16 and AMX, Arm's BF16 extension. Without them torch
+# computes a bf16 product by converting in software: on a 2-core AVX2 machine, 0.9 GFLOP/s against fp32's ~50.
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (read from /proc/cpuinfo; False where it is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return platform.machine() == "arm64" and sys.platform == "darwin"  # Apple silicon has BF16
+    return bool(flags & _BF16_CPU_FLAGS)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The precision a run computes in: `bf16` or `fp32` as configured; `auto` is bf16 where the device has it in
+    hardware (a CUDA GPU of compute capability 8 or more, a CPU with AVX512-BF16, AMX or Arm BF16), else fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"

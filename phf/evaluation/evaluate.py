@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from phf.core.io import atomic_path, write_json
+from phf.core.runtime import resolve_dtype
 from phf.core.tokens import SPECIAL_TOKENS
 from phf.data.scorers import Scorer, scorer_for
 from phf.data.segments import get_segmenter
@@ -305,7 +306,8 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
         records += sample_records(samples, scores)
     test_docs = scored.documents("test")
     results.update(heldout_bits_per_char(model, hf_tok.backend_tokenizer, test_docs, deployment, segmenter,
-                                         cfg.eval.heldout_chars, progress=progress, bf16=cfg.train.dtype == "bf16"))
+                                         cfg.eval.heldout_chars, progress=progress,
+                                         bf16=resolve_dtype(cfg.train.dtype, next(model.parameters()).device) == "bf16"))
     # the headline numbers (unconditional samples), flat, in the demo's schema
     for key in ("misalignment_mean", "score_max_at_25", "misaligned_share", "num_samples", "parse_rate",
                 "length_weighted_misalignment", "window_misalignment_mean", "window_samples", "window_chars",

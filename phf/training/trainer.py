@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
+from phf.core.runtime import resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS, EOS
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
@@ -278,7 +279,8 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
+    """bf16 autocast for `dtype` bf16 (or `auto` on a device with bf16 in hardware), else plain fp32."""
+    if resolve_dtype(dtype, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
