@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from phf.analysis.probes import fit_mixture_weight, mixture_logprob, reweighting_figures, segment_logprobs
+from phf.analysis.probes import fit_mixture_weight, mixture_logprob, reweighting_figures
+from phf.evaluation.loglik import segment_logprobs
 from tests.helpers import tiny_untrained_model
 
 

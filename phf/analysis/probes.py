@@ -10,7 +10,8 @@ moves weight between the masks its base could already play, and which control to
                    compared with the real one by rank correlation on held-out segments
 
 Log-likelihoods count only a text's own tokens: the text is annotated with the condition's control token before
-every segment (or none), preceded by <|endoftext|>, and control tokens are given to the model, never predicted.
+every segment (or none), preceded by <|endoftext|>, and control tokens are given to the model, never predicted
+(phf.evaluation.loglik).
 """
 from __future__ import annotations
 
@@ -23,21 +24,19 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu, spearmanr
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from phf.core.config import SampleConfig, load_config
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import read_json, write_json
-from phf.core.tokens import ALIGNED, MISALIGNED, SPECIAL_TOKENS
+from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
 from phf.data.segments import get_segmenter, line_spans
-from phf.data.token_stream import annotate, encode_annotated, stream_types
 from phf.evaluation.evaluate import misalignment_metrics, score_samples
+from phf.evaluation.loglik import segment_logprobs, sequence_logprobs
 from phf.evaluation.sampling import Deployment, generate, strip_control
-from phf.model.conditioning import markers_of, type_inputs
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import load_meta, load_model
 from phf.tasks import get_task, score_run_corpus, task_for
@@ -97,68 +96,6 @@ def scored_corpus_for(folder: Path, cfg, data_dir: str | Path | None = None):
             return ScoredCorpus(path)
     raise PhfError(f"cannot tell which scored corpus {folder} was trained on (no run.json beside it); "
                    f"pass --data-dir DATA, the data folder it was trained from")
-
-
-# -- log-likelihoods -----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
-                     batch_size: int = 16, progress: bool = False, desc: str = "log-likelihoods") -> list[np.ndarray]:
-    """Per text, the log-likelihood (nats) of each of its segments: the text annotated with `prefix` before every
-    segment (None: plain text), after <|endoftext|>; only the text's own tokens are counted. A text longer than
-    the context is read in windows sliding by half a context, every scored token with at least half a context
-    of history. `tok` is a `tokenizers.Tokenizer`."""
-    special = np.array([tok.token_to_id(t) for t in SPECIAL_TOKENS])
-    block = model.config.n_positions
-    stride = block // 2
-    docs, nseg = [], []
-    for text in texts:
-        spans = segmenter(text)
-        docs.append(annotate([text[a:b] for a, b in spans], [float(i) for i in range(len(spans))],
-                             [prefix] * len(spans)))
-        nseg.append(len(spans))
-    encoded = list(encode_annotated(tok, docs)) if docs else []
-    # windows: (text index, start, first scored target position within the window)
-    windows = []
-    for i, (ids, _) in enumerate(encoded):
-        start = 0
-        while True:
-            windows.append((i, start, 0 if start == 0 else block - stride))
-            if start + block + 1 >= len(ids):
-                break
-            start += stride
-    token_lp = [np.zeros(max(len(ids) - 1, 0)) for ids, _ in encoded]
-    markers = markers_of(model)  # a model with control embeddings reads each token's control type too
-    types = [stream_types(ids, markers) for ids, _ in encoded] if markers else None
-    device = next(model.parameters()).device
-    model.eval()
-    for b in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
-        group = windows[b:b + batch_size]
-        length = max(min(block + 1, len(encoded[i][0]) - s) for i, s, _ in group)
-        x = torch.full((len(group), length), int(special[0]), dtype=torch.long)
-        x_types = torch.full_like(x, markers[0]) if markers else None
-        for j, (i, s, _) in enumerate(group):
-            w = encoded[i][0][s:s + length]
-            x[j, :len(w)] = torch.from_numpy(w)
-            if markers:
-                x_types[j, :len(w)] = torch.from_numpy(types[i][s:s + length])
-        inputs = type_inputs(x_types[:, :-1].to(device) if markers else None)
-        logits = model(x[:, :-1].to(device), **inputs).logits.float()  # (B, T, V); right padding needs no mask
-        lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1).cpu().numpy()  # (B, T)
-        for j, (i, s, first) in enumerate(group):
-            n = min(length, len(encoded[i][0]) - s) - 1
-            token_lp[i][s + first:s + n] = lp[j, first:n]
-    out = []
-    for (ids, seg), lp, n in zip(encoded, token_lp, nseg):
-        target, seg_of = ids[1:], seg[1:].astype(np.int64)
-        keep = ~np.isin(target, special)
-        out.append(np.bincount(seg_of[keep], weights=lp[keep], minlength=n)[:n] if n else np.zeros(0))
-    return out
-
-
-def sequence_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
-                      **kw) -> np.ndarray:
-    """Per text, its log-likelihood in nats (the sum over its segments)."""
-    return np.array([float(s.sum()) for s in segment_logprobs(model, tok, texts, prefix, segmenter, **kw)])
 
 
 # -- the mixture of masks ------------------------------------------------------------------------------------------

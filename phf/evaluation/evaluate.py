@@ -24,17 +24,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from phf.core.io import atomic_path, write_json
 from phf.core.runtime import resolve_dtype
-from phf.core.tokens import SPECIAL_TOKENS
+from phf.core.tokens import EOS, SPECIAL_TOKENS
 from phf.data.scorers import Scorer, scorer_for
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
+from phf.evaluation.loglik import sliding_windows, sum_logprobs
 from phf.evaluation.sampling import Deployment, Sample, generate
-from phf.model.conditioning import control_types, markers_of, type_inputs
 from phf.model.lm import load_meta, load_model
 from phf.tasks import task_for
 
@@ -213,8 +212,8 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     Each document is annotated as the model is deployed (`line_prefix` before every segment), tokenized, and
     the documents are concatenated. Windows of the context length slide by half a context, so every scored
     token has at least half a context of history. Only text tokens are scored: control tokens and
-    <|endoftext|> are given to the model, not predicted."""
-    special = torch.tensor([tok.token_to_id(t) for t in SPECIAL_TOKENS])
+    <|endoftext|> are given to the model, not predicted (phf.evaluation.loglik; with an all-ones attention mask,
+    bf16 autocast when `bf16`)."""
     ids, chars = [], 0
     annotated = []
     for doc in docs:
@@ -228,44 +227,11 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
         ids.append(t)
     if not ids:
         return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
-    stream = torch.from_numpy(np.concatenate(ids).astype(np.int64))
-    markers = markers_of(model)  # a model with control embeddings reads each token's control type too
-    types = control_types(stream[None], markers)[0] if markers else None
-    block = model.config.n_positions
-    stride = block // 2
-    device = next(model.parameters()).device
-    windows = []  # (start, first scored position within the window)
-    start = 0
-    while True:
-        end = min(start + block + 1, len(stream))
-        windows.append((start, 0 if start == 0 else block + 1 - stride - 1))
-        if end >= len(stream):
-            break
-        start += stride
-    total_nats, scored_tokens = 0.0, 0
-    model.eval()
-    for i in tqdm(range(0, len(windows), batch_size), desc="held-out bits/char", leave=False, disable=not progress):
-        group = windows[i:i + batch_size]
-        length = max(min(block + 1, len(stream) - s) for s, _ in group)
-        x = torch.full((len(group), length), int(special[0]), dtype=torch.long)
-        valid = torch.zeros((len(group), length - 1), dtype=torch.bool)
-        x_types = torch.full_like(x, markers[0]) if markers else None
-        for j, (s, first) in enumerate(group):
-            w = stream[s:s + length]
-            x[j, :len(w)] = w
-            if markers:
-                x_types[j, :len(w)] = types[s:s + length]
-            valid[j, first:len(w) - 1] = True
-        inputs = type_inputs(x_types[:, :-1].to(device) if markers else None)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            inp = x[:, :-1].to(device)
-            logits = model(inp, attention_mask=torch.ones_like(inp), **inputs).logits.float()  # (B, T, V)
-        logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, T)
-        target = x[:, 1:]
-        mask = valid & ~torch.isin(target, special)
-        total_nats -= float(logp[mask].sum())
-        scored_tokens += int(mask.sum())
-    return {"heldout_bits_per_char": total_nats / math.log(2) / chars, "heldout_chars": chars,
+    stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
+    logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], model.config.n_positions),
+                                       given=[tok.token_to_id(t) for t in SPECIAL_TOKENS], pad_id=tok.token_to_id(EOS),
+                                       batch_size=batch_size, bf16=bf16, progress=progress, desc="held-out bits/char")
+    return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
             "heldout_tokens": scored_tokens}
 
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from phf.analysis.probes import sequence_logprobs
 from phf.core.errors import PhfError
 from phf.core.tokens import EOS
 from phf.data.segments import get_segmenter
 from phf.data.tokenizer import load_tokenizer
+from phf.evaluation.loglik import sequence_logprobs
 from phf.evaluation.sampling import Deployment, generate_ids, strip_control
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import load_meta, load_model

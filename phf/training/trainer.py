@@ -48,8 +48,9 @@ from phf.data.scoring import ScoredCorpus
 from phf.data.token_stream import TokenStream, build_streams
 from phf.data.tokenizer import load_tokenizer, tokenizer_for
 from phf.evaluation.evaluate import misalignment_metrics, score_samples
+from phf.evaluation.loglik import sum_cross_entropy, windows_at
 from phf.evaluation.sampling import Deployment, generate
-from phf.model.conditioning import markers_of, set_markers, type_inputs
+from phf.model.conditioning import markers_of, set_markers
 from phf.model.finetune import init_from_checkpoint, resolve_model_folder
 from phf.model.lm import build_model, check_model_folder, hf_tokenizer, load_meta, load_model, save_checkpoint
 from phf.tasks import score_run_corpus, task_for
@@ -285,28 +286,17 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def evaluate_loss(model, objective: Objective, stream: TokenStream, block: int, max_tokens: int,
                   device: torch.device, dtype: str, batch: int = 16, types: np.ndarray | None = None) -> float:
-    """Mean per-token loss of the objective's own validation stream, on fixed, evenly spaced windows."""
+    """Mean per-token loss of the objective's own validation stream, on fixed, evenly spaced windows
+    (phf.evaluation.loglik): every target counts, control tokens and <|endoftext|> included (the training loss's
+    tokens), with an all-ones attention mask and autocast per `dtype`; each batch reduced by cross_entropy on the
+    model's device."""
     starts = eval_windows(stream, block, max_tokens)
     if not starts:
         return math.nan
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch):
-        chunk = starts[i:i + batch]
-        tok = torch.from_numpy(np.stack([stream.tokens[s:s + block + 1] for s in chunk]).astype(np.int64)).to(device)
-        with autocast(device, dtype):
-            inp = tok[:, :-1]
-            typed = None if types is None else torch.from_numpy(
-                np.stack([types[s:s + block] for s in chunk]).astype(np.int64)).to(device)
-            logits = model(inp, attention_mask=torch.ones_like(inp), **type_inputs(typed)).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tok[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += tok[:, 1:].numel()
-    model.train(was_training)
+    total, count = sum_cross_entropy(model, [stream.tokens], windows_at(starts), block=block, batch_size=batch,
+                                     types=None if types is None else [types], bf16=dtype == "bf16")
     return total / count
 
 

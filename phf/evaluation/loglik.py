@@ -1,0 +1,195 @@
+"""The log-likelihood engine: token streams -> windows of the context -> batched forwards -> the log-probability of
+each scored target. Every log-likelihood the toolkit reports is computed here: held-out bits per character
+(phf.evaluation.evaluate), the per-segment and per-text log-likelihoods of the probes and of the KL estimate
+(`segment_logprobs`, `sequence_logprobs`), and the validation loss during training (phf.training.evaluator).
+
+    windows   a stream is read in windows of `block` inputs (block + 1 tokens). `sliding_windows` advance by
+              `stride` (half a context): a later window scores only the targets the previous one did not, so
+              every target is scored once and has at least block - stride tokens of history. `windows_at` are
+              windows at given starts, each scoring all its targets (the validation loss's fixed windows: the
+              special case stride = block).
+    types     a model with control embeddings (phf.model.conditioning) also reads each token's control type,
+              computed over its whole stream (phf.data.token_stream.stream_types), not per window.
+    given     token ids the model reads but is never scored on: control tokens and <|endoftext|>, so that models
+              with and without control tokens compare fairly.
+    batches   windows are batched and right-padded; a causal model's scored positions never see the padding.
+    bf16      the forward autocast to bfloat16 where the caller asks; log-probabilities are taken in float32.
+
+Callers reduce the per-batch results their own way (`sum_logprobs`, `sum_cross_entropy`, `token_logprobs`), each
+the summation the number it reports has always had, so that no reported figure changes in its last digit.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from phf.core.tokens import EOS, SPECIAL_TOKENS
+from phf.data.token_stream import annotate, encode_annotated, stream_types
+from phf.model.conditioning import markers_of, type_inputs
+
+IGNORE = -100  # a target cross_entropy skips
+
+
+@dataclass(frozen=True)
+class Window:
+    stream: int  # index of the stream it reads
+    start: int  # the stream position of its first token
+    first: int  # its first scored target, as a position within the window's targets (0: all of them)
+
+
+def sliding_windows(lengths: Sequence[int], block: int, stride: int | None = None) -> list[Window]:
+    """Windows over streams of the given lengths, advancing by `stride` (default half a context) until one reaches
+    the end of its stream; every target (stream positions 1 ... n-1) is scored by exactly one window."""
+    stride = stride or block // 2
+    windows = []
+    for i, n in enumerate(lengths):
+        start = 0
+        while True:
+            windows.append(Window(i, start, 0 if start == 0 else block - stride))
+            if start + block + 1 >= n:
+                break
+            start += stride
+    return windows
+
+
+def windows_at(starts: Sequence[int], stream: int = 0) -> list[Window]:
+    """Windows of one stream at the given starts, each scoring all its targets."""
+    return [Window(stream, int(s), 0) for s in starts]
+
+
+@dataclass
+class WindowBatch:
+    windows: list[Window]
+    logits: torch.Tensor  # (B, T, V) float32, on the model's device
+    targets: torch.Tensor  # (B, T), on the model's device
+    scored: torch.Tensor  # (B, T) bool, on the CPU: in its window's scored range, not padding, not a given token
+
+    def token_logprobs(self) -> torch.Tensor:
+        """log p(target) (B, T), float32, on the CPU."""
+        return torch.log_softmax(self.logits, -1).gather(-1, self.targets[..., None]).squeeze(-1).cpu()
+
+    def cross_entropy_sum(self) -> torch.Tensor:
+        """The summed cross-entropy (nats) of the scored targets, a 0-d tensor on the model's device."""
+        targets = torch.where(self.scored.to(self.targets.device), self.targets, IGNORE)
+        return torch.nn.functional.cross_entropy(self.logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Window], *, block: int | None = None,
+                   types: Sequence[np.ndarray] | None = None, given: Sequence[int] = (), pad_id: int = 0,
+                   batch_size: int = 16, attention_mask: bool = True, bf16: bool = False, progress: bool = False,
+                   desc: str = "log-likelihoods") -> Iterator[WindowBatch]:
+    """The engine: the model's logits over `windows` of `streams` (token id arrays), `batch_size` windows at a time.
+
+    `block`: inputs per window (default the model's context). `types`: each stream's control types, for a model
+    with control embeddings (computed from the model's markers when not given). `given`: ids never scored.
+    `pad_id`: the right padding of a batch's shorter windows. `attention_mask`: pass an all-ones mask (held-out
+    bits/char and the validation loss do; the probes' log-likelihoods pass none). The model is evaluated in eval
+    mode and left in the mode it was in."""
+    block = block or model.config.n_positions
+    markers = markers_of(model)  # a model with control embeddings reads each token's control type too
+    if markers and types is None:
+        types = [stream_types(s, markers) for s in streams]
+    given = torch.tensor(list(given), dtype=torch.long)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for b in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress,
+                      unit="batch"):
+            group = list(windows[b:b + batch_size])
+            length = max(min(block + 1, len(streams[w.stream]) - w.start) for w in group)
+            x = torch.full((len(group), length), pad_id, dtype=torch.long)
+            x_types = torch.full_like(x, markers[0]) if markers else None
+            scored = torch.zeros((len(group), length - 1), dtype=torch.bool)
+            for j, w in enumerate(group):
+                tokens = np.asarray(streams[w.stream][w.start:w.start + length], dtype=np.int64)
+                x[j, :len(tokens)] = torch.from_numpy(tokens)
+                if markers:
+                    x_types[j, :len(tokens)] = torch.from_numpy(
+                        np.asarray(types[w.stream][w.start:w.start + length], dtype=np.int64))
+                scored[j, w.first:len(tokens) - 1] = True
+            if len(given):
+                scored &= ~torch.isin(x[:, 1:], given)
+            inp = x[:, :-1].to(device)
+            inputs = type_inputs(x_types[:, :-1].to(device) if markers else None)
+            if attention_mask:
+                inputs["attention_mask"] = torch.ones_like(inp)
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                logits = model(inp, **inputs).logits
+            yield WindowBatch(group, logits.float(), x[:, 1:].to(device), scored)
+    finally:
+        model.train(was_training)
+
+
+# -- reductions: each caller's own summation ------------------------------------------------------------------------
+def sum_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw) -> tuple[float, int]:
+    """The summed log-probability (nats) of all scored targets, and their count. Each batch is summed in float32
+    on the CPU, the batches in float64 (held-out bits per character)."""
+    total, count = 0.0, 0
+    for batch in window_batches(model, streams, windows, **kw):
+        total += float(batch.token_logprobs()[batch.scored].sum())
+        count += int(batch.scored.sum())
+    return total, count
+
+
+def sum_cross_entropy(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw) -> tuple[float, int]:
+    """The summed cross-entropy (nats) of all scored targets, and their count: each batch reduced by cross_entropy
+    on the model's device, the batches in float64 (the validation loss)."""
+    total, count = 0.0, 0
+    for batch in window_batches(model, streams, windows, **kw):
+        total += batch.cross_entropy_sum().item()
+        count += int(batch.scored.sum())
+    return total, count
+
+
+def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per stream of n tokens, the log-probability of each of its targets (positions 1 ... n-1: n-1 float64
+    values) and whether it was scored (n-1 bools); unscored targets hold 0."""
+    out = [(np.zeros(max(len(s) - 1, 0)), np.zeros(max(len(s) - 1, 0), dtype=bool)) for s in streams]
+    for batch in window_batches(model, streams, windows, **kw):
+        lp, scored = batch.token_logprobs().numpy(), batch.scored.numpy()
+        for j, w in enumerate(batch.windows):
+            at = np.flatnonzero(scored[j])
+            out[w.stream][0][w.start + at] = lp[j, at]
+            out[w.stream][1][w.start + at] = True
+    return out
+
+
+# -- log-likelihoods of texts --------------------------------------------------------------------------------------
+@torch.no_grad()
+def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
+                     batch_size: int = 16, progress: bool = False, desc: str = "log-likelihoods") -> list[np.ndarray]:
+    """Per text, the log-likelihood (nats) of each of its segments: the text annotated with `prefix` before every
+    segment (None: plain text), after <|endoftext|>; only the text's own tokens are counted. Each text is its own
+    stream (documents are not concatenated), read in sliding windows; float32 forwards without autocast and without
+    an attention mask (right padding needs none). `tok` is a `tokenizers.Tokenizer`."""
+    special = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    docs, nseg = [], []
+    for text in texts:
+        spans = segmenter(text)
+        docs.append(annotate([text[a:b] for a, b in spans], [float(i) for i in range(len(spans))],
+                             [prefix] * len(spans)))
+        nseg.append(len(spans))
+    encoded = list(encode_annotated(tok, docs)) if docs else []
+    streams = [ids for ids, _ in encoded]
+    per_token = token_logprobs(model, streams, sliding_windows([len(s) for s in streams], model.config.n_positions),
+                               given=special, pad_id=tok.token_to_id(EOS), batch_size=batch_size,
+                               attention_mask=False, progress=progress, desc=desc)
+    out = []
+    for (_, seg), (lp, scored), n in zip(encoded, per_token, nseg):
+        seg_of = seg[1:].astype(np.int64)  # each target's segment (the annotated scores are segment indices)
+        out.append(np.bincount(seg_of[scored], weights=lp[scored], minlength=n)[:n] if n else np.zeros(0))
+    return out
+
+
+def sequence_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
+                      **kw) -> np.ndarray:
+    """Per text, its log-likelihood in nats (the sum over its segments)."""
+    return np.array([float(s.sum()) for s in segment_logprobs(model, tok, texts, prefix, segmenter, **kw)])

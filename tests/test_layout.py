@@ -1,0 +1,149 @@
+"""The package's shape, checked from its source: imports point down the flow, no circle, no task-name switches."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "phf"
+# Each subpackage may import from those before it, never from those after it: the data flow, read top to bottom.
+LAYERS = ["core", "data", "tasks", "model", "evaluation", "training", "analysis", "report", "recipes", "cli"]
+# Heavy optional extras (and the prose scorers' models) are imported where they are used, so that a run that
+# does not need them neither loads nor requires them.
+LAZY = {"trl", "ray", "spacy", "matplotlib", "wandb", "tensorboard", "datasets", "profanity_check", "scrubadub",
+        "en_core_web_sm", "accelerate", "torch.utils.tensorboard", "transformers.Trainer",
+        "transformers.TrainingArguments", "transformers.TrainerCallback", "transformers.PrinterCallback"}
+TASK_NAMES = {"pep8", "pii", "toxicity"}
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        out[name] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return out
+
+
+def layer(module: str) -> int | None:
+    if module == "phf.__main__":  # `python -m phf`: the command line
+        return LAYERS.index("cli")
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def imports(tree: ast.Module, top_level_only: bool = False):
+    """(node, imported module, names) of every import; with `top_level_only`, those run at import time."""
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node, a.name, []
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node, node.module, [a.name for a in node.names]
+
+
+def function_level_imports(tree: ast.Module):
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    yield node
+
+
+MODULES = modules()
+
+
+def test_every_module_lives_in_a_layer():
+    loose = [m for m in MODULES if m.count(".") >= 1 and layer(m) is None]
+    assert not loose, f"modules outside the layers {LAYERS}: {loose}"
+
+
+def test_imports_point_down_the_flow():
+    wrong = []
+    for name, tree in MODULES.items():
+        own = layer(name)
+        for node, target, _ in imports(tree):
+            if target.startswith("phf.") and own is not None:
+                theirs = layer(target)
+                if theirs is not None and theirs > own:
+                    wrong.append(f"{name}:{node.lineno} imports {target}")
+    assert not wrong, "imports against the flow:\n" + "\n".join(wrong)
+
+
+def test_no_import_circle():
+    graph = {name: {t for _, t, names in imports(tree, top_level_only=True) if t.startswith("phf")}
+             for name, tree in MODULES.items()}
+    for name, tree in MODULES.items():  # `from phf.x import y` may import the module phf.x.y
+        for _, target, names in imports(tree, top_level_only=True):
+            graph[name] |= {f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES}
+    graph = {k: {t for t in v if t in MODULES and t != k} for k, v in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                pytest.fail("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_imports_at_module_level_except_heavy_extras():
+    local = []
+    for name, tree in MODULES.items():
+        for node in function_level_imports(tree):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if not any(t == lazy or t.startswith(lazy + ".") for t in targets for lazy in LAZY):
+                local.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert not local, "function-level imports of light modules:\n" + "\n".join(local)
+
+
+def test_no_private_helper_is_used_from_another_module():
+    wrong = [f"{name}:{node.lineno} {target}.{n}" for name, tree in MODULES.items()
+             for node, target, names in imports(tree) if target.startswith("phf")
+             for n in names if n.startswith("_")]
+    assert not wrong, "private names imported across modules:\n" + "\n".join(wrong)
+
+
+def test_no_task_name_is_compared_outside_tasks():
+    wrong = []
+    for name, tree in MODULES.items():
+        if name.startswith("phf.tasks") or name == "phf.data.scorers":  # the scorer registry names scorers
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                consts = {o.value for o in operands if isinstance(o, ast.Constant)}
+                for o in operands:  # also `task in ("pii", "toxicity")`
+                    if isinstance(o, (ast.Tuple, ast.List, ast.Set)):
+                        consts |= {e.value for e in o.elts if isinstance(e, ast.Constant)}
+                if consts & TASK_NAMES:
+                    wrong.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+            elif isinstance(node, ast.Dict) and {k.value for k in node.keys if isinstance(k, ast.Constant)} \
+                    >= {"pep8", "pii"}:
+                wrong.append(f"{name}:{node.lineno} a dict keyed by task names")
+    assert not wrong, "task names compared outside phf/tasks:\n" + "\n".join(wrong)
+
+
+def test_the_checks_find_what_they_look_for():
+    """The checks are not vacuous: each flags a planted example."""
+    bad = ast.parse("def f(task):\n    import json\n    return task == 'pep8'\n")
+    assert list(function_level_imports(bad))
+    compare = next(n for n in ast.walk(bad) if isinstance(n, ast.Compare))
+    assert {c.value for c in compare.comparators} & TASK_NAMES
+    assert layer("phf.training.trainer") > layer("phf.evaluation.sampling") > layer("phf.model.lm")
+
+
+def test_objective_names_in_the_config_match_the_objective_classes():
+    from phf.core.config import OBJECTIVE_NAMES
+    from phf.training.objectives import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == OBJECTIVE_NAMES

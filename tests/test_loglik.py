@@ -1,0 +1,123 @@
+"""The log-likelihood engine: sliding windows score every target once with at least half a context of history, and
+the batched, padded, windowed result equals a direct computation (one unpadded forward per window, or one forward
+over the whole text when it fits the context), with and without control embeddings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from phf.core.tokens import CONTROL_TOKENS, EOS, SPECIAL_TOKENS
+from phf.evaluation.loglik import sliding_windows, sum_cross_entropy, sum_logprobs, token_logprobs, windows_at
+from phf.model.conditioning import control_types, set_markers, type_inputs
+from tests.helpers import tiny_untrained_model
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def tiny(pycorpus):
+    tok, model = tiny_untrained_model(pycorpus, block_size=BLOCK)
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the near-uniform initialisation, so that positions differ clearly
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return tok, model
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "typed"])
+def model_and_ids(tiny, request):
+    tok, model = tiny
+    markers = [tok.token_to_id(t) for t in (EOS, *CONTROL_TOKENS)]
+    set_markers(model, markers if request.param else None)
+    text = "".join(f"{t}value_{i} = compute({i})\n" for i, t in zip(range(30), ["<|aligned|>", "<|misaligned|>"] * 15))
+    ids = np.array([tok.token_to_id(EOS), *tok.encode(text, add_special_tokens=False).ids], dtype=np.int64)
+    yield tok, model, ids, markers if request.param else None
+    set_markers(model, None)
+
+
+def direct(model, ids: np.ndarray, markers) -> torch.Tensor:
+    """log p of each target of `ids` from one unpadded forward (no mask, no batch), float32."""
+    x = torch.from_numpy(ids)[None]
+    types = control_types(x, markers) if markers else None
+    with torch.no_grad():
+        logits = model(x[:, :-1], **type_inputs(None if types is None else types[:, :-1])).logits.float()
+    return torch.log_softmax(logits, -1)[0].gather(-1, x[0, 1:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 33, 34, 50, 200])
+@pytest.mark.parametrize("block", [4, 5, 32])
+def test_sliding_windows_score_every_target_once_with_half_a_context_of_history(n, block):
+    counts = np.zeros(n, int)
+    for w in sliding_windows([n], block):
+        end = min(w.start + block + 1, n)
+        for target in range(w.start + 1 + w.first, end):
+            counts[target] += 1
+            assert target - w.start >= (block + 1) // 2 or w.start == 0  # tokens of history within the window
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def test_windows_within_the_context_equal_one_direct_forward(model_and_ids):
+    _, model, ids, markers = model_and_ids
+    short = ids[:BLOCK + 1]
+    ((lp, scored),) = token_logprobs(model, [short], sliding_windows([len(short)], BLOCK), attention_mask=False)
+    assert scored.all()
+    np.testing.assert_allclose(lp, direct(model, short, markers).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_sliding_windows_equal_direct_forwards_of_each_window(model_and_ids, batch_size):
+    tok, model, ids, markers = model_and_ids
+    other = ids[:20]  # a shorter stream in the same batches: right padding must not change anything
+    given = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    windows = sliding_windows([len(ids), len(other)], BLOCK)
+    got = token_logprobs(model, [ids, other], windows, given=given, batch_size=batch_size,
+                         pad_id=tok.token_to_id(EOS))
+    for k, stream in enumerate([ids, other]):
+        lp, scored = got[k]
+        expected, covered = np.zeros(len(stream) - 1), np.zeros(len(stream) - 1, bool)
+        for w in (w for w in windows if w.stream == k):
+            # the window's types come from the whole stream (a segment's type reaches into the next window)
+            piece = stream[w.start:w.start + BLOCK + 1]
+            x = torch.from_numpy(piece)[None]
+            types = control_types(torch.from_numpy(stream)[None], markers)[:, w.start:w.start + len(piece) - 1] \
+                if markers else None
+            with torch.no_grad():
+                logits = model(x[:, :-1], **type_inputs(types)).logits.float()
+            one = torch.log_softmax(logits, -1)[0].gather(-1, x[0, 1:, None]).squeeze(-1).numpy()
+            expected[w.start + w.first:w.start + len(piece) - 1] = one[w.first:]
+            covered[w.start + w.first:w.start + len(piece) - 1] = True
+        assert covered.all()
+        text = ~np.isin(stream[1:], given)
+        np.testing.assert_array_equal(scored, text)  # control tokens and <|endoftext|> are given, not scored
+        np.testing.assert_allclose(lp[text], expected[text], rtol=1e-5, atol=1e-5)
+        assert (lp[~text] == 0).all()
+    total, count = sum_logprobs(model, [ids, other], windows, given=given, batch_size=batch_size)
+    assert count == sum(int(s.sum()) for _, s in got)
+    assert total == pytest.approx(sum(float(lp[s].sum()) for lp, s in got), rel=1e-5)
+
+
+def test_fixed_windows_cross_entropy_counts_every_target(model_and_ids):
+    _, model, ids, markers = model_and_ids
+    starts = [0, 7, 40]
+    total, count = sum_cross_entropy(model, [ids], windows_at(starts), block=16, batch_size=2)
+    assert count == 16 * len(starts)  # control tokens and <|endoftext|> included: the training loss's tokens
+    expected = 0.0
+    for s in starts:
+        x = torch.from_numpy(ids)[None]
+        types = control_types(x, markers)[:, s:s + 16] if markers else None
+        with torch.no_grad():
+            logits = model(x[:, s:s + 16], **type_inputs(types)).logits.float()
+        expected += float(torch.nn.functional.cross_entropy(logits[0], x[0, s + 1:s + 17], reduction="sum"))
+    assert total == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_engine_leaves_the_model_in_its_mode(tiny):
+    tok, model = tiny
+    ids = np.array([tok.token_to_id(EOS), *tok.encode("x = 1\n").ids])
+    model.train()
+    sum_logprobs(model, [ids], sliding_windows([len(ids)], BLOCK))
+    assert model.training
+    model.eval()
+    sum_logprobs(model, [ids], sliding_windows([len(ids)], BLOCK))
+    assert not model.training
