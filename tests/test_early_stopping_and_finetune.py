@@ -106,3 +106,15 @@ def test_new_control_tokens_start_at_the_mean_embedding(tiny_cfg_factory, data_d
     plain = init_from_checkpoint(mle.checkpoint, tok_file, torch.device("cpu"),
                                  get_objective(tiny_cfg_factory("filtering").objective, get_task("pep8")), seed=0)
     assert torch.equal(plain.get_input_embeddings().weight.detach(), before)
+
+
+def test_early_stopping_state_continues_after_a_resume():
+    from phf.training.evaluator import EarlyStopping
+
+    es = EarlyStopping(patience=2, min_delta=0.1)
+    assert es.update(5.0, 2) and not es.stop
+    assert not es.update(4.95, 4) and not es.stop  # within min_delta: no improvement
+    resumed = EarlyStopping(patience=2, min_delta=0.1, state=es.state())
+    assert resumed.state() == {"val_loss": 5.0, "step": 2, "stale": 1} and not resumed.stop
+    assert not resumed.update(5.2, 6) and resumed.stop
+    assert EarlyStopping(2, 0.0, state=resumed.state()).stop is False  # only an evaluation decides to stop

@@ -6,6 +6,9 @@ The loss of a step is the sum of per-token losses divided by the *global* count 
 micro-batches, all ranks), so the number of ranks and accumulation steps does not change the update. Batches
 are drawn from a generator seeded by (seed, step, global micro-batch index): a resumed run sees exactly the data
 it would have seen, and 2 ranks x 1 accumulation step draw the same windows as 1 rank x 2.
+
+The loop delegates: phf.training.distributed (ranks, FSDP2), phf.training.checkpoint (saving, resuming),
+phf.training.evaluator (validation loss, samples' misalignment, early stopping).
 """
 from __future__ import annotations
 
@@ -16,181 +19,44 @@ import math
 import os
 import platform
 import time
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import tokenizers
 import torch
-import torch.distributed as dist
 import transformers
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
-from phf.core.io import read_json, read_jsonl, recover_dir, stable_hash, write_json, write_text
+from phf.core.io import read_jsonl, stable_hash, write_json, write_text
 from phf.core.runtime import resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS, EOS
-from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
 from phf.data.token_stream import TokenStream, build_streams
 from phf.data.tokenizer import load_tokenizer, tokenizer_for
-from phf.evaluation.evaluate import misalignment_metrics, score_samples
-from phf.evaluation.loglik import sum_cross_entropy, windows_at
-from phf.evaluation.sampling import Deployment, generate
-from phf.model.conditioning import markers_of, set_markers
-from phf.model.finetune import init_from_checkpoint, resolve_model_folder
-from phf.model.lm import build_model, check_model_folder, hf_tokenizer, load_meta, load_model, save_checkpoint
+from phf.model.conditioning import set_markers
+from phf.model.finetune import init_from_checkpoint
+from phf.model.lm import build_model, load_model
 from phf.tasks import score_run_corpus, task_for
+from phf.training.checkpoint import (
+    CheckpointManager,
+    Progress,
+    check_resumed_markers,
+    checkpoint_dir,
+    load_trainer_state,
+    resume_state,
+    tokens_before,
+)
+from phf.training.distributed import Dist, clip_sharded_gradients, init_distributed, no_sync, pick_device, shard_model
+from phf.training.evaluator import Evaluator
 from phf.training.objectives import Objective, get_objective
 from phf.training.tracking import Metrics
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.pt"
-TRAINER_STATE_JSON = "trainer_state.json"
-
-
-# -- distributed helpers ----------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-
-def init_distributed(device: torch.device) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-# -- FSDP2: sharding, and full state dicts for checkpoints --------------------------------------------------------
-def shard_model(model: torch.nn.Module) -> None:
-    """FSDP2 in place: `fully_shard` each transformer block (the classes the model lists in `_no_split_modules`,
-    GPT2Block for GPT-2), then the root, which keeps the embeddings and the final norm. Parameters become DTensor
-    shards; build the optimizer after this."""
-
-    kinds = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
-    if not blocks:
-        raise PhfError(f"train.parallel=fsdp: {type(model).__name__} names no transformer block class "
-                       f"(_no_split_modules) to shard by; use train.parallel=ddp")
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
-    # the model returns views (logits, hidden states); the objectives never modify them in place, which is what
-    # this warning is about
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-
-def no_sync(train_model: torch.nn.Module):
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) of a micro-batch that is not the step's last."""
-    if isinstance(train_model, torch.nn.parallel.DistributedDataParallel):
-        return train_model.no_sync()
-
-    @contextlib.contextmanager
-    def fsdp_no_sync():
-        train_model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            train_model.set_requires_gradient_sync(True)
-
-    return fsdp_no_sync()
-
-
-def clip_sharded_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ over FSDP2 shards (DTensor) and plain tensors (an objective's own heads) together: the
-    global norm of all gradients, every rank the same."""
-
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = []
-    for kind in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
-        if kind:
-            n = torch.nn.utils.get_total_norm(kind)
-            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
-    return total
-
-
-def optimizer_param_names(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The name of each optimizer parameter, in the order of optimizer.state_dict()'s integer ids."""
-    names = {id(p): n for n, p in root.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def gather_full_state(model: torch.nn.Module, root: torch.nn.Module, optimizer: torch.optim.Optimizer
-                      ) -> tuple[torch.nn.Module | None, dict | None]:
-    """Collective (every rank calls it): the full, unsharded weights and optimizer state, gathered to rank 0 on
-    the CPU. Rank 0 gets a plain (unsharded) copy of the model to save and the optimizer state in
-    optimizer.state_dict()'s layout (so DDP and FSDP checkpoints are interchangeable); other ranks get (None, None)."""
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(root, optimizer, options=opts)
-    if dist.get_rank() != 0:
-        return None, None
-    with torch.device("meta"):  # no memory, no initialisation: the gathered weights are assigned to it
-        plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict(weights, assign=True)
-    plain.tie_weights()
-    plain.generation_config = model.generation_config
-    index = {n: i for i, n in enumerate(optimizer_param_names(root, optimizer))}
-    optim = {"state": {index[n]: v for n, v in optim["state"].items()},
-             "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in optim["param_groups"]]}
-    return plain, optim
-
-
-def load_sharded_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer.state_dict() (every rank holds it) into an optimizer over FSDP2 shards."""
-
-    names = optimizer_param_names(root, optimizer)
-    if len(names) != sum(len(g["params"]) for g in state["param_groups"]):
-        raise PhfError("the checkpoint's optimizer state does not fit this model; start a new run with --init-from")
-    state = {"state": {names[i]: v for i, v in state["state"].items()},
-             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
-    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def versions() -> dict:
@@ -223,6 +89,16 @@ def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True) -> Prepa
     return PreparedData(scored, tok_path, objective, streams)
 
 
+def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: bool) -> PreparedData:
+    """The data, prepared once by rank 0 and then read by the other ranks."""
+    if d.main:
+        data = prepare_data(cfg, data_dir, progress=progress)
+    d.barrier()
+    if not d.main:
+        data = prepare_data(cfg, data_dir, progress=False)
+    return data
+
+
 def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
               device: torch.device, types: np.ndarray | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -243,14 +119,6 @@ def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int,
         return x, y, s, None
     t = torch.from_numpy(np.stack([types[st:st + block] for st in starts]).astype(np.int64)).to(device)
     return x, y, s, t
-
-
-def eval_windows(stream: TokenStream, block: int, max_tokens: int) -> list[int]:
-    n = len(stream)
-    count = max(1, min(max_tokens // block, (n - 1) // block))
-    if n < block + 2:
-        return []
-    return [int(i) for i in np.linspace(0, n - block - 1, count).astype(np.int64)]
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -286,58 +154,131 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def evaluate_loss(model, objective: Objective, stream: TokenStream, block: int, max_tokens: int,
-                  device: torch.device, dtype: str, batch: int = 16, types: np.ndarray | None = None) -> float:
-    """Mean per-token loss of the objective's own validation stream, on fixed, evenly spaced windows
-    (phf.evaluation.loglik): every target counts, control tokens and <|endoftext|> included (the training loss's
-    tokens), with an all-ones attention mask and autocast per `dtype`; each batch reduced by cross_entropy on the
-    model's device."""
-    starts = eval_windows(stream, block, max_tokens)
-    if not starts:
-        return math.nan
-    total, count = sum_cross_entropy(model, [stream.tokens], windows_at(starts), block=block, batch_size=batch,
-                                     types=None if types is None else [types], bf16=dtype == "bf16")
-    return total / count
+# -- the model as trained ------------------------------------------------------------------------------------------
+@dataclass
+class Trainable:
+    model: torch.nn.Module  # the model itself (sharded in place under FSDP2): evaluated, sampled and saved
+    heads: list[torch.nn.Module]  # an objective's own modules (AWR's value head), outside DDP and FSDP
+    root: torch.nn.ModuleList  # model and heads: what the optimizer updates and checkpoints gather
+    optimizer: torch.optim.Optimizer
+    train_model: torch.nn.Module  # DDP's wrapper when data-parallel (what no_sync applies to), else the model
+    forward: torch.nn.Module  # train_model, compiled with train.compile
+    sharded: bool  # FSDP2
+    fused: bool  # the fused LM-head loss (not under FSDP2, which keeps the head's weight sharded outside forward)
+    markers: list[int] | None  # control-type markers of a model with control embeddings (phf.model.conditioning)
 
 
-class TrainingSampler:
-    """Misalignment against tokens seen: at each evaluation, `train.eval_samples` unconditional samples of the model
-    as deployed, scored by the task's scorer. The same seed every time, so the curve's changes are the model's."""
+def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: str | Path | None, resume: bool,
+                device: torch.device, d: Dist) -> Trainable:
+    """The model (resumed, initialised from a checkpoint, or new), its control markers, the objective's heads,
+    FSDP2 sharding, the optimizer (with its resumed state, and torch's RNG state) and the DDP wrapper."""
+    tok = load_tokenizer(data.tokenizer_file)
+    eos_id = tok.token_to_id(EOS)
+    if resume:
+        model = load_model(checkpoint_dir(out_dir)).to(device)
+    elif init_from:
+        model = init_from_checkpoint(init_from, data.tokenizer_file, device, data.objective, cfg.train.seed)
+    else:
+        model = build_model(cfg.model, tok.get_vocab_size(), eos_id).to(device)
+    model.train()
+    if cfg.model.block_size > model.config.n_positions:
+        raise PhfError(f"model.block_size {cfg.model.block_size} exceeds the model's context "
+                       f"{model.config.n_positions}")
+    markers = None
+    if data.objective.control_embedding:  # the model reads each token's control type too (phf.conditioning)
+        markers = [eos_id, *(tok.token_to_id(t) for t in CONTROL_TOKENS)]
+    if resume:
+        check_resumed_markers(out_dir, model, markers)
+    set_markers(model, markers)
+    heads = data.objective.attach(model, checkpoint_dir(out_dir) if resume else init_from, required=resume)
+    sharded = d.world > 1 and cfg.train.parallel == "fsdp"
+    if sharded:
+        shard_model(model)  # every rank loaded or built the full model; each keeps its shards (heads stay whole)
+    root = torch.nn.ModuleList([model, *heads])
+    optimizer = make_optimizer(root, cfg.train)
+    if resume:
+        load_trainer_state(out_dir, root, optimizer, sharded, device)
+    train_model = model
+    if d.world > 1 and not sharded:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(train_model) if cfg.train.compile else train_model
+    return Trainable(model, heads, root, optimizer, train_model, forward, sharded, cfg.train.fused_loss and not sharded,
+                     markers)
 
-    def __init__(self, cfg: RunConfig, objective: Objective, data: PreparedData):
-        self.cfg = cfg
-        self.task = task_for(cfg)
-        self.scorer = scorer_for(cfg.scoring)
-        self.tokenizer = hf_tokenizer(data.tokenizer_file)
-        self.deployment = Deployment.from_meta({"objective": objective.describe()})
 
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, step: int) -> dict:
-        n = self.cfg.train.eval_samples
-        sample_cfg = replace(self.cfg.sample, num_samples=n, batch_size=min(n, self.cfg.sample.batch_size))
-        was_training = model.training
-        model.eval()
-        samples = generate(model, self.tokenizer, [""] * n, sample_cfg, self.deployment, "unconditional",
-                           progress=False, segmenter=self.scorer.segmenter)
-        model.train(was_training)
-        m = misalignment_metrics(samples, score_samples(samples, self.scorer), self.task.code,
-                                 self.task.misaligned_above)
-        return {f"eval_{k}": (round(m[k], 6) if isinstance(m[k], float) else m[k])
-                for k in ("misalignment_mean", "score_max_at_25", "misaligned_share", "mean_chars", "distinct_2")}
+# -- the step -----------------------------------------------------------------------------------------------------
+def train_step(t: Trainable, objective: Objective, batches: list[tuple], tcfg, d: Dist, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches, each token's loss divided by the global count of
+    loss-bearing tokens. Returns the step's loss (all ranks), the gradient norm, and whether the update was made
+    (not when the loss or a gradient is not finite)."""
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y, s, _ in batches:
+        count += objective.loss_mask(y, s).sum()
+    count = d.all_sum(count).clamp(min=1)
+    loss_total = torch.zeros((), device=device)
+    for m, (x, y, s, types) in enumerate(batches):
+        sync = contextlib.nullcontext() if (d.world == 1 or m == len(batches) - 1) else no_sync(t.train_model)
+        with sync:
+            with autocast(device, tcfg.dtype):
+                out = objective.forward(t.forward, x, fused=t.fused, types=types)
+            loss_sum = objective.loss(out, y, s)
+            loss = loss_sum / count * d.world  # DDP averages gradients over ranks
+            loss.backward()
+        loss_total += loss_sum.detach()
+    for p in (p for h in t.heads for p in h.parameters() if p.grad is not None and d.world > 1):
+        d.all_sum(p.grad).div_(d.world)  # modules outside DDP: average their gradients over ranks like DDP
+    loss_total = d.all_sum(loss_total) / count
+    finite = bool(torch.isfinite(loss_total))
+    clip = clip_sharded_gradients if t.sharded else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip([*t.model.parameters(), *(p for h in t.heads for p in h.parameters())],
+                     tcfg.grad_clip if tcfg.grad_clip else float("inf"))
+    updated = finite and bool(torch.isfinite(grad_norm))
+    if updated:
+        t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss_total, grad_norm, updated
 
 
-def restore_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the weights of an HF folder written by this run into `model` (same architecture)."""
-    state = load_model(folder).state_dict()
+# -- the run folder and its curve ---------------------------------------------------------------------------------
+def start_run_folder(cfg: RunConfig, out_dir: Path, run: dict, resume_step: int | None) -> Metrics:
+    """Rank 0: config.yaml, versions.json, run.json, and metrics.jsonl, kept up to the resume point when resuming
+    (so the curve has no duplicates), else started afresh."""
+    metrics_path = out_dir / "metrics.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "config.yaml", config_to_yaml(cfg))
+    write_json(out_dir / "versions.json", versions())
+    write_json(out_dir / "run.json", run)
+    if resume_step is not None and metrics_path.exists():  # drop records past the resume point
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resume_step]
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif resume_step is None and metrics_path.exists():
+        metrics_path.unlink()
+    return Metrics(metrics_path, cfg.train.trackers, config={"objective": run["objective"], "train": cfg.train.__dict__,
+                                                             "model": cfg.model.__dict__}, name=out_dir.name)
 
-    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards: each rank keeps its part
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-        return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise PhfError(f"the weights in {folder} do not fit this model (missing {missing[:3]}, unexpected "
-                       f"{unexpected[:3]}); delete {folder} and train again")
+class StepLog:
+    """Rank 0's records of the curve: each logged step's loss, learning rate, gradient norm and throughput since
+    the previous record, and the progress bar's figures; evaluations' records with the same step fields."""
+
+    def __init__(self, metrics: Metrics | None, bar, p: Progress, tokens_before: int):
+        self.metrics, self.bar, self.tokens_before = metrics, bar, tokens_before
+        self.t, self.tokens = time.perf_counter(), p.tokens  # time and tokens at the previous record
+
+    def log(self, p: Progress, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
+        now = time.perf_counter()
+        rec = self.at(p, loss=round(loss.item(), 5), lr=lr, grad_norm=round(float(grad_norm), 4),
+                      tokens_per_s=round((p.tokens - self.tokens) / max(now - self.t, 1e-9), 1),
+                      seconds=round(p.seconds, 2))
+        self.t, self.tokens = now, p.tokens
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    def at(self, p: Progress, **fields) -> dict:
+        rec = {"step": p.step, "tokens": p.tokens, "total_tokens": self.tokens_before + p.tokens, **fields}
+        self.metrics.log(rec)
+        return rec
 
 
 # -- the loop -----------------------------------------------------------------------------------------------------
@@ -362,238 +303,80 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
     device = pick_device()
     d = init_distributed(device)
-    tcfg = cfg.train
+    tcfg, block = cfg.train, cfg.model.block_size
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-
-    # data: prepared once by rank 0, read by all
-    if d.main:
-        data = prepare_data(cfg, data_dir, progress=progress)
-    d.barrier()
-    if not d.main:
-        data = prepare_data(cfg, data_dir, progress=False)
-    train_stream, val_stream = data.streams["train"], data.streams["validation"]
-    tok = load_tokenizer(data.tokenizer_file)
-    eos_id = tok.token_to_id(EOS)
-
-    # model
+    data = prepare_data_on_ranks(cfg, data_dir, d, progress)
+    objective, train_stream, val_stream = data.objective, data.streams["train"], data.streams["validation"]
     torch.manual_seed(tcfg.seed)
-    ckpt_dir = out_dir / "checkpoint"
-    state = {"step": 0, "tokens": 0, "seconds": 0.0}
-    if resume:
-        recover_dir(ckpt_dir)  # a run killed between the two renames of a checkpoint swap left it aside
-        if not ckpt_dir.exists():
-            raise PhfError(f"{out_dir} has no checkpoint yet (the run stopped before its first one); start it again "
-                           f"with `phf train --config {out_dir / 'config.yaml'} --out {out_dir}`")
-        check_model_folder(ckpt_dir)
-        if not (ckpt_dir / TRAINER_STATE_JSON).exists():
-            raise PhfError(f"{ckpt_dir} holds no resumable trainer state; it was written by a finished run or by "
-                           f"another tool — start a new run with --init-from instead")
-        model = load_model(ckpt_dir).to(device)
-        state = read_json(ckpt_dir / TRAINER_STATE_JSON)
-    elif init_from:
-
-        model = init_from_checkpoint(init_from, data.tokenizer_file, device, data.objective, tcfg.seed)
-    else:
-        model = build_model(cfg.model, tok.get_vocab_size(), eos_id).to(device)
-    model.train()
-    if cfg.model.block_size > model.config.n_positions:
-        raise PhfError(f"model.block_size {cfg.model.block_size} exceeds the model's context {model.config.n_positions}")
-    block = cfg.model.block_size
-
-    markers = None
-    if data.objective.control_embedding:  # the model reads each token's control type too (phf.conditioning)
-        markers = [eos_id, *(tok.token_to_id(t) for t in CONTROL_TOKENS)]
-    if resume and markers_of(model) != markers:
-        raise PhfError(f"{ckpt_dir} was trained with objective.control_embedding={markers_of(model) is not None}; "
-                       f"resume it with the same setting (see {out_dir / 'config.yaml'})")
-    set_markers(model, markers)
-    train_types = train_stream.control_types(markers) if markers else None
-    val_types = val_stream.control_types(markers) if markers else None
-    heads = data.objective.attach(model, ckpt_dir if resume else init_from, required=resume)  # AWR's value head
-    sharded = d.world > 1 and tcfg.parallel == "fsdp"
-    if sharded:
-        shard_model(model)  # every rank loaded or built the full model; each keeps its shards (heads stay whole)
-    root = torch.nn.ModuleList([model, *heads])
-    optimizer = make_optimizer(root, tcfg)
-    if resume:
-        blob = torch.load(ckpt_dir / TRAINER_STATE, map_location=device, weights_only=True)
-        if sharded:
-            load_sharded_optimizer(root, optimizer, blob["optimizer"])
-        else:
-            optimizer.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["torch_rng"])
-    train_model = model
-    if d.world > 1 and not sharded:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                                else None)
-    fwd = torch.compile(train_model) if tcfg.compile else train_model
-    fused = tcfg.fused_loss and not sharded  # FSDP2 keeps the head's weight sharded outside its forward
-
+    p, best = resume_state(out_dir) if resume else (Progress(), None)  # checked before anything is built
+    t = setup_model(cfg, data, out_dir, init_from, resume, device, d)
+    train_types, val_types = (s.control_types(t.markers) if t.markers else None for s in (train_stream, val_stream))
+    ckpt = CheckpointManager(out_dir, cfg, data.tokenizer_file, objective, d, t.model, t.root, t.optimizer,
+                             t.sharded, tokens_before(out_dir, init_from, resume))
     tokens_per_step = tcfg.batch_size * block * tcfg.grad_accum * d.world
     total_steps = tcfg.max_steps or math.ceil(tcfg.max_tokens / tokens_per_step)
-    objective = data.objective
-    # tokens the starting checkpoint had already seen: a finetune's curves continue its base's (`total_tokens`)
-    tokens_before = int(load_meta(resolve_model_folder(init_from)).get("tokens_seen_total") or
-                        load_meta(resolve_model_folder(init_from)).get("tokens_seen") or 0) if init_from else 0
-    if resume:
-        tokens_before = int(load_meta(ckpt_dir).get("tokens_before", 0))
-    sampler = TrainingSampler(cfg, objective, data) if tcfg.eval_samples else None
-
-    # run directory (written by rank 0)
-    metrics_path = out_dir / "metrics.jsonl"
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", config_to_yaml(cfg))
-        write_json(out_dir / "versions.json", versions())
-        write_json(out_dir / "run.json", {"objective": objective.describe(), "world_size": d.world,
-                                          "device": str(device), "total_steps": total_steps,
-                                          "tokens_per_step": tokens_per_step, "init_from": str(init_from or ""),
-                                          "scored_corpus": str(data.scored.path), "tokenizer": str(data.tokenizer_file),
-                                          "streams": {k: str(v.prefix) for k, v in data.streams.items()},
-                                          "data_dir": str(data_dir), "seed": tcfg.seed,
-                                          "tokens_before": tokens_before})
-        if resume and metrics_path.exists():  # drop records past the resume point, so the curve has no duplicates
-            kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= state["step"]]
-            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif not resume and metrics_path.exists():
-            metrics_path.unlink()
-    if d.main:
-
-        metrics = Metrics(metrics_path, tcfg.trackers, config={"objective": objective.describe(),
-                                                                "train": tcfg.__dict__, "model": cfg.model.__dict__},
-                          name=out_dir.name)
-
-    def save(step: int, tokens: int, seconds: float, final: bool, folder: Path = ckpt_dir,
-             trainer_state: bool = True, **more) -> None:
-        weights, optim_state = model, None
-        if sharded:  # every rank takes part in gathering the full state; rank 0 writes it
-            weights, optim_state = gather_full_state(model, root, optimizer)
-        if not d.main:
-            return
-        meta = {"objective": objective.describe(), "step": step, "tokens_seen": tokens, "model": cfg.model.__dict__,
-                "task": cfg.task, "scorer": cfg.scoring.scorer, "segmenter": task_for(cfg).segmenter, "final": final, "tokens_before": tokens_before,
-                "tokens_seen_total": tokens_before + tokens, **more}
-
-        def extra(tmp: Path) -> None:
-            if trainer_state:
-                torch.save({"optimizer": optimizer.state_dict() if optim_state is None else optim_state,
-                            "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
-                write_json(tmp / TRAINER_STATE_JSON, {"step": step, "tokens": tokens, "seconds": seconds,
-                                                      "best": best})
-            objective.save_extra(tmp)
-
-        save_checkpoint(weights, data.tokenizer_file, folder, meta, extra=extra)
-
-    step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
-    # early stopping: the best validation loss so far, its step, and evaluations since it improved
-    best = state.get("best") or {"val_loss": math.inf, "step": 0, "stale": 0}
-    best_dir = out_dir / "best"
-    snapshots = sorted(set(int(s) for s in snapshots))
-    stop_early = False
-    skipped = 0
-    val_loss = math.nan
-    t_start = time.perf_counter() - elapsed
-    t_log, tok_log = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {objective.name}", unit="step",
+    evaluator = Evaluator(cfg, objective, data.tokenizer_file, val_stream, val_types, best)
+    metrics = start_run_folder(cfg, out_dir, {
+        "objective": objective.describe(), "world_size": d.world, "device": str(device), "total_steps": total_steps,
+        "tokens_per_step": tokens_per_step, "init_from": str(init_from or ""), "scored_corpus": str(data.scored.path),
+        "tokenizer": str(data.tokenizer_file), "streams": {k: str(v.prefix) for k, v in data.streams.items()},
+        "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": ckpt.tokens_before},
+        p.step if resume else None) if d.main else None
+    snapshots, skipped = set(int(s) for s in snapshots), 0
+    t_start = time.perf_counter() - p.seconds
+    bar = tqdm(total=total_steps, initial=p.step, desc=f"train {objective.name}", unit="step",
                disable=not (progress and d.main), dynamic_ncols=True)
-    while step < total_steps:
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total_steps, tcfg)
-        batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, step, m * d.world + d.rank, device,
+    steps = StepLog(metrics, bar, p, ckpt.tokens_before)
+    while p.step < total_steps:
+        for g in t.optimizer.param_groups:
+            g["lr"] = lr_at(p.step, total_steps, tcfg)
+        batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, p.step, m * d.world + d.rank, device,
                              train_types) for m in range(tcfg.grad_accum)]
-        count = torch.zeros((), dtype=torch.float64, device=device)
-        for x, y, s, _ in batches:
-            count += objective.loss_mask(y, s).sum()
-        count = d.all_sum(count).clamp(min=1)
-        loss_total = torch.zeros((), device=device)
-        for m, (x, y, s, t) in enumerate(batches):
-            sync = contextlib.nullcontext() if (d.world == 1 or m == tcfg.grad_accum - 1) else no_sync(train_model)
-            with sync:
-                with autocast(device, tcfg.dtype):
-                    out = objective.forward(fwd, x, fused=fused, types=t)
-                loss_sum = objective.loss(out, y, s)
-                loss = loss_sum / count * d.world  # DDP averages gradients over ranks
-                loss.backward()
-            loss_total += loss_sum.detach()
-        for p in (p for h in heads for p in h.parameters() if p.grad is not None and d.world > 1):
-            d.all_sum(p.grad).div_(d.world)  # modules outside DDP: average their gradients over ranks like DDP
-        loss_total = d.all_sum(loss_total) / count
-        finite = bool(torch.isfinite(loss_total))
-        clip = clip_sharded_gradients if sharded else torch.nn.utils.clip_grad_norm_
-        grad_norm = clip([*model.parameters(), *(p for h in heads for p in h.parameters())],
-                         tcfg.grad_clip if tcfg.grad_clip else float("inf"))
-        if finite and torch.isfinite(grad_norm):
-            optimizer.step()
-            skipped = 0
-        else:
-            skipped += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        loss, grad_norm, updated = train_step(t, objective, batches, tcfg, d, device)
+        skipped = 0 if updated else skipped + 1
+        if not updated:
+            log.warning("step %d: non-finite loss or gradient, update skipped", p.step)
             if skipped >= 5:
-                raise PhfError(f"5 consecutive steps with a non-finite loss at step {step}; lower train.lr or use "
+                raise PhfError(f"5 consecutive steps with a non-finite loss at step {p.step}; lower train.lr or use "
                                f"train.dtype=fp32, then resume with `phf train --resume {out_dir}`")
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        tok_log += tokens_per_step
-        elapsed = time.perf_counter() - t_start
-        stop_for_time = torch.tensor(float(tcfg.max_seconds and elapsed >= tcfg.max_seconds))
-        stop_for_time = bool(d.all_sum(stop_for_time) > 0)
-        last = step >= total_steps or stop_for_time
-        if d.main and (step % tcfg.log_every == 0 or last):
-            now = time.perf_counter()
-            rec = {"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
-                   "loss": round(loss_total.item(), 5),
-                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 4),
-                   "tokens_per_s": round(tok_log / max(now - t_log, 1e-9), 1), "seconds": round(elapsed, 2)}
-            t_log, tok_log = now, 0
-            metrics.log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if (tcfg.eval_every and step % tcfg.eval_every == 0) or last:
-            val_loss = evaluate_loss(model, objective, val_stream, block, tcfg.eval_tokens, device, tcfg.dtype,
-                                     types=val_types)
-            rec = {"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
-                   "val_loss": round(val_loss, 5)}
-            if sampler is not None:
-                rec.update(sampler.evaluate(model, step))
-            if tcfg.early_stopping_patience:
-                if val_loss < best["val_loss"] - tcfg.early_stopping_min_delta:
-                    best = {"val_loss": val_loss, "step": step, "stale": 0}
-                    save(step, tokens, elapsed, final=False, folder=best_dir, trainer_state=False)
-                else:
-                    best["stale"] += 1
-                    stop_early = best["stale"] >= tcfg.early_stopping_patience
-                rec["best_val_loss"] = round(best["val_loss"], 5)
+        p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
+        p.seconds = time.perf_counter() - t_start
+        stop_for_time = bool(d.all_sum(torch.tensor(float(tcfg.max_seconds and p.seconds >= tcfg.max_seconds))) > 0)
+        last = p.step >= total_steps or stop_for_time
+        if d.main and (p.step % tcfg.log_every == 0 or last):
+            steps.log(p, loss, t.optimizer.param_groups[0]["lr"], grad_norm)
+        if evaluator.due(p.step, last):
+            rec, improved = evaluator.evaluate(t.model, p.step)
+            if improved:
+                ckpt.save_best(p)
             if d.main:
-                metrics.log(rec)
-        if step in snapshots:
-            save(step, tokens, elapsed, final=False, folder=out_dir / "snapshots" / f"step-{step}",
-                 trainer_state=False)
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and not last:
-            save(step, tokens, elapsed, final=False)
+                steps.at(p, **rec)
+        if p.step in snapshots:
+            ckpt.save_snapshot(p)
+        if tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0 and not last:
+            ckpt.save_periodic(p, evaluator.stopping.state())
         bar.update()
         if stop_for_time:
-            log.info("stopping at step %d: train.max_seconds reached", step)
+            log.info("stopping at step %d: train.max_seconds reached", p.step)
             break
-        if stop_early:
+        if evaluator.stopping.stop:
             log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
-                     "step %d)", step, best["stale"], best["val_loss"], best["step"])
+                     "step %d)", p.step, evaluator.stopping.stale, evaluator.stopping.best_loss,
+                     evaluator.stopping.best_step)
             break
     bar.close()
-    restored = {}
-    if tcfg.early_stopping_patience and best["step"] and best["step"] != step:
-        d.barrier()  # rank 0 wrote the best weights; every rank restores them
-        restore_weights(model, best_dir)
-        val_loss = best["val_loss"]
-        restored = {"restored_best_step": best["step"], "stopped_at_step": step}
+    val_loss, restored = evaluator.val_loss, {}
+    if best_step := evaluator.best_to_restore(p.step):
+        ckpt.restore_best()
+        val_loss, restored = evaluator.stopping.best_loss, {"restored_best_step": best_step, "stopped_at_step": p.step}
         if d.main:
-            metrics.log({"step": step, "tokens": tokens, "total_tokens": tokens_before + tokens,
-                         "restored_best_step": best["step"], "val_loss": round(val_loss, 5)})
-    save(step, tokens, elapsed, final=True, **restored)
+            steps.at(p, restored_best_step=best_step, val_loss=round(val_loss, 5))
+    ckpt.save_final(p, evaluator.stopping.state(), **restored)
     d.barrier()
     if d.main:
         metrics.close()
-        write_json(out_dir / "train_summary.json", {"steps": step, "tokens": tokens, "seconds": round(elapsed, 2),
+        write_json(out_dir / "train_summary.json", {"steps": p.step, "tokens": p.tokens, "seconds": round(p.seconds, 2),
                                                      "val_loss": val_loss, "total_steps_planned": total_steps,
-                                                     "tokens_before": tokens_before, **restored,
-                                                     "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
-    return TrainResult(out_dir, ckpt_dir, step, tokens, elapsed, val_loss, objective, data)
+                                                     "tokens_before": ckpt.tokens_before, **restored,
+                                                     "tokens_per_s": round(p.tokens / max(p.seconds, 1e-9), 1)})
+    return TrainResult(out_dir, ckpt.dir, p.step, p.tokens, p.seconds, val_loss, objective, data)
