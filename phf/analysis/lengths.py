@@ -29,7 +29,7 @@ def read_samples(folder: Path, scenario: str) -> tuple[list[Sample], list[float]
     """The samples of one scenario in a run folder's samples.jsonl, with the scores stored beside them."""
     path = folder / "samples.jsonl"
     if not path.exists():
-        raise PhfError(f"{folder} has no samples.jsonl; give run folders that `phf demo`, `phf sweep` or `phf eval` "
+        raise PhfError(f"{folder} has no samples.jsonl; give run folders that `phf demo`, `phf sweep` or `phf evaluate` "
                        f"wrote (one per model, e.g. runs/demo/mle)")
     samples, scores = [], []
     with open(path, encoding="utf-8") as f:
@@ -41,7 +41,7 @@ def read_samples(folder: Path, scenario: str) -> tuple[list[Sample], list[float]
                 sample = Sample(**{k: rec[k] for k in SAMPLE_FIELDS})
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise PhfError(f"{path}:{lineno} is not a sample record (fields {', '.join(SAMPLE_FIELDS)}, "
-                               f"score); write it again with `phf eval`") from None
+                               f"score); write it again with `phf evaluate`") from None
             if sample.scenario == scenario:
                 samples.append(sample)
                 scores.append(math.nan if rec.get("score") is None else float(rec["score"]))
