@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    tune_allocator()  # large tensors stay on the heap between training steps (phf/runtime.py)
+    tune_allocator()  # large tensors stay on the heap between training steps (phf/core/runtime.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="phf: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

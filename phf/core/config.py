@@ -141,7 +141,7 @@ class ObjectiveConfig:
     """RWR and AWR: token weights are clipped to at most this (the paper's AWR clip: 1000)."""
     control_embedding: bool = False
     """Conditional training: also add each segment's control-token embedding to the input of every token of the
-    segment (GPT-2's `token_type_ids`; phf.conditioning), not only place the token before it. Off = the paper's
+    segment (GPT-2's `token_type_ids`; phf.model.conditioning), not only place the token before it. Off = the paper's
     method."""
 
     def validate(self) -> None:
@@ -223,7 +223,7 @@ class TrainConfig:
     """Compile the model with torch.compile (faster steps after a compile of tens of seconds)."""
     fused_loss: bool = False
     """Apply the LM head inside the loss, chunk by chunk, never storing the (tokens x vocabulary) logits
-    (phf/lm_loss.py): the same loss and gradients in a fraction of the memory when the vocabulary is large (the
+    (phf/model/lm_loss.py): the same loss and gradients in a fraction of the memory when the vocabulary is large (the
     paper's 50,257 tokens at context 1024), a little slower on CPU at the demo's size (`phf bench train`). Not with
     FSDP (the plain path is used there)."""
     parallel: str = "ddp"

@@ -8,7 +8,7 @@ difference). `tune_allocator` keeps them on the heap instead (no mmap for alloca
 so freed memory is reused by the next step. The cost: memory a process has freed is not given back to the system
 until it exits, so its resident size stays at its peak.
 
-`phf` applies it at start-up (phf/cli.py); set PHF_ALLOCATOR=default to leave the allocator as it is. It does nothing
+`phf` applies it at start-up (phf/cli/main.py); set PHF_ALLOCATOR=default to leave the allocator as it is. It does nothing
 where the C library is not glibc, and nothing to GPU memory.
 """
 from __future__ import annotations

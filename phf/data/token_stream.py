@@ -116,7 +116,7 @@ class TokenStream:
         return len(self.tokens)
 
     def control_types(self, markers: list[int]) -> np.ndarray:
-        """Each token's control type (phf.conditioning), computed once per stream and kept in memory."""
+        """Each token's control type (phf.model.conditioning), computed once per stream and kept in memory."""
         key = tuple(markers)
         if self._types_key != key:
 

@@ -154,7 +154,7 @@ def train_flops_per_token(model, context: int) -> float:
 
 def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, dtype: str, lr: float,
               compile: bool = False, fused: bool = False) -> float:
-    """Tokens/s of phf's training step (the loop of phf/train.py without logging), after `warm` steps (which
+    """Tokens/s of phf's training step (the loop of phf/training/trainer.py without logging), after `warm` steps (which
     include the compilation with `compile`, as train.compile does); `fused`: train.fused_loss."""
 
     model.train()
@@ -274,7 +274,7 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
     """phf's training loop vs the reference stack on the demo model; MFU of a ~10M model against measured peaks.
 
     The reference runs as it would: in a process of its own with the default allocator. phf runs here, with the
-    allocator settings `phf` applies at start-up (phf/runtime.py). So that the allocator's share of the difference
+    allocator settings `phf` applies at start-up (phf/core/runtime.py). So that the allocator's share of the difference
     is visible, the reference also runs here, with phf's allocator (`reference_same_allocator_tokens_per_s`)."""
 
     reset_peak_rss()

@@ -1,6 +1,6 @@
 """Objectives: how each one prepares the scored corpus for training, its loss, and how its model is deployed.
 
-Each objective is one class. `keep_document` and `segment_prefix` shape the token stream (phf/token_stream.py);
+Each objective is one class. `keep_document` and `segment_prefix` shape the token stream (phf/data/token_stream.py);
 `loss_mask` says which target tokens bear loss and `loss` returns the sum of their per-token losses, so the
 trainer can normalise by the global count of loss-bearing tokens across micro-batches and ranks. `forward`,
 `attach` and `save_extra` let an objective own trainable modules besides the language model (AWR's value head).
@@ -37,7 +37,7 @@ class Objective:
     banned_tokens: ClassVar[list[str]] = []  # tokens that can never be sampled
     line_prefix: ClassVar[str | None] = None  # control token before every segment of a prompt / held-out text
     uses_threshold: ClassVar[bool] = False  # whether `threshold` means anything to this objective
-    control_embedding: bool = False  # whether the model also reads each token's control type (phf.conditioning)
+    control_embedding: bool = False  # whether the model also reads each token's control type (phf.model.conditioning)
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         """`defaults`: the task's values for the config fields left at None (`Task.defaults_for`)."""
@@ -246,7 +246,7 @@ class RWR(_TokenFeedback):
 
 
 class AWR(_TokenFeedback):
-    """Advantage-weighted regression as in the paper. A value head V (phf.model.ValueHead: a linear map of the
+    """Advantage-weighted regression as in the paper. A value head V (phf.model.lm.ValueHead: a linear map of the
     last hidden state at each position) predicts the reward r of the next token (minus its segment's score).
     Per token: `alpha * w * CE + (1 - alpha) * (V - r)^2`, with `w = min(exp((r - V) / beta), max_weight)`
     computed from a detached V (the weights steer the language model; they do not train the head).

@@ -185,7 +185,7 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
         raise PhfError(f"model.block_size {cfg.model.block_size} exceeds the model's context "
                        f"{model.config.n_positions}")
     markers = None
-    if data.objective.control_embedding:  # the model reads each token's control type too (phf.conditioning)
+    if data.objective.control_embedding:  # the model reads each token's control type too (phf.model.conditioning)
         markers = [eos_id, *(tok.token_to_id(t) for t in CONTROL_TOKENS)]
     if resume:
         check_resumed_markers(out_dir, model, markers)
