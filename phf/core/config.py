@@ -522,9 +522,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from YAML (or the defaults), apply dotted overrides, and validate it."""
-    data = read_yaml_dict(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(RunConfig, data).validate()
+    return config_from_dict(read_yaml_dict(path) if path else {}, overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from the mapping a YAML file holds, with dotted overrides applied, validated."""
+    return from_dict(RunConfig, apply_overrides(data, overrides or [])).validate()
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

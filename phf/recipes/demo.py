@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-from phf.core.config import RunConfig, apply_overrides, from_dict, load_config, read_yaml_dict
+from phf.core.config import RunConfig, config_from_dict, load_config, read_yaml_dict
 from phf.core.errors import PhfError
 from phf.core.io import write_json
 from phf.evaluation.evaluate import evaluate_checkpoint
@@ -31,13 +31,13 @@ def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives
         configs = {o: load_config(shipped.config_path(o), overrides) for o in objectives}
     else:
         data = read_yaml_dict(config)
-        objectives = objectives or list(task_for(load_config(config, overrides)).demo_objectives)
+        objectives = objectives or list(task_for(config_from_dict(data, overrides)).demo_objectives)
         configs = {}
         for o in objectives:
             arm = dict(data)
             if (arm.get("objective") or {}).get("name", "mle") != o:
                 arm["objective"] = {"name": o}
-            configs[o] = from_dict(RunConfig, apply_overrides(arm, overrides)).validate()
+            configs[o] = config_from_dict(arm, overrides)
     tasks = {c.task for c in configs.values()}
     if len(tasks) > 1:
         raise PhfError(f"the configs of one demo must share a task; got {', '.join(sorted(tasks))}")
