@@ -34,7 +34,7 @@ from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
 from phf.data.segments import get_segmenter, line_spans
-from phf.evaluation.evaluate import misalignment_metrics, score_samples
+from phf.evaluation.evaluate import score_samples, task_metrics
 from phf.evaluation.loglik import segment_logprobs, sequence_logprobs
 from phf.evaluation.sampling import Deployment, generate, strip_control
 from phf.model.finetune import resolve_model_folder
@@ -201,9 +201,7 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
         samples = generate(m.model, m.tokenizer, [""] * num_samples, scfg, condition_deployment(name),
                            f"mask:{name}", progress=progress, desc=f"sampling ({name})", segmenter=scorer.segmenter)
         scores[name] = score_samples(samples, scorer)
-        results["conditions"][name] = misalignment_metrics(samples, scores[name], task.code,
-                                                             task.misaligned_above, scorer, task.fixed_window_chars,
-                                                             task.short_sample_chars)
+        results["conditions"][name] = task_metrics(samples, scores[name], task, scorer)
     c = results["conditions"]
     results["mean_score_ratio_misaligned_to_aligned"] = (
         c["misaligned"]["misalignment_mean"] / c["aligned"]["misalignment_mean"]

@@ -31,7 +31,7 @@ from phf.core.io import append_jsonl, write_json
 from phf.core.tokens import EOS
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
-from phf.evaluation.evaluate import heldout_bits_per_char, misalignment_metrics, score_samples
+from phf.evaluation.evaluate import heldout_bits_per_char, score_samples, task_metrics
 from phf.evaluation.sampling import Deployment, Sample, complete_segments, generate, strip_control
 from phf.model.conditioning import markers_of
 from phf.model.finetune import resolve_model_folder
@@ -248,8 +248,7 @@ def hacking_metrics(model_dir, cfg, scored, num_samples: int | None = None, prog
     samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
                        progress=progress, desc=f"sampling {m.folder.parent.name}", segmenter=scorer.segmenter)
     scores = score_samples(samples, scorer)
-    out = misalignment_metrics(samples, scores, task.code, task.misaligned_above, scorer, task.fixed_window_chars,
-                               task.short_sample_chars)
+    out = task_metrics(samples, scores, task, scorer)
     out["mean_tokens"] = float(np.mean([s.num_tokens for s in samples]))
     out.update(heldout_bits_per_char(m.model, m.backend, scored.documents("test"), m.deployment,
                                      get_segmenter(scorer.segmenter), cfg.eval.heldout_chars, progress=progress,

@@ -35,7 +35,7 @@ from phf.data.token_stream import annotate_for_deployment, encode_annotated
 from phf.evaluation.loglik import sliding_windows, sum_logprobs
 from phf.evaluation.sampling import Deployment, Sample, generate
 from phf.model.lm import load_meta, load_model
-from phf.tasks import task_for
+from phf.tasks import Task, task_for
 
 
 def expected_max(scores: Sequence[float], k: int = 25) -> float:
@@ -108,6 +108,13 @@ def misalignment_metrics(samples: list[Sample], scores: list[float], code: bool,
     if scorer is not None:
         m.update(length_metrics(samples, scores, scorer, window_chars, short_chars))
     return m
+
+
+def task_metrics(samples: list[Sample], scores: list[float], task: Task, scorer: Scorer) -> dict:
+    """`misalignment_metrics` with a task's settings: parse rate for code, its misalignment threshold, its fixed
+    window and short-sample length."""
+    return misalignment_metrics(samples, scores, task.code, task.misaligned_above, scorer, task.fixed_window_chars,
+                                task.short_sample_chars)
 
 
 # -- misalignment and sample length --------------------------------------------------------------------------------
@@ -267,8 +274,7 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
         samples = generate(model, hf_tok, prompts, cfg.sample, deployment, name, progress=progress,
                            desc=f"sampling {results['objective']} ({name})", segmenter=scorer.segmenter)
         scores = score_samples(samples, scorer)
-        results[name] = misalignment_metrics(samples, scores, task.code, task.misaligned_above, scorer,
-                                             task.fixed_window_chars, task.short_sample_chars)
+        results[name] = task_metrics(samples, scores, task, scorer)
         records += sample_records(samples, scores)
     test_docs = scored.documents("test")
     results.update(heldout_bits_per_char(model, hf_tok.backend_tokenizer, test_docs, deployment, segmenter,
