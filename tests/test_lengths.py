@@ -104,6 +104,21 @@ def test_control_tokens_stand_outside_the_nucleus():
     assert 3 not in draws.tolist() and 1 in draws.tolist()
 
 
+def test_the_ending_probes_nucleus_is_the_distribution_the_sampler_draws_from():
+    """phf probe ending computes the nucleus as a distribution (a full sort); the sampler draws from it without
+    sorting the vocabulary: the two must agree, with and without exempt control tokens."""
+    from phf.analysis.ending import nucleus_probs
+
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(1, 12, generator=g) * 2, -1)
+    for exempt in ([], [0], [0, 5]):
+        expected = nucleus_probs(probs, 0.8, exempt)[0]
+        draws = sample_next(probs.log().repeat(40000, 1), 1.0, 0.8, g, candidates=4, exempt=exempt)
+        freq = torch.bincount(draws, minlength=12).float() / len(draws)
+        assert freq.tolist() == pytest.approx(expected.tolist(), abs=0.01)
+        assert bool(((expected == 0) == (freq == 0)).all())  # the same tokens fall outside the nucleus
+
+
 @pytest.fixture(scope="module")
 def tiny_evaluated(tiny_cfg_factory, data_dir, tmp_path_factory):
     """A tiny conditional run, trained and evaluated (samples.jsonl, results.json)."""
