@@ -47,6 +47,9 @@ def test_demo_end_to_end_writes_the_results_schema(pycorpus, tmp_path, capsys):
     (["score", "--corpus", "/nonexistent/corpus", "--out", "x"], "corpus source /nonexistent/corpus does not exist"),
     (["train", "--resume", "/nonexistent/run"], "is not a run folder"),
     (["sample", "--model", "/nonexistent/model", "--out", "s.jsonl"], "model folder /nonexistent/model does not exist"),
+    (["train", "--config", "nope.yaml", "--objective", "mle", "--out", "x"], "give --config FILE or --objective NAME"),
+    (["train", "--objective", "dpo", "--out", "x"], "task pep8 has no shipped config for 'dpo'"),
+    (["demo", "--task", "mine", "--out", "x"], "task 'mine' ships no configs; give your own with --config"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

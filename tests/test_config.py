@@ -37,6 +37,8 @@ def test_yaml_with_base_and_typed_overrides(tmp_path):
     ("train.dtype=fp16", "train.dtype must be one of auto, bf16, fp32"),
     ("train.parallel=zero3", "train.parallel must be one of ddp, fsdp; got 'zero3'"),
     ("scoring.backend=spark", "scoring.backend must be one of local, ray; got 'spark'"),
+    ("scoring.aggregate=median", "scoring.aggregate must be one of mean, max (or empty); got 'median'"),
+    ("scoring.misaligned_above=-0.1", "scoring.misaligned_above must be a finite number >= 0"),
     ("model.n_embd=130", "model.n_embd (130) must be a multiple of model.n_head"),
     ("corpus.test_fraction=1.5", "corpus.test_fraction must be in [0, 1)"),
     ("noequals", "--set expects key=value"),
