@@ -97,6 +97,8 @@ def test_complete_sentences_drops_only_an_unfinished_last_sentence():
     assert complete_sentences('He said "stop!" ') == 'He said "stop!" '
     assert complete_sentences("  * Bump standards version.\n  * Fix") == "  * Bump standards version.\n"
     assert complete_sentences("no end") == "" and complete_sentences("") == ""
+    kept = complete_sentences("?\x0b'ab")  # a quote after whitespace still closes the sentence before it
+    assert kept == "?\x0b'" and complete_sentences(kept) == kept
     # the prompt's unfinished sentence may be finished by the continuation
     assert complete_segments(" -- Jane Doe <jane@example.org>\n\nfoo (1.0) unst", "sentences") == \
         " -- Jane Doe <jane@example.org>\n\n"

@@ -20,8 +20,9 @@ import sentencex
 Spans = list[tuple[int, int]]
 
 LANGUAGE = "en"
-# a sentence that ends like this is complete; anything else at the end of a cut text is a fragment
-_COMPLETE = re.compile(r"""(?:[.!?…]+["'”’»)\]]*\s*|\n\s*)$""")
+# a sentence that ends like this is complete; anything else at the end of a cut text is a fragment. Closing quotes
+# and brackets may follow the punctuation after whitespace too ('?\v\''), as sentencex keeps them in the sentence
+_COMPLETE = re.compile(r"""(?:[.!?…]+(?:["'”’»)\]]|\s)*|\n\s*)$""")
 
 
 def version() -> str:
