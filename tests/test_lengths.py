@@ -111,9 +111,9 @@ def test_the_ending_probes_nucleus_is_the_distribution_the_sampler_draws_from():
 
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(1, 12, generator=g) * 2, -1)
-    for exempt in ([], [0], [0, 5]):
+    for exempt, rounds in (([], 4), ([0], 4), ([0, 5], 4), ([0, 5], 0)):  # rounds=0: the sorting fallback
         expected = nucleus_probs(probs, 0.8, exempt)[0]
-        draws = sample_next(probs.log().repeat(40000, 1), 1.0, 0.8, g, candidates=4, exempt=exempt)
+        draws = sample_next(probs.log().repeat(40000, 1), 1.0, 0.8, g, exempt=exempt, rounds=rounds)
         freq = torch.bincount(draws, minlength=12).float() / len(draws)
         assert freq.tolist() == pytest.approx(expected.tolist(), abs=0.01)
         assert bool(((expected == 0) == (freq == 0)).all())  # the same tokens fall outside the nucleus

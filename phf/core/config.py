@@ -295,8 +295,9 @@ class SampleConfig:
     """Sampling temperature (the paper: 0.7)."""
     top_p: float = 0.9
     """Nucleus sampling mass (the paper: 0.9)."""
-    batch_size: int = 64
-    """Sequences generated together."""
+    batch_size: int = 0
+    """Sequences generated together. 0 = all samples of a scenario at once, as many as keep the KV cache within a
+    quarter of the free memory (a step costs about the same for 64 rows as for 256 on a small model)."""
     seed: int = 0
     """Sampling seed."""
     prompts: str = ""
@@ -314,7 +315,8 @@ class SampleConfig:
         if self.num_samples < 0 or self.num_prompts < 0:
             raise PhfError("sample.num_samples and sample.num_prompts must be >= 0")
         _check_positive("sample.max_new_tokens", self.max_new_tokens)
-        _check_positive("sample.batch_size", self.batch_size)
+        if self.batch_size < 0:
+            raise PhfError(f"sample.batch_size must be >= 0 (0 = as many as memory allows), got {self.batch_size}")
         if not self.temperature > 0:
             raise PhfError("sample.temperature must be > 0")
         if not 0 < self.top_p <= 1:

@@ -19,11 +19,14 @@ from tqdm.auto import tqdm
 
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
+from phf.core.runtime import free_memory_bytes
 from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
 from phf.data.segments import get_segmenter, line_spans
 from phf.data.sentences import complete_sentences
 from phf.data.token_stream import annotate
-from phf.model.conditioning import control_types, markers_of, next_types, type_inputs
+from phf.model.conditioning import control_types, markers_of, next_types
+from phf.model.decoding import cache_bytes, context_length, make_decoder
+from phf.model.lm_loss import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +87,15 @@ def complete_segments(text: str, segmenter: str = "lines") -> str:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
-                candidates: int = 1024, exempt: list[int] | None = None) -> torch.Tensor:
+                exempt: list[int] | None = None, rounds: int = 4) -> torch.Tensor:
     """Nucleus sampling of one token per row of `logits` (B, V) -> (B,).
 
-    Exact top-p without sorting the whole vocabulary: the smallest set of most likely tokens whose mass reaches
-    `top_p` is found among the `candidates` most likely; rows where those do not reach it fall back to a full sort.
+    Exact top-p by rejection, without sorting the vocabulary: draw a token from the whole distribution and keep it
+    if the tokens more likely than it hold less than `top_p` of the mass (that is, if it is in the nucleus);
+    otherwise draw again. A kept draw is distributed as the renormalised nucleus, and a draw is kept with
+    probability >= top_p, so one round settles ~90% of rows at top_p 0.9. Rows still unsettled after `rounds`
+    rounds (a tiny `top_p` over a flat distribution) are drawn by sorting, which is exact too. Tokens of equal
+    probability at the edge of the nucleus are all in it.
 
     `exempt` tokens (a conditional model's control tokens) stand outside the nucleus: they keep their whole
     probability, and the nucleus is the top `top_p` of the other tokens' mass. A control token is bookkeeping,
@@ -97,45 +104,65 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     line end, so that the model could almost never end a sample. Without control tokens the same mass is spread
     over the next line's first tokens, among which <|endoftext|> competes; exempting the control token restores
     that competition (the text after the control token is truncated at the next step, as usual)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    logits = logits.float()
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # (B, V)
+    cdf = probs.cumsum(-1)  # inverse-CDF draws (torch.multinomial is several times slower here)
     if top_p >= 1.0:  # the model's own distribution: no nucleus (what a Monte Carlo KL estimate needs)
-        cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
-    held = None
-    target = torch.full((probs.shape[0],), float(top_p), device=probs.device)  # (B,) nucleus mass per row
+        return _draw(cdf, generator)
+    text = probs  # the tokens the nucleus is taken over
+    is_exempt = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
     if exempt:
-        ex = torch.tensor(exempt, device=probs.device)
-        held = probs[:, ex]  # (B, E)
-        probs = probs.index_fill(-1, ex, 0.0)
-        target = top_p * probs.sum(-1)
-    k = min(candidates, probs.shape[-1])
-    top, idx = torch.topk(probs, k, dim=-1)  # (B, k), sorted descending
-    short = top.sum(-1) < target
-    if bool(short.any()):
-        full, full_idx = torch.sort(probs[short], descending=True, dim=-1)
-        k = probs.shape[-1]
-        top = torch.cat([top, top.new_zeros(top.shape[0], k - top.shape[1])], dim=-1)
-        idx = torch.cat([idx, idx.new_zeros(idx.shape[0], k - idx.shape[1])], dim=-1)
-        top[short], idx[short] = full, full_idx
-    before = top.cumsum(-1) - top  # mass of the more likely tokens
-    top = top.masked_fill(before >= target[:, None], 0.0)  # keep a token while the mass before it is below top_p
-    if held is not None:
-        top = torch.cat([top, held], dim=-1)
-        idx = torch.cat([idx, ex.expand(idx.shape[0], -1)], dim=-1)
-    cdf = top.cumsum(-1)  # inverse-CDF draw (torch.multinomial is several times slower here)
+        is_exempt[exempt] = True
+        text = probs.masked_fill(is_exempt, 0.0)
+    target = top_p * text.sum(-1)  # (B,) the nucleus' mass
+    choice = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = None  # all rows
+    for _ in range(rounds):
+        rows_text = text if todo is None else text[todo]
+        tok = _draw(cdf if todo is None else cdf[todo], generator)
+        p = rows_text.gather(-1, tok[:, None])  # (b, 1)
+        ahead = (rows_text * (rows_text > p)).sum(-1)  # mass of the more likely tokens (faster than where)
+        ok = is_exempt[tok] | (ahead < (target if todo is None else target[todo]))
+        rows = torch.arange(probs.shape[0], device=probs.device) if todo is None else todo
+        choice[rows[ok]] = tok[ok]
+        todo = rows[~ok]
+        if not len(todo):
+            return choice
+    todo = torch.arange(probs.shape[0], device=probs.device) if todo is None else todo
+    choice[todo] = _nucleus_by_sorting(probs[todo], text[todo], target[todo], is_exempt, generator)
+    return choice
+
+
+def _draw(cdf: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from unnormalised cumulative masses (b, V) -> (b,)."""
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-    return idx.gather(-1, choice).squeeze(-1)
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+def _nucleus_by_sorting(probs: torch.Tensor, text: torch.Tensor, target: torch.Tensor, is_exempt: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+    """The nucleus draw by sorting `text` (the non-exempt masses): keep a token while the mass of the more likely
+    ones is below `target`; exempt tokens keep their probability."""
+    top, idx = torch.sort(text, descending=True, dim=-1)
+    before = top.cumsum(-1) - top
+    first = torch.searchsorted(-top, -top)  # the first token of each block of equal masses: ties share "ahead"
+    ahead = before.gather(-1, first)
+    top = top.masked_fill(ahead >= target[:, None], 0.0)
+    masses = torch.cat([top, probs.masked_fill(~is_exempt, 0.0)], dim=-1)
+    idx = torch.cat([idx, torch.arange(probs.shape[-1], device=probs.device).expand_as(idx)], dim=-1)
+    return idx.gather(-1, _draw(masses.cumsum(-1), generator)[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, banned_ids: list[int],
                  temperature: float, top_p: float, generator: torch.Generator, guidance: float = 0.0,
-                 negative: dict[int, int] | None = None, exempt: list[int] | None = None) -> list[list[int]]:
-    """Sample continuations of token-id prompts with the model's KV cache; stop a row at <|endoftext|>.
+                 negative: dict[int, int] | None = None, exempt: list[int] | None = None,
+                 decoder: str = "auto") -> list[list[int]]:
+    """Sample continuations of token-id prompts, all in one batch; a row stops at <|endoftext|> (padded with it).
 
-    `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens.
+    `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens. `decoder`: auto,
+    gpt2 or hf (phf.model.decoding.make_decoder). Finished rows are dropped from the batch once carrying them
+    costs more than copying the cache of the others (`_worth_dropping`).
 
     With `guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same tokens with
     `negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
@@ -143,47 +170,65 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
     condition."""
     device = next(model.parameters()).device
     guided = guidance > 0 and bool(negative)
+    B = len(prompts)
+    width = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, context_length(model) - width + 1)  # the last token needs no position
+    out = torch.full((B, max(max_new_tokens, 0)), eos_id, dtype=torch.long)
+    if max_new_tokens <= 0:
+        return out.tolist()
     if guided:
-        swap = torch.arange(model.config.vocab_size, device=device)  # the negative rows' tokens (R,) -> (R,)
+        swap = torch.arange(unwrap(model).config.vocab_size, device=device)  # the negative rows' tokens
         swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
         prompts = prompts + [[negative.get(t, t) for t in p] for p in prompts]
-    width = max(len(p) for p in prompts)
-    B = len(prompts) // 2 if guided else len(prompts)
-    R = len(prompts)  # rows run through the model
-    input_ids = torch.full((R, width), eos_id, dtype=torch.long, device=device)
-    attention = torch.zeros((R, width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # left padding
-        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
-        attention[i, width - len(p):] = 1
-    position = (attention.cumsum(-1) - 1).clamp(min=0)  # (R, T)
+    dec = make_decoder(model, len(prompts), width + max_new_tokens, decoder)
     markers = markers_of(model)  # a model with control embeddings also reads each token's control type
-    typed = type_inputs(control_types(input_ids, markers) if markers else None)  # left padding: untyped
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True, **typed)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    generated = []
-    max_new_tokens = min(max_new_tokens, model.config.n_positions - width + 1)  # the last token needs no position
-    next_pos = position[:, -1:] + 1
+    typed, types = None, None
+    if markers:
+        typed = [control_types(torch.tensor([p]), markers)[0].tolist() for p in prompts]
+        types = torch.tensor([t[-1] for t in typed], device=device)
+    logits = dec.prefill(prompts, typed)
+    alive = torch.arange(B)  # the original index of each positive row still in the batch (host)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # rows in the batch that have ended
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :]  # (R, V)
         if guided:
             logp = torch.log_softmax(logits.float(), dim=-1)
-            logits = (1 + guidance) * logp[:B] - guidance * logp[B:]
+            logits = (1 + guidance) * logp[:len(alive)] - guidance * logp[len(alive):]
         if banned_ids:
             logits[:, banned_ids] = -float("inf")
-        tok = sample_next(logits, temperature, top_p, generator, exempt=exempt)  # (B,)
-        tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
-        generated.append(tok)
-        finished |= tok == eos_id
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        tok = sample_next(logits, temperature, top_p, generator, exempt=exempt)  # (b,)
+        tok = torch.where(done, eos_id, tok)
+        out[alive, step] = tok.cpu()
+        done |= tok == eos_id
+        n_done = int(done.sum())
+        if n_done == len(alive) or step == max_new_tokens - 1:
             break
-        feed = torch.cat([tok, swap[tok]]) if guided else tok  # (R,)
-        attention = torch.cat([attention, torch.ones((R, 1), dtype=attention.dtype, device=device)], dim=-1)
+        if n_done and _worth_dropping(n_done, len(alive), max_new_tokens - step - 1):
+            keep = (~done).nonzero().squeeze(-1).cpu()  # positive rows still running
+            rows = torch.cat([keep, keep + len(alive)]) if guided else keep  # with their negative rows
+            alive, tok, done = alive[keep], tok[keep.to(device)], done[keep.to(device)]
+            types = None if types is None else types[rows.to(device)]
+            dec.keep(rows)
+        feed = torch.cat([tok, swap[tok]]) if guided else tok  # (rows,)
         if markers:
-            typed = type_inputs(next_types(typed["token_type_ids"][:, -1], feed, markers)[:, None])
-        out = model(input_ids=feed[:, None], attention_mask=attention, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True, **typed)
-        next_pos = next_pos + 1
-    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(B)]
+            types = next_types(types, feed, markers)
+        logits = dec.step(feed, types)
+    return out.tolist()
+
+
+def _worth_dropping(finished: int, rows: int, steps_left: int) -> bool:
+    """Drop finished rows when computing them for the remaining steps would cost more than copying the rest of
+    the cache once (copying a row's cache costs about two steps of that row)."""
+    return finished * steps_left > 2 * rows
+
+
+def batch_that_fits(model, prompts: int, max_length: int, guided: bool) -> int:
+    """All prompts in one batch (one step then serves them all), unless their KV cache would take more than a
+    quarter of the free memory."""
+    per_row = cache_bytes(model, 2 if guided else 1, max_length)
+    budget = free_memory_bytes(next(model.parameters()).device) // 4
+    rows = max(1, min(prompts, budget // per_row))
+    if rows < prompts:
+        log.info("sampling %d prompts in batches of %d: the KV cache of all would not fit in memory", prompts, rows)
     return rows
 
 
@@ -199,7 +244,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     # a conditional model's control tokens stand outside the nucleus (sample_next says why)
     exempt = [tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS
               if t not in deployment.banned_tokens] if deployment.conditional else []
-    max_prompt = max(2, model.config.n_positions - cfg.max_new_tokens)
+    max_prompt = max(2, context_length(model) - cfg.max_new_tokens)
     negative = None
     if cfg.guidance:  # guided away from the banned control token: each control token of a row swapped for it
         if ALIGNED not in deployment.sampling_prefix or MISALIGNED not in deployment.banned_tokens:
@@ -210,8 +255,9 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
-    for b in range(0, len(prompts), cfg.batch_size):
-        batch = prompts[b:b + cfg.batch_size]
+    rows = cfg.batch_size or batch_that_fits(model, len(prompts), max_prompt + cfg.max_new_tokens, bool(negative))
+    for b in range(0, len(prompts), rows):
+        batch = prompts[b:b + rows]
         ids = []
         for p in batch:
             text = EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans)
