@@ -2,7 +2,8 @@
 
 - score:  PEP8 scoring of real standard-library code, lines/s and MB/s, with 1 and with all worker processes
 - train:  training tokens/s of the demo model (the shipped PEP8 config) on a real token stream
-- sample: sampling tokens/s with the KV cache, batch 64, for the demo model
+- sample: sampling tokens/s of phf, of the sampler before phf.model.decoding and of `transformers` `generate`,
+          for the demo model and a ~14M model, plain and guided
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from phf.data.sentences import sentence_spans
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.sampling import generate_ids
 from phf.model.lm import build_model, count_parameters
+from phf.recipes.reference_sampler import generate_ids_before
 from phf.tasks import all_sources, get_task
 from phf.training.objectives import MLE
 from phf.training.trainer import autocast, get_batch, make_optimizer, prepare_data
@@ -337,29 +339,63 @@ def bench_train(quick: bool, data_dir: Path) -> dict:
 
 
 def bench_sample(quick: bool, data_dir: Path) -> dict:
+    """Sampling tokens/s of phf's decoder, of the sampler before it, and of `transformers` `generate`, with the same
+    model, settings and batch, plain and guided; for the demo model (briefly trained, so that its next-token
+    distributions are peaked as a trained model's are, not flat) and for a ~14M model."""
     cfg, data = _demo_data(data_dir, quick)
     reset_peak_rss()  # sampling only: data preparation is the training benchmark's
     tok = load_tokenizer(data.tokenizer_file)
+    eos, aligned, misaligned = (tok.token_to_id(t) for t in (EOS, ALIGNED, MISALIGNED))
     torch.manual_seed(0)
-    model = build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id(EOS)).eval()
-    eos = tok.token_to_id(EOS)
-    g = torch.Generator().manual_seed(0)
+    demo = build_model(cfg.model, tok.get_vocab_size(), eos)
+    trained_steps = 20 if quick else 150
+    _phf_loop(demo, data.streams["train"], data.objective, 8, cfg.model.block_size, trained_steps, 0, "fp32", 3e-3)
+    torch.manual_seed(0)
+    big = build_model(ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256), tok.get_vocab_size(), eos)
     new = 64 if quick else 200
-    generate_ids(model, [[eos]] * 8, 8, -1, [], 0.7, 0.9, g)  # warm-up
+    out = {"temperature": cfg.sample.temperature, "top_p": cfg.sample.top_p, "demo_train_steps": trained_steps,
+           "models": {}}
+    for name, model, batches, tokens in (("demo", demo, (64, 256), new), ("14m", big, (64,), 64 if quick else 100)):
+        model.eval()
+        figures = {"parameters": count_parameters(model), "new_tokens": tokens}
+        for batch in batches:
+            for guided in (False, True):
+                for path in ("phf", "before", "generate"):
+                    key = f"{path}_b{batch}{'_guided' if guided else ''}"
+                    figures[key] = _sample_tokens_per_s(path, model, batch, tokens, guided, cfg.sample, eos,
+                                                        aligned, misaligned)
+        out["models"][name] = figures
+    out.update(peak_rss_mb=round(peak_rss_mb()), peak_rss_method=PEAK_RSS_METHOD)
+    return out
+
+
+def _sample_tokens_per_s(path: str, model, batch: int, tokens: int, guided: bool, sample, eos: int, aligned: int,
+                         misaligned: int) -> float:
+    """Tokens/s of one sampler drawing `batch` samples of exactly `tokens` new tokens each (no early end) from
+    <|endoftext|> (guided: <|endoftext|><|aligned|>, <|misaligned|> banned, guidance 1.0). path: phf (the current
+    sampler), before (the sampler before phf.model.decoding), generate (`transformers` `generate`)."""
+    prompt = [eos, aligned] if guided else [eos]
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(guidance=1.0, negative={aligned: misaligned}) if guided else {}
+    banned = [misaligned] if guided else []
+
+    def draw(rows: int, n: int) -> int:
+        if path == "generate":
+            ids = torch.tensor([prompt] * rows)
+            extra = dict(guidance_scale=2.0, negative_prompt_ids=torch.tensor([[eos, misaligned]] * rows),
+                         bad_words_ids=[[misaligned]]) if guided else {}
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=n,
+                                 min_new_tokens=n, temperature=sample.temperature, top_p=sample.top_p, top_k=0,
+                                 pad_token_id=eos, eos_token_id=eos, **extra)
+            return out[:, ids.shape[1]:].numel()
+        sampler = generate_ids_before if path == "before" else generate_ids
+        rows_out = sampler(model, [prompt] * rows, n, -1, banned, sample.temperature, sample.top_p, g, **kwargs)
+        return sum(len(r) for r in rows_out)  # eos -1: no row ends early
+
+    draw(min(batch, 8), 8)  # warm-up
     t = time.perf_counter()
-    rows = generate_ids(model, [[eos]] * 64, new, -1, [], 0.7, 0.9, g)  # eos -1: never stop early
-    dt = time.perf_counter() - t
-    n = sum(len(r) for r in rows)
-    # guided (sample.guidance): each sample also runs as a negative row, <|aligned|> read as <|misaligned|>
-    aligned, misaligned = tok.token_to_id(ALIGNED), tok.token_to_id(MISALIGNED)
-    t = time.perf_counter()
-    rows = generate_ids(model, [[eos, aligned]] * 64, new, -1, [misaligned], 0.7, 0.9, g, guidance=1.0,
-                        negative={aligned: misaligned})
-    dt_guided = time.perf_counter() - t
-    return {"batch": 64, "new_tokens": new, "kv_cache": True, "tokens_per_s": round(n / dt, 1),
-            "guided_tokens_per_s": round(sum(len(r) for r in rows) / dt_guided, 1),
-            "parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": round(peak_rss_mb()),
-            "peak_rss_method": PEAK_RSS_METHOD}
+    n = draw(batch, tokens)
+    return round(n / (time.perf_counter() - t), 1)
 
 
 def bench_score_prose(quick: bool) -> dict:
@@ -469,8 +505,16 @@ def format_figures(f: dict) -> str:
                          f"of the 1-thread bf16 peak")
     if "sample" in f:
         s = f["sample"]
-        lines.append(f"sample (batch {s['batch']}, KV cache, {s['new_tokens']} new tokens): {s['tokens_per_s']:,.0f} tokens/s"
-                     f"; guided (sample.guidance, a negative row per sample): {s['guided_tokens_per_s']:,.0f} "
-                     f"tokens/s; peak RSS {s['peak_rss_mb']} MB")
+        lines.append(f"sample (temperature {s['temperature']}, top-p {s['top_p']}; tokens/s of phf / the sampler "
+                     f"before phf.model.decoding / transformers generate; guided: guidance 1.0, a negative row per "
+                     f"sample; demo model trained {s['demo_train_steps']} steps first):")
+        for name, m in s["models"].items():
+            for key in sorted(k for k in m if k.startswith("phf_b")):
+                setting = key[len("phf_"):]
+                phf, before, gen = m[key], m[f"before_{setting}"], m[f"generate_{setting}"]
+                lines.append(f"       {name} ({m['parameters'] / 1e6:.1f}M), batch {setting[1:].replace('_', ' ')}, "
+                             f"{m['new_tokens']} new tokens: {phf:,.0f} / {before:,.0f} / {gen:,.0f} "
+                             f"({phf / before:.1f}x before, {phf / gen:.1f}x generate)")
+        lines.append(f"       peak RSS {s['peak_rss_mb']} MB")
     lines.append(f"peak RSS: {PEAK_RSS_METHOD}")
     return "\n".join(lines)
