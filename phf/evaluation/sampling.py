@@ -255,16 +255,17 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
-    rows = cfg.batch_size or batch_that_fits(model, len(prompts), max_prompt + cfg.max_new_tokens, bool(negative))
-    for b in range(0, len(prompts), rows):
-        batch = prompts[b:b + rows]
+    per_batch = cfg.batch_size or batch_that_fits(model, len(prompts), max_prompt + cfg.max_new_tokens,
+                                                  bool(negative))
+    for b in range(0, len(prompts), per_batch):
+        batch = prompts[b:b + per_batch]
         ids = []
         for p in batch:
             text = EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans)
             ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
-        rows = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p, generator,
-                            cfg.guidance, negative, exempt)
-        for p, new in zip(batch, rows):
+        generated = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p,
+                                 generator, cfg.guidance, negative, exempt)
+        for p, new in zip(batch, generated):
             finished = eos_id in new
             if finished:
                 new = new[:new.index(eos_id)]
