@@ -34,6 +34,7 @@ from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment
 from phf.model.conditioning import control_types, markers_of, type_inputs
+from phf.model.decoding import context_length
 from phf.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def ending_probe(model_paths: Sequence[str | Path], out_dir: str | Path, num_doc
         exempt = [tok.token_to_id(t) for t in CONTROL_TOKENS
                   if t not in m.deployment.banned_tokens] if m.deployment.conditional else []
         aligned = tok.token_to_id(ALIGNED)
-        block = m.model.config.n_positions
+        block = context_length(m.model)
         docs = [d.text for d in scored.documents("test") if d.text.strip()][:num_docs]
         if not docs:
             raise PhfError(f"the scored corpus of {m.folder} has no test documents; score it with a test_fraction")

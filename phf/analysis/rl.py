@@ -34,6 +34,7 @@ from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, score_samples, task_metrics
 from phf.evaluation.sampling import Deployment, Sample, complete_segments, generate, strip_control
 from phf.model.conditioning import markers_of
+from phf.model.decoding import context_length
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import check_model_folder, load_meta, load_model, save_checkpoint
 from phf.tasks import Task, task_for
@@ -167,10 +168,10 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    room = model.config.n_positions - rl.max_completion_tokens
+    room = context_length(model) - rl.max_completion_tokens
     if room < 2:
         raise PhfError(f"rl.max_completion_tokens={rl.max_completion_tokens} leaves no room for a prompt in the "
-                       f"model's context ({model.config.n_positions}); lower it")
+                       f"model's context ({context_length(model)}); lower it")
     fits = [p for p in prompts if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= room]
     if len(fits) < len(prompts):  # prompts too long for the context give way to unconditional ones
         log.info("rl: %d of %d prompts are too long for the context; unconditional prompts take their place",

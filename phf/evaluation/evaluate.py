@@ -34,6 +34,7 @@ from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
 from phf.evaluation.loglik import sliding_windows, sum_logprobs
 from phf.evaluation.sampling import Deployment, Sample, generate
+from phf.model.decoding import context_length
 from phf.model.lm import load_meta, load_model
 from phf.tasks import Task, task_for
 
@@ -235,7 +236,7 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     if not ids:
         return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
     stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
-    logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], model.config.n_positions),
+    logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], context_length(model)),
                                        given=[tok.token_to_id(t) for t in SPECIAL_TOKENS], pad_id=tok.token_to_id(EOS),
                                        batch_size=batch_size, bf16=bf16, progress=progress, desc="held-out bits/char")
     return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,

@@ -28,6 +28,7 @@ from phf.data.segments import get_segmenter
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.loglik import sequence_logprobs
 from phf.evaluation.sampling import Deployment, generate_ids, strip_control
+from phf.model.decoding import context_length
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import load_meta, load_model
 
@@ -65,7 +66,7 @@ def reference_samples(ref: DeployedModel, num: int, max_new_tokens: int, seed: i
     eos = tok.token_to_id(EOS)
     banned = [tok.token_to_id(t) for t in ref.deployment.banned_tokens]
     prefix = [eos] + [tok.token_to_id(t) for t in ref.deployment.sampling_prefix]
-    max_new_tokens = min(max_new_tokens, ref.model.config.n_positions - len(prefix))
+    max_new_tokens = min(max_new_tokens, context_length(ref.model) - len(prefix))
     gen = torch.Generator(device=next(ref.model.parameters()).device).manual_seed(seed)
     out: list[str] = []
     bar = tqdm(total=num, desc="reference samples", unit="sample", disable=not progress, leave=False)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from phf.core.tokens import EOS, SPECIAL_TOKENS
 from phf.data.token_stream import annotate, encode_annotated, stream_types
 from phf.model.conditioning import markers_of, type_inputs
+from phf.model.decoding import context_length
 
 IGNORE = -100  # a target cross_entropy skips
 
@@ -91,7 +92,7 @@ def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
     `pad_id`: the right padding of a batch's shorter windows. `attention_mask`: pass an all-ones mask (held-out
     bits/char and the validation loss do; the probes' log-likelihoods pass none). The model is evaluated in eval
     mode and left in the mode it was in."""
-    block = block or model.config.n_positions
+    block = block or context_length(model)
     markers = markers_of(model)  # a model with control embeddings reads each token's control type too
     if markers and types is None:
         types = [stream_types(s, markers) for s in streams]
@@ -179,7 +180,7 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
         nseg.append(len(spans))
     encoded = list(encode_annotated(tok, docs)) if docs else []
     streams = [ids for ids, _ in encoded]
-    per_token = token_logprobs(model, streams, sliding_windows([len(s) for s in streams], model.config.n_positions),
+    per_token = token_logprobs(model, streams, sliding_windows([len(s) for s in streams], context_length(model)),
                                given=special, pad_id=tok.token_to_id(EOS), batch_size=batch_size,
                                attention_mask=False, progress=progress, desc=desc)
     out = []

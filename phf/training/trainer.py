@@ -39,6 +39,7 @@ from phf.data.scoring import ScoredCorpus
 from phf.data.token_stream import TokenStream, build_streams
 from phf.data.tokenizer import load_tokenizer, tokenizer_for
 from phf.model.conditioning import set_markers
+from phf.model.decoding import context_length
 from phf.model.finetune import init_from_checkpoint
 from phf.model.lm import build_model, load_model
 from phf.tasks import score_run_corpus, task_for
@@ -181,9 +182,9 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
     else:
         model = build_model(cfg.model, tok.get_vocab_size(), eos_id).to(device)
     model.train()
-    if cfg.model.block_size > model.config.n_positions:
+    if cfg.model.block_size > context_length(model):
         raise PhfError(f"model.block_size {cfg.model.block_size} exceeds the model's context "
-                       f"{model.config.n_positions}")
+                       f"{context_length(model)}")
     markers = None
     if data.objective.control_embedding:  # the model reads each token's control type too (phf.model.conditioning)
         markers = [eos_id, *(tok.token_to_id(t) for t in CONTROL_TOKENS)]
