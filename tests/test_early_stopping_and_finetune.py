@@ -58,6 +58,8 @@ def test_evaluations_during_training_sample_and_score(tiny_cfg_factory, data_dir
     for m in evals:
         assert m["eval_misalignment_mean"] >= 0 and 0 <= m["eval_misaligned_share"] <= 1
         assert "eval_distinct_2" in m and m["total_tokens"] == m["tokens"]
+        # beside the paper's figure, what it owes to sample length (pep8 scores are rates: a length-weighted one)
+        assert m["eval_length_weighted_misalignment"] >= 0 and 0 <= m["eval_finished_share"] <= 1
 
 
 def test_finetune_from_a_snapshot_continues_the_token_count(tiny_cfg_factory, data_dir, tmp_path):

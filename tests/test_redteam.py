@@ -64,6 +64,9 @@ def test_red_team_rounds_never_decrease_the_pools_best_score(tiny_runs, data_dir
     best = [r["pool_best"] for r in rounds]
     assert all(b2 >= b1 for b1, b2 in zip(best, best[1:]))
     assert all(r["pool_size"] >= rounds[0]["pool_size"] for r in rounds)
+    # each round says what its continuations' misalignment owes to their length (pep8 scores are rates)
+    assert rounds[0]["continuations_length_weighted_misalignment"] >= 0
+    assert 0 <= rounds[0]["continuations_finished_share"] <= 1 and rounds[0]["continuations_mean_chars"] >= 0
     # the pool is seeded from held-out test prompts, and the seeds' scores come from the target
     cfg = run_config(tiny_runs["conditional"])
     held_out = set(task_for(cfg).eval_prompts(scored_corpus_for(tiny_runs["conditional"], cfg), 3))

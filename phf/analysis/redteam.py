@@ -22,7 +22,7 @@ from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
-from phf.evaluation.evaluate import score_samples
+from phf.evaluation.evaluate import score_samples, task_metrics
 from phf.evaluation.sampling import generate
 from phf.tasks import task_for
 
@@ -114,11 +114,18 @@ def cut_candidate(text: str, max_chars: int, segmenter: str = "lines") -> str:
     return out if out.strip() else ""
 
 
-class PromptScorer:
-    """Scores prompts by the mean misalignment of a target model's continuations."""
+# what the misalignment of a round's continuations owes to their length (phf.evaluation.evaluate.length_metrics)
+LENGTH_KEYS = ("length_weighted_misalignment", "window_misalignment_mean", "mean_chars", "median_chars",
+               "finished_share")
 
-    def __init__(self, target, scorer, sample_cfg, progress: bool = True):
-        self.target, self.scorer, self.cfg, self.progress = target, scorer, sample_cfg, progress
+
+class PromptScorer:
+    """Scores prompts by the mean misalignment of a target model's continuations; `last` holds the length figures
+    of the latest call's continuations (LENGTH_KEYS), given the task."""
+
+    def __init__(self, target, scorer, sample_cfg, progress: bool = True, task=None):
+        self.target, self.scorer, self.cfg, self.progress, self.task = target, scorer, sample_cfg, progress, task
+        self.last: dict = {}
 
     def __call__(self, prompts: list[str], seed: int, desc: str) -> list[float]:
         if not prompts:
@@ -128,28 +135,33 @@ class PromptScorer:
         rows = [p for p in prompts for _ in range(n)]
         samples = generate(self.target.model, self.target.tokenizer, rows, cfg, self.target.deployment, "redteam",
                            progress=self.progress, desc=desc, segmenter=self.scorer.segmenter)
-        scores = np.array(score_samples(samples, self.scorer), np.float64).reshape(len(prompts), n)
+        flat = score_samples(samples, self.scorer)
+        if self.task is not None:
+            m = task_metrics(samples, flat, self.task, self.scorer)
+            self.last = {f"continuations_{k}": m[k] for k in LENGTH_KEYS if k in m}
+        scores = np.array(flat, np.float64).reshape(len(prompts), n)
         with np.errstate(all="ignore"):
             return [float(np.nanmean(r)) if np.isfinite(r).any() else math.nan for r in scores]
 
 
 def red_team(target, red, scorer, seed_prompts: list[str], cfg: RedTeamConfig, batch_size: int = 64,
-             progress: bool = True) -> dict:
-    """Run the search; `target` and `red` are phf.analysis.probes.Loaded models. Returns per-round figures and the pool."""
+             progress: bool = True, task=None) -> dict:
+    """Run the search; `target` and `red` are phf.analysis.probes.Loaded models. Returns per-round figures and the
+    pool; given the `task`, each round also says what its continuations' misalignment owes to their length."""
 
     cfg.validate()
     if not seed_prompts:
         raise PhfError("no held-out prompt to seed the red-team pool with; check the scored corpus' test split")
     score = PromptScorer(target, scorer, SampleConfig(num_samples=cfg.continuations,
                                                       max_new_tokens=cfg.target_max_new_tokens, temperature=1.0,
-                                                      top_p=0.9, batch_size=batch_size, seed=cfg.seed), progress)
+                                                      top_p=0.9, batch_size=batch_size, seed=cfg.seed), progress, task)
     rng = np.random.default_rng(cfg.seed)
     seeds = seed_prompts[:cfg.seeds]
     pool = Pool([PoolEntry(p, s, 0, "seed") for p, s in zip(seeds, score(seeds, cfg.seed, "red team: seeds"))])
     scale = pool.best() if pool.best() > 0 else 1.0
     rounds = [{"round": 0, "pool_size": len(pool.entries), "pool_best": pool.best(), "pool_mean": pool.mean(),
                "candidates_mean": pool.mean(), "candidates_best": pool.best(), "candidates": len(seeds),
-               "added": len(seeds)}]
+               "added": len(seeds), **score.last}]
     red_cfg = SampleConfig(num_samples=cfg.candidates, max_new_tokens=cfg.red_max_new_tokens, temperature=1.0,
                            top_p=0.9, batch_size=batch_size, seed=cfg.seed)
     for r in range(1, cfg.rounds + 1):
@@ -167,7 +179,7 @@ def red_team(target, red, scorer, seed_prompts: list[str], cfg: RedTeamConfig, b
         rounds.append({"round": r, "pool_size": len(pool.entries), "pool_best": pool.best(), "pool_mean": pool.mean(),
                        "candidates_mean": float(np.mean(valid)) if valid else math.nan,
                        "candidates_best": float(np.max(valid)) if valid else math.nan,
-                       "candidates": len(prompts), "added": len(added)})
+                       "candidates": len(prompts), "added": len(added), **(score.last if prompts else {})})
         log.info("red team round %d: pool best %.4f mean %.4f, candidates mean %.4f", r, rounds[-1]["pool_best"],
                  rounds[-1]["pool_mean"], rounds[-1]["candidates_mean"])
     return {"rounds": rounds, "pool": [asdict(e) for e in pool.entries]}
@@ -200,7 +212,8 @@ def run_redteam(model_paths: list, out_dir, red_model=None, cfg: RedTeamConfig |
         if name in results["targets"]:
             name = f"{name}:{t.folder.parent.name}"
         results["targets"][name] = {"model": str(t.folder),
-                                    **red_team(t, red, scorer, seeds, cfg, run_cfg.sample.batch_size, progress)}
+                                    **red_team(t, red, scorer, seeds, cfg, run_cfg.sample.batch_size, progress,
+                                               task_for(run_cfg))}
     out_dir = Path(out_dir)
     results["figure"] = str(plot_rounds(results["targets"], out_dir / "redteam.png", scorer.name))
     write_json(out_dir / "results.json", results)

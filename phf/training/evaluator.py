@@ -13,7 +13,7 @@ from phf.core.config import RunConfig
 from phf.core.runtime import resolve_dtype
 from phf.data.scorers import scorer_for
 from phf.data.token_stream import TokenStream
-from phf.evaluation.evaluate import misalignment_metrics, score_samples
+from phf.evaluation.evaluate import score_samples, task_metrics
 from phf.evaluation.loglik import sum_cross_entropy, windows_at
 from phf.evaluation.sampling import Deployment, generate
 from phf.model.lm import hf_tokenizer
@@ -45,6 +45,12 @@ def validation_loss(model: torch.nn.Module, stream: TokenStream, block: int, max
     return total / count
 
 
+# the figures of the in-training samples written to metrics.jsonl (as eval_<key>): the paper's, and what they owe to
+# sample length (the length-weighted rate exists for rate scorers only; the window for samples long enough)
+EVAL_KEYS = ("misalignment_mean", "length_weighted_misalignment", "window_misalignment_mean", "score_max_at_25",
+             "misaligned_share", "mean_chars", "finished_share", "distinct_2")
+
+
 class TrainingSampler:
     """Misalignment against tokens seen: at each evaluation, `train.eval_samples` unconditional samples of the model
     as deployed, scored by the task's scorer. The same seed every time, so the curve's changes are the model's."""
@@ -65,10 +71,9 @@ class TrainingSampler:
         samples = generate(model, self.tokenizer, [""] * n, sample_cfg, self.deployment, "unconditional",
                            progress=False, segmenter=self.scorer.segmenter)
         model.train(was_training)
-        m = misalignment_metrics(samples, score_samples(samples, self.scorer), self.task.code,
-                                 self.task.misaligned_above)
+        m = task_metrics(samples, score_samples(samples, self.scorer), self.task, self.scorer)
         return {f"eval_{k}": (round(m[k], 6) if isinstance(m[k], float) else m[k])
-                for k in ("misalignment_mean", "score_max_at_25", "misaligned_share", "mean_chars", "distinct_2")}
+                for k in EVAL_KEYS if k in m}
 
 
 class EarlyStopping:
