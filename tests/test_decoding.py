@@ -125,3 +125,40 @@ def test_tiny_top_p_over_a_flat_distribution_falls_back_to_sorting_and_ties_are_
     peaked = torch.zeros(500, 5000)
     peaked[:, 7] = 5.0  # e^5 / (e^5 + 4999) = 0.029: alone in a 1% nucleus
     assert set(sample_next(peaked, 1.0, 0.01, torch.Generator().manual_seed(0)).tolist()) == {7}
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_sampling_benchmark_runs_all_three_samplers_and_prints_their_ratios(guided, pycorpus):
+    """phf bench sample: phf, the sampler before and transformers generate, plain and guided, on one model."""
+    from phf.core.config import SampleConfig
+    from phf.core.tokens import ALIGNED, EOS, MISALIGNED
+    from phf.recipes.bench import _sample_tokens_per_s, format_figures
+    from tests.helpers import tiny_untrained_model
+
+    tok, model = tiny_untrained_model(pycorpus, block_size=64)
+    ids = [tok.token_to_id(t) for t in (EOS, ALIGNED, MISALIGNED)]
+    figures = {f"{path}_b4{'_guided' if guided else ''}": _sample_tokens_per_s(path, model, 4, 6, guided,
+                                                                              SampleConfig(), *ids)
+               for path in ("phf", "before", "generate")}
+    assert all(v > 0 for v in figures.values())
+    text = format_figures({"machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1, "platform": "p"},
+                           "sample": {"temperature": 1.0, "top_p": 0.9, "demo_train_steps": 0, "peak_rss_mb": 1,
+                                      "models": {"demo": {"parameters": 1e6, "new_tokens": 6, **figures}}}})
+    assert "demo (1.0M), batch 4" in text and "x before" in text and "x generate" in text
+
+
+@pytest.mark.parametrize("batch_size", [0, 2])
+def test_generate_serves_every_prompt_whatever_the_batch(batch_size, pycorpus):
+    """sample.batch_size 0 (all prompts at once, as memory allows) or smaller than the prompts (several batches)."""
+    from phf.core.config import SampleConfig
+    from phf.evaluation.sampling import Deployment, generate
+    from phf.model.lm import hf_tokenizer
+    from tests.helpers import tiny_untrained_model
+
+    tok, model = tiny_untrained_model(pycorpus, block_size=64)
+    path = pycorpus.parent / f"tok-{batch_size}.json"
+    tok.save(str(path))
+    prompts = ["", "def f(x):\n", "import os\n", "", "x = 1\n"]
+    samples = generate(model, hf_tokenizer(path), prompts, SampleConfig(max_new_tokens=5, batch_size=batch_size),
+                       Deployment([], [], None), "prompted", progress=False)
+    assert [s.prompt for s in samples] == prompts and all(s.num_tokens <= 5 for s in samples)

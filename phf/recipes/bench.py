@@ -515,6 +515,10 @@ def format_figures(f: dict) -> str:
                 lines.append(f"       {name} ({m['parameters'] / 1e6:.1f}M), batch {setting[1:].replace('_', ' ')}, "
                              f"{m['new_tokens']} new tokens: {phf:,.0f} / {before:,.0f} / {gen:,.0f} "
                              f"({phf / before:.1f}x before, {phf / gen:.1f}x generate)")
+        demo = s["models"].get("demo", {})
+        if "phf_b256" in demo and "before_b64" in demo:
+            lines.append(f"       demo, each at its default batch (phf: all 256 samples at once; before: 64): "
+                         f"{demo['phf_b256'] / demo['before_b64']:.1f}x")
         lines.append(f"       peak RSS {s['peak_rss_mb']} MB")
     lines.append(f"peak RSS: {PEAK_RSS_METHOD}")
     return "\n".join(lines)
