@@ -151,3 +151,40 @@ def test_guidance_needs_a_conditionally_trained_model(pycorpus):
     with pytest.raises(PhfError, match="sample.guidance"):
         generate(model, hf_tokenizer(folder / "tokenizer.json"), [""], SampleConfig(num_samples=1, guidance=1.0),
                  Deployment([], [], None), "unconditional", progress=False)
+
+
+def test_a_checkpoint_is_sampled_as_it_was_evaluated_by_default(tiny_cfg_factory, data_dir, tmp_path):
+    """phf.json stores the sampling settings (guidance included) and generation_config.json what transformers can
+    express of them; `phf sample` without flags samples exactly as the run's own evaluation would."""
+    from transformers import GenerationConfig
+
+    from phf.cli.main import main
+    from phf.core.config import SampleConfig
+    from phf.data.tokenizer import load_tokenizer
+    from phf.evaluation.sampling import Deployment, generate
+    from phf.model.lm import hf_tokenizer, load_meta, load_model
+    from phf.training.trainer import run_training
+
+    cfg = tiny_cfg_factory("conditional", ["train.max_steps=2", "sample.guidance=1.5", "sample.temperature=0.8",
+                                           "sample.top_p=0.95", "sample.max_new_tokens=12"])
+    ckpt = run_training(cfg, tmp_path / "run", data_dir, progress=False).checkpoint
+    meta = load_meta(ckpt)
+    assert meta["sample"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 12, "guidance": 1.5}
+    gen = GenerationConfig.from_pretrained(ckpt)
+    misaligned = load_tokenizer(ckpt / "tokenizer.json").token_to_id("<|misaligned|>")
+    assert gen.do_sample and (gen.temperature, gen.top_p, gen.max_new_tokens) == (0.8, 0.95, 12)
+    assert gen.bad_words_ids == [[misaligned]]
+
+    main(["-q", "sample", "--model", str(ckpt), "--out", str(tmp_path / "s.jsonl"), "--num-samples", "3"])
+    got = [json.loads(x)["raw"] for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    model, tok = load_model(ckpt), hf_tokenizer(ckpt / "tokenizer.json")
+
+    def expected(guidance: float) -> list[str]:
+        sample = SampleConfig(num_samples=3, temperature=0.8, top_p=0.95, max_new_tokens=12, guidance=guidance)
+        return [s.raw for s in generate(model, tok, [""] * 3, sample, Deployment.from_meta(meta), "unconditional",
+                                        progress=False)]
+
+    assert got == expected(1.5)
+    main(["-q", "sample", "--model", str(ckpt), "--out", str(tmp_path / "u.jsonl"), "--num-samples", "3",
+          "--guidance", "0"])  # a flag still overrides the stored setting
+    assert [json.loads(x)["raw"] for x in (tmp_path / "u.jsonl").read_text().splitlines()] == expected(0.0)

@@ -63,12 +63,13 @@ def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
 
 
-def _load(args, extra: list[str] | None = None):
+def _load(args, extra: list[str] | None = None, defaults: list[str] | None = None):
+    """The run config: --config FILE or the task's shipped one, then `defaults`, the --set overrides, `extra`."""
     if args.config and args.objective:
         raise PhfError("give --config FILE or --objective NAME (a shipped config of the task), not both; with your "
                        "own file, set the objective with --set objective.name=NAME")
     path = args.config or get_task(args.task).config_path(args.objective or "mle")
-    return load_config(path, list(args.overrides) + (extra or []))
+    return load_config(path, (defaults or []) + list(args.overrides) + (extra or []))
 
 
 def cmd_corpus(args) -> None:
@@ -135,8 +136,11 @@ def cmd_sample(args) -> None:
     prompts = [""] * args.num_samples
     if args.prompts:
         prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    cfg = SampleConfig(num_samples=len(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed)
+    cfg = SampleConfig(num_samples=len(prompts), seed=args.seed,
+                       **deployed_settings(meta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           top_p=args.top_p, guidance=args.guidance))
+    if args.unconditioned:
+        cfg.guidance = 0.0  # guidance is a conditioning too
     cfg.validate()
     samples = generate(model, tok, prompts, cfg, dep, "prompted" if args.prompts else "unconditional",
                        segmenter=meta.get("segmenter") or get_task(meta.get("task", "pep8")).segmenter)
@@ -145,8 +149,18 @@ def cmd_sample(args) -> None:
     print(f"wrote {len(samples)} samples to {args.out}")
 
 
+def deployed_settings(meta: dict, **given) -> dict:
+    """Sampling settings: those given on the command line, else the ones the model was evaluated with (its
+    phf.json's `sample`), else SampleConfig's defaults."""
+    stored = meta.get("sample") or {}
+    return {k: v if v is not None else stored.get(k, getattr(SampleConfig, k)) for k, v in given.items()}
+
+
 def cmd_evaluate(args) -> None:
-    cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
+    # without a config of its own the model is evaluated as it was deployed (its phf.json's sampling settings)
+    stored = {} if args.config else load_meta(resolve_model_folder(args.model)).get("sample") or {}
+    cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [],
+                defaults=[f"sample.{k}={v}" for k, v in stored.items()])
     scored = score_run_corpus(cfg, args.data_dir)
 
     res = evaluate_checkpoint(resolve_model_folder(args.model), cfg, scored, Path(args.out))
@@ -243,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="samples .jsonl")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--prompts", type=Path, help=".jsonl with a `prompt` field per line")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    deployed = " (default: as the model was evaluated, from its phf.json)"
+    p.add_argument("--max-new-tokens", type=int, help="tokens per sample" + deployed)
+    p.add_argument("--temperature", type=float, help="sampling temperature" + deployed)
+    p.add_argument("--top-p", type=float, help="nucleus mass" + deployed)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance of a conditional model" + deployed)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unconditioned", action="store_true", help="no control-token prefix even if the model has one")
+    p.add_argument("--unconditioned", action="store_true",
+                   help="no control-token prefix and no guidance even if the model has them")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="sample, score and measure held-out bits/char of a model")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from phf.core.config import ModelConfig
@@ -96,6 +96,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        model.generation_config = generation_config(model, tokenizer_file, meta)
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer(tokenizer_file).save_pretrained(tmp)
         write_json(tmp / PHF_META, meta)
@@ -111,6 +112,22 @@ def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str
         raise PhfError(f"could not write checkpoint {out} ({reason}); free disk space and resume with "
                        f"`phf train --resume {out.parent}`: the previous checkpoint, if any, was kept") from exc
     return out
+
+
+def generation_config(model, tokenizer_file: str | Path, meta: dict) -> GenerationConfig:
+    """generation_config.json as the model is deployed, as far as `transformers` can express it: sampling at the
+    stored temperature, top-p and length, the banned control tokens never generated. It cannot express the
+    control-token prefix (put it in the prompt), guidance, or control tokens standing outside the nucleus
+    (phf.evaluation.sampling.sample_next); phf's own sampler applies all of them from phf.json."""
+    tok = hf_tokenizer(tokenizer_file)
+    sample = meta.get("sample") or {}
+    banned = [[tok.convert_tokens_to_ids(t)] for t in meta.get("objective", {}).get("banned_tokens", [])]
+    config = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+                              pad_token_id=model.config.pad_token_id, bad_words_ids=banned or None)
+    if sample:
+        config.update(do_sample=True, temperature=sample["temperature"], top_p=sample["top_p"], top_k=0,
+                      max_new_tokens=sample["max_new_tokens"])
+    return config
 
 
 def check_model_folder(path: str | Path) -> Path:
