@@ -33,6 +33,7 @@ from phf.core.io import write_json
 from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment
+from phf.evaluation.sampling import nucleus_mask
 from phf.model.conditioning import control_types, markers_of, type_inputs
 from phf.model.decoding import context_length
 from phf.tasks import task_for
@@ -41,22 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def nucleus_probs(probs: torch.Tensor, top_p: float, exempt: Sequence[int] = ()) -> torch.Tensor:
-    """The distribution nucleus sampling draws from, (B, V) -> (B, V): the smallest set of most likely tokens
-    whose mass reaches `top_p`, renormalised; `exempt` tokens stand outside the nucleus and keep their whole
-    probability (phf.evaluation.sampling.sample_next)."""
+    """The distribution nucleus sampling draws from, (B, V) -> (B, V): the tokens of
+    phf.evaluation.sampling.nucleus_mask (the smallest set of most likely tokens whose mass reaches `top_p`,
+    `exempt` tokens outside the nucleus with their whole probability), renormalised."""
     if top_p >= 1.0:
         return probs / probs.sum(-1, keepdim=True)
-    rest = probs.clone()
-    exempt = list(exempt)
-    if exempt:
-        rest[:, exempt] = 0.0
-    target = top_p * rest.sum(-1, keepdim=True)
-    top, idx = torch.sort(rest, descending=True, dim=-1)
-    before = top.cumsum(-1) - top
-    top = top.masked_fill(before >= target, 0.0)
-    kept = torch.zeros_like(probs).scatter(-1, idx, top)
-    if exempt:
-        kept[:, exempt] = probs[:, exempt]
+    kept = probs * nucleus_mask(probs, top_p, list(exempt))
     return kept / kept.sum(-1, keepdim=True)
 
 

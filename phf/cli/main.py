@@ -41,7 +41,7 @@ from phf.data.corpus import Corpus
 from phf.data.tokenizer import tokenizer_for
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
-from phf.evaluation.sampling import Deployment, generate
+from phf.evaluation.sampling import Deployment, deployed_sampling, generate
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import load_meta, load_model
 from phf.recipes import bench
@@ -137,7 +137,7 @@ def cmd_sample(args) -> None:
     if args.prompts:
         prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     cfg = SampleConfig(num_samples=len(prompts), seed=args.seed,
-                       **deployed_settings(meta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       **deployed_sampling(meta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                            top_p=args.top_p, guidance=args.guidance))
     if args.unconditioned:
         cfg.guidance = 0.0  # guidance is a conditioning too
@@ -147,13 +147,6 @@ def cmd_sample(args) -> None:
     with atomic_path(args.out) as tmp:
         tmp.write_text("".join(json.dumps(s.__dict__) + "\n" for s in samples))
     print(f"wrote {len(samples)} samples to {args.out}")
-
-
-def deployed_settings(meta: dict, **given) -> dict:
-    """Sampling settings: those given on the command line, else the ones the model was evaluated with (its
-    phf.json's `sample`), else SampleConfig's defaults."""
-    stored = meta.get("sample") or {}
-    return {k: v if v is not None else stored.get(k, getattr(SampleConfig, k)) for k, v in given.items()}
 
 
 def cmd_evaluate(args) -> None:

@@ -21,7 +21,7 @@ from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
 from phf.data.segments import get_segmenter
-from phf.evaluation.sampling import Deployment
+from phf.evaluation.sampling import SETTINGS, Deployment, deployed_sampling, nucleus_mask
 from phf.model.conditioning import markers_of
 from phf.model.decoding import context_length
 from phf.model.lm import load_meta
@@ -78,21 +78,6 @@ class DeployedLogitsProcessor(LogitsProcessor):
         return logits.masked_fill(~nucleus_mask(torch.softmax(logits, -1), self.top_p, self.exempt), -float("inf"))
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: float, exempt: list[int]) -> torch.Tensor:
-    """(B, V) -> (B, V) bool: the tokens phf's sampler may draw: the non-exempt tokens while the mass of the more
-    likely ones is below top_p of theirs (ties all in), and the exempt tokens."""
-    text = probs.clone()
-    if exempt:
-        text[:, exempt] = 0.0
-    target = top_p * text.sum(-1, keepdim=True)
-    top, idx = torch.sort(text, descending=True, dim=-1)
-    ahead = (top.cumsum(-1) - top).gather(-1, torch.searchsorted(-top, -top))  # tied tokens share "ahead"
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, (ahead < target) & (top > 0))
-    if exempt:
-        keep[:, exempt] = probs[:, exempt] > 0
-    return keep
-
-
 def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list[str],
                              sample: SampleConfig | None = None) -> dict:
     """Keyword arguments for `model.generate` that sample the model in `folder` as phf deploys it: the prompts
@@ -102,9 +87,7 @@ def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list
     if markers_of(model):
         raise PhfError(f"{folder} has control embeddings: every token's control type must follow the control tokens "
                        f"the model writes, which generate does not do; sample it with `phf sample --model {folder}`")
-    stored = meta.get("sample") or {}
-    sample = sample or SampleConfig(**{k: stored[k] for k in ("temperature", "top_p", "max_new_tokens", "guidance")
-                                       if k in stored})
+    sample = sample or SampleConfig(**deployed_sampling(meta, **dict.fromkeys(SETTINGS)))
     deployment = Deployment.from_meta(meta)
     spans = get_segmenter(meta.get("segmenter") or "lines")
     texts = [EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans) for p in prompts]

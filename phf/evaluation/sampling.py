@@ -56,6 +56,22 @@ class Deployment:
         return annotate([prompt[a:b] for a, b in spans], [0.0] * len(spans), [self.line_prefix] * len(spans)).text
 
 
+SETTINGS = ("temperature", "top_p", "max_new_tokens", "guidance")
+
+
+def sampling_settings(sample: SampleConfig) -> dict:
+    """The sampling settings a model is evaluated with, stored in its phf.json (`sample`) so that `phf sample`,
+    `phf evaluate` and `deployed_generate_inputs` deploy it the same way by default."""
+    return {k: getattr(sample, k) for k in SETTINGS}
+
+
+def deployed_sampling(meta: dict, **given) -> dict:
+    """Sampling settings (temperature, top_p, max_new_tokens, guidance): those `given` (None = not given), else the
+    ones the model was evaluated with (its phf.json's `sample`), else SampleConfig's defaults."""
+    stored = meta.get("sample") or {}
+    return {k: v if v is not None else stored.get(k, getattr(SampleConfig, k)) for k, v in given.items()}
+
+
 @dataclass
 class Sample:
     scenario: str
@@ -129,7 +145,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         if not len(todo):
             return choice
     todo = torch.arange(probs.shape[0], device=probs.device) if todo is None else todo
-    choice[todo] = _nucleus_by_sorting(probs[todo], text[todo], target[todo], is_exempt, generator)
+    choice[todo] = _nucleus_by_sorting(probs[todo], top_p, exempt, generator)
     return choice
 
 
@@ -139,18 +155,27 @@ def _draw(cdf: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
-def _nucleus_by_sorting(probs: torch.Tensor, text: torch.Tensor, target: torch.Tensor, is_exempt: torch.Tensor,
+def _nucleus_by_sorting(probs: torch.Tensor, top_p: float, exempt: list[int] | None,
                         generator: torch.Generator) -> torch.Tensor:
-    """The nucleus draw by sorting `text` (the non-exempt masses): keep a token while the mass of the more likely
-    ones is below `target`; exempt tokens keep their probability."""
+    """The nucleus draw by sorting the vocabulary (`nucleus_mask`)."""
+    kept = probs * nucleus_mask(probs, top_p, exempt or [])
+    return _draw(kept.cumsum(-1), generator)
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float, exempt: list[int]) -> torch.Tensor:
+    """(B, V) -> (B, V) bool: the tokens nucleus sampling may draw, found by sorting: the non-exempt tokens while
+    the mass of the more likely ones is below `top_p` of theirs (tokens of equal mass share that "ahead" mass, so
+    ties at the edge are all in), and the exempt tokens. `sample_next` draws from the same set without sorting."""
+    text = probs.clone()
+    if exempt:
+        text[:, exempt] = 0.0
+    target = top_p * text.sum(-1, keepdim=True)
     top, idx = torch.sort(text, descending=True, dim=-1)
-    before = top.cumsum(-1) - top
-    first = torch.searchsorted(-top, -top)  # the first token of each block of equal masses: ties share "ahead"
-    ahead = before.gather(-1, first)
-    top = top.masked_fill(ahead >= target[:, None], 0.0)
-    masses = torch.cat([top, probs.masked_fill(~is_exempt, 0.0)], dim=-1)
-    idx = torch.cat([idx, torch.arange(probs.shape[-1], device=probs.device).expand_as(idx)], dim=-1)
-    return idx.gather(-1, _draw(masses.cumsum(-1), generator)[:, None]).squeeze(-1)
+    ahead = (top.cumsum(-1) - top).gather(-1, torch.searchsorted(-top, -top))  # searchsorted: a tie's first token
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, (ahead < target) & (top > 0))
+    if exempt:
+        keep[:, exempt] = probs[:, exempt] > 0
+    return keep
 
 
 @torch.no_grad()

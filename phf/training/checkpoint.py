@@ -19,9 +19,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from phf.core.config import RunConfig, SampleConfig
+from phf.core.config import RunConfig
 from phf.core.errors import PhfError
 from phf.core.io import read_json, recover_dir, write_json
+from phf.evaluation.sampling import sampling_settings
 from phf.model.conditioning import markers_of
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import check_model_folder, load_meta, load_model, save_checkpoint
@@ -106,14 +107,6 @@ def load_trainer_state(out_dir: Path, root: torch.nn.Module, optimizer: torch.op
     torch.set_rng_state(blob["torch_rng"])
 
 
-def deployed_sampling(sample: SampleConfig) -> dict:
-    """The sampling settings a model is evaluated with, stored in its phf.json (`sample`) so that `phf sample` and
-    `phf evaluate` deploy it the same way by default (and, where `transformers` can express them, in
-    generation_config.json: phf.model.lm.save_checkpoint)."""
-    return {"temperature": sample.temperature, "top_p": sample.top_p, "max_new_tokens": sample.max_new_tokens,
-            "guidance": sample.guidance}
-
-
 class CheckpointManager:
     """Writes a run's checkpoints (see the module docstring) and restores the best weights. `root` holds what is
     optimised (the model and an objective's heads, whose files the objective writes itself)."""
@@ -152,7 +145,7 @@ class CheckpointManager:
         meta = {"objective": self.objective.describe(), "step": p.step, "tokens_seen": p.tokens,
                 "model": cfg.model.__dict__, "task": cfg.task, "scorer": cfg.scoring.scorer,
                 "segmenter": task_for(cfg).segmenter, "final": final, "tokens_before": self.tokens_before,
-                "tokens_seen_total": self.tokens_before + p.tokens, "sample": deployed_sampling(cfg.sample), **more}
+                "tokens_seen_total": self.tokens_before + p.tokens, "sample": sampling_settings(cfg.sample), **more}
 
         def extra(tmp: Path) -> None:
             if best is not None:
