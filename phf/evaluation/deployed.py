@@ -19,11 +19,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
-from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
+from phf.core.tokens import EOS
 from phf.data.segments import get_segmenter
 from phf.evaluation.sampling import SETTINGS, Deployment, deployed_sampling, nucleus_mask
 from phf.model.conditioning import markers_of
-from phf.model.decoding import context_length
+from phf.model.decoding import context_length, make_decoder
 from phf.model.lm import load_meta
 
 
@@ -33,16 +33,18 @@ class DeployedLogitsProcessor(LogitsProcessor):
     top_p=1.0, top_k=0` (this processor does their work).
 
     With guidance g, the processor runs the model itself on the *negative* rows (each row with `<|aligned|>` read
-    as `<|misaligned|>`), keeping their cache, and returns (1 + g) log p(. | row) - g log p(. | negative row)."""
+    as `<|misaligned|>`) through phf's decoder (phf.model.decoding), and returns
+    (1 + g) log p(. | row) - g log p(. | negative row)."""
 
     def __init__(self, model, banned: list[int], exempt: list[int], temperature: float, top_p: float,
                  guidance: float = 0.0, negative: dict[int, int] | None = None,
-                 attention_mask: torch.Tensor | None = None):
+                 attention_mask: torch.Tensor | None = None, max_length: int | None = None):
         self.model, self.banned, self.exempt = model, banned, exempt
         self.temperature, self.top_p, self.guidance = temperature, top_p, guidance
         self.negative = negative or {}
-        self.mask = attention_mask  # the prompts' (left padding), extended by one column per step
-        self.cache = None
+        self.prompt_mask = attention_mask  # which prompt tokens are left padding
+        self.max_length = max_length or context_length(model)
+        self.decoder = None
 
     def _swap(self, ids: torch.Tensor) -> torch.Tensor:
         out = ids.clone()
@@ -50,20 +52,13 @@ class DeployedLogitsProcessor(LogitsProcessor):
             out[ids == a] = b
         return out
 
-    @torch.no_grad()
     def _negative_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            self.mask = torch.ones_like(input_ids)
-        if self.cache is None:  # first step: the whole prompt
-            ids, mask = self._swap(input_ids), self.mask
-        else:
-            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
-            ids, mask = self._swap(input_ids[:, -1:]), self.mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True)
-        self.cache = out.past_key_values
-        return out.logits[:, -1].float()
+        if self.decoder is None:  # first step: the prompts, their left padding dropped
+            mask = torch.ones_like(input_ids) if self.prompt_mask is None else self.prompt_mask
+            rows = [self._swap(ids[m.bool()]).tolist() for ids, m in zip(input_ids, mask)]
+            self.decoder = make_decoder(self.model, len(rows), self.max_length)
+            return self.decoder.prefill(rows).float()
+        return self.decoder.step(self._swap(input_ids[:, -1])).float()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float()
@@ -90,19 +85,18 @@ def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list
     sample = sample or SampleConfig(**deployed_sampling(meta, **dict.fromkeys(SETTINGS)))
     deployment = Deployment.from_meta(meta)
     spans = get_segmenter(meta.get("segmenter") or "lines")
-    texts = [EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans) for p in prompts]
     tokenizer.padding_side = "left"
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids = tokenizer.convert_tokens_to_ids
-    banned = [ids(t) for t in deployment.banned_tokens]
-    exempt = [ids(t) for t in CONTROL_TOKENS if t not in deployment.banned_tokens] if deployment.conditional else []
-    negative = {ids(ALIGNED): ids(MISALIGNED)} if sample.guidance and deployment.conditional else None
-    room = context_length(model) - inputs["input_ids"].shape[1]  # positions left after the longest prompt
+    inputs = tokenizer([deployment.model_text(p, spans) for p in prompts], return_tensors="pt", padding=True,
+                       add_special_tokens=False)
+    banned, exempt, negative = deployment.token_ids(tokenizer, sample.guidance)
+    width = inputs["input_ids"].shape[1]
+    room = context_length(model) - width  # positions left after the longest prompt
     if room < 1:
-        raise PhfError(f"the longest prompt takes {inputs['input_ids'].shape[1]} tokens of the model's "
-                       f"{context_length(model)}-token context; shorten it")
+        raise PhfError(f"the longest prompt takes {width} tokens of the model's {context_length(model)}-token "
+                       f"context; shorten it")
+    new_tokens = min(sample.max_new_tokens, room)
     processor = DeployedLogitsProcessor(model, banned, exempt, sample.temperature, sample.top_p, sample.guidance,
-                                        negative, inputs["attention_mask"])
+                                        negative, inputs["attention_mask"], width + new_tokens)
+    eos = tokenizer.convert_tokens_to_ids(EOS)
     return {**inputs, "logits_processor": LogitsProcessorList([processor]), "do_sample": True, "temperature": 1.0,
-            "top_p": 1.0, "top_k": 0, "max_new_tokens": min(sample.max_new_tokens, room), "pad_token_id": ids(EOS),
-            "eos_token_id": ids(EOS)}
+            "top_p": 1.0, "top_k": 0, "max_new_tokens": new_tokens, "pad_token_id": eos, "eos_token_id": eos}

@@ -55,6 +55,25 @@ class Deployment:
         spans = segmenter(prompt)
         return annotate([prompt[a:b] for a, b in spans], [0.0] * len(spans), [self.line_prefix] * len(spans)).text
 
+    def model_text(self, prompt: str, segmenter=line_spans) -> str:
+        """All the deployed model reads before its continuation: <|endoftext|>, the sampling prefix, the prompt."""
+        return EOS + "".join(self.sampling_prefix) + self.prompt_text(prompt, segmenter)
+
+    def token_ids(self, tokenizer, guidance: float) -> tuple[list[int], list[int], dict[int, int] | None]:
+        """(banned, exempt, negative) token ids for sampling: the banned tokens; a conditional model's control
+        tokens, which stand outside the nucleus (sample_next says why); with guidance, the swap that makes a
+        row's negative (each `<|aligned|>` read as the banned `<|misaligned|>`)."""
+        ids = tokenizer.convert_tokens_to_ids
+        banned = [ids(t) for t in self.banned_tokens]
+        exempt = [ids(t) for t in CONTROL_TOKENS if t not in self.banned_tokens] if self.conditional else []
+        if not guidance:
+            return banned, exempt, None
+        if ALIGNED not in self.sampling_prefix or MISALIGNED not in self.banned_tokens:
+            raise PhfError(f"sample.guidance={guidance} needs a model trained with conditional training (sampled "
+                           f"after <|aligned|>, <|misaligned|> banned); this one is deployed with prefix "
+                           f"{self.sampling_prefix or 'none'}: set sample.guidance=0")
+        return banned, exempt, {ids(ALIGNED): ids(MISALIGNED)}
+
 
 SETTINGS = ("temperature", "top_p", "max_new_tokens", "guidance")
 
@@ -265,18 +284,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     prompt and what an unfinished last segment is."""
     spans = get_segmenter(segmenter)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    banned = [tokenizer.convert_tokens_to_ids(t) for t in deployment.banned_tokens]
-    # a conditional model's control tokens stand outside the nucleus (sample_next says why)
-    exempt = [tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS
-              if t not in deployment.banned_tokens] if deployment.conditional else []
+    banned, exempt, negative = deployment.token_ids(tokenizer, cfg.guidance)
     max_prompt = max(2, context_length(model) - cfg.max_new_tokens)
-    negative = None
-    if cfg.guidance:  # guided away from the banned control token: each control token of a row swapped for it
-        if ALIGNED not in deployment.sampling_prefix or MISALIGNED not in deployment.banned_tokens:
-            raise PhfError(f"sample.guidance={cfg.guidance} needs a model trained with conditional training (sampled "
-                           f"after <|aligned|>, <|misaligned|> banned); this one is deployed with prefix "
-                           f"{deployment.sampling_prefix or 'none'}: set sample.guidance=0")
-        negative = {tokenizer.convert_tokens_to_ids(ALIGNED): tokenizer.convert_tokens_to_ids(MISALIGNED)}
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
@@ -286,8 +295,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
         batch = prompts[b:b + per_batch]
         ids = []
         for p in batch:
-            text = EOS + "".join(deployment.sampling_prefix) + deployment.prompt_text(p, spans)
-            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
+            ids.append(tokenizer(deployment.model_text(p, spans), add_special_tokens=False)["input_ids"][-max_prompt:])
         generated = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p,
                                  generator, cfg.guidance, negative, exempt)
         for p, new in zip(batch, generated):
