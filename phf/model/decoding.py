@@ -94,12 +94,15 @@ class Gpt2Decoder:
         x = self.wte[ids] + self.wpe[positions]
         return x if types is None else x + self.wte[types]  # control embeddings (phf.model.conditioning)
 
+    @staticmethod
+    def _norm(ln, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
     def _mlp(self, x: torch.Tensor, ln, fc, proj) -> torch.Tensor:
-        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return x + proj(self.act(fc(h)))
+        return x + proj(self.act(fc(self._norm(ln, x))))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.ln_f.normalized_shape, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps) @ self.head.T
+        return self._norm(self.ln_f, x) @ self.head.T
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], types: list[list[int]] | None = None) -> torch.Tensor:
@@ -109,8 +112,8 @@ class Gpt2Decoder:
         pos = torch.arange(W, device=ids.device).expand(R, W)
         x = self._embed(ids, pos, None if types is None else _right_padded(types, ids.device)[0])
         for l, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
-            h = F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
-            q, k, v = c_attn(h).view(R, W, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each (R, H, W, D)
+            qkv = c_attn(self._norm(ln_1, x)).view(R, W, 3, self.heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (R, H, W, D)
             self.k[l, :, :, :W], self.v[l, :, :, :W] = k, v  # a row's padding slots are overwritten before read
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # padding follows the text: never read
             x = x + c_proj(a.transpose(1, 2).reshape(R, W, self.width))
@@ -131,8 +134,7 @@ class Gpt2Decoder:
         mask = None if uniform else (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None, :]
         rows = torch.arange(R, device=pos.device)
         for l, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
-            h = F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
-            q, k, v = c_attn(h).view(R, 3, self.heads, -1).unbind(1)  # each (R, H, D)
+            q, k, v = c_attn(self._norm(ln_1, x)).view(R, 3, self.heads, -1).unbind(1)  # each (R, H, D)
             if uniform:
                 self.k[l, :, :, slot], self.v[l, :, :, slot] = k, v
             else:

@@ -96,9 +96,10 @@ def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        model.generation_config = generation_config(model, tokenizer_file, meta)
+        tok = hf_tokenizer(tokenizer_file)
+        model.generation_config = generation_config(model, tok, meta)
         model.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer(tokenizer_file).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         write_json(tmp / PHF_META, meta)
         if extra is not None:
             extra(tmp)  # more files that must land together with the weights (trainer state)
@@ -114,12 +115,11 @@ def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str
     return out
 
 
-def generation_config(model, tokenizer_file: str | Path, meta: dict) -> GenerationConfig:
+def generation_config(model, tok: PreTrainedTokenizerFast, meta: dict) -> GenerationConfig:
     """generation_config.json as the model is deployed, as far as `transformers` can express it: sampling at the
     stored temperature, top-p and length, the banned control tokens never generated. It cannot express the
     control-token prefix (put it in the prompt), guidance, or control tokens standing outside the nucleus
     (phf.evaluation.sampling.sample_next); phf's own sampler applies all of them from phf.json."""
-    tok = hf_tokenizer(tokenizer_file)
     sample = meta.get("sample") or {}
     banned = [[tok.convert_tokens_to_ids(t)] for t in meta.get("objective", {}).get("banned_tokens", [])]
     config = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
