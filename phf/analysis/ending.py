@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from phf.analysis.probes import load, run_config, scored_corpus_for
 from phf.core.errors import PhfError
 from phf.core.io import write_json
-from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS
+from phf.core.tokens import ALIGNED, CONTROL_TOKENS
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment
 from phf.evaluation.sampling import nucleus_mask
@@ -59,7 +59,7 @@ def document_windows(text: str, segmenter, deployment, tok, block: int) -> tuple
     spans = segmenter(text)
     ann = annotate_for_deployment([text[a:b] for a, b in spans], [0.0] * len(spans), deployment)
     enc = tok.encode(ann.text, add_special_tokens=False)
-    ids = [tok.token_to_id(EOS)] + list(enc.ids)
+    ids = [tok.eos_id] + list(enc.ids)
     ends = set()
     prefix = len(deployment.line_prefix or "")
     for start, (a, b) in zip(ann.seg_starts, spans):
@@ -119,7 +119,7 @@ def ending_probe(model_paths: Sequence[str | Path], out_dir: str | Path, num_doc
         scored = scored_corpus_for(m.folder, cfg, data_dir)
         segmenter = get_segmenter(task.segmenter)
         tok = m.backend
-        eos = tok.token_to_id(EOS)
+        eos = tok.eos_id
         banned = [tok.token_to_id(t) for t in m.deployment.banned_tokens]
         exempt = [tok.token_to_id(t) for t in CONTROL_TOKENS
                   if t not in m.deployment.banned_tokens] if m.deployment.conditional else []

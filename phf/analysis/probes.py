@@ -34,6 +34,7 @@ from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
 from phf.data.segments import get_segmenter, line_spans
+from phf.data.tokenizer import of_transformers
 from phf.evaluation.evaluate import score_samples, task_metrics
 from phf.evaluation.loglik import segment_logprobs, sequence_logprobs
 from phf.evaluation.sampling import Deployment, generate, strip_control
@@ -58,7 +59,7 @@ class Loaded:
 
     @property
     def backend(self):
-        return self.tokenizer.backend_tokenizer
+        return of_transformers(self.tokenizer)
 
     @property
     def is_conditional(self) -> bool:

@@ -28,7 +28,6 @@ from phf.analysis.probes import load, run_config, scored_corpus_for
 from phf.core.config import from_dict, parse_override
 from phf.core.errors import PhfError
 from phf.core.io import append_jsonl, write_json
-from phf.core.tokens import EOS
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, score_samples, task_metrics
@@ -122,13 +121,13 @@ def reward_function(scorer, eos_token: str, segmenter: str = "lines"):
     return pep8_reward
 
 
-def rl_prompts(task: Task, scored, cfg: RLConfig, deployment, segmenter) -> list[str]:
-    """Training prompts as the model reads them: <|endoftext|>, its sampling prefix, the prompt text."""
+def rl_prompts(task: Task, scored, cfg: RLConfig, deployment, segmenter, eos: str) -> list[str]:
+    """Training prompts as the model reads them: the end-of-document token `eos`, its sampling prefix, the
+    prompt text."""
     n_prompted = int(round(cfg.num_prompts * cfg.prompted_fraction))
     prompted = task.training_prompts(scored, n_prompted)
     prompts = [""] * (cfg.num_prompts - len(prompted)) + prompted
-    head = EOS + "".join(deployment.sampling_prefix)
-    return [head + deployment.prompt_text(p, segmenter) for p in prompts]
+    return [deployment.model_text(p, segmenter, eos) for p in prompts]
 
 
 def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress: bool = True,
@@ -155,19 +154,19 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     segmenter = get_segmenter(scorer.segmenter)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.padding_side = "left"
-    model = load_model(folder)
+    model = load_model(folder, device="cpu")  # TRL places it
     if markers_of(model):
         raise PhfError(f"{folder} was trained with objective.control_embedding: its tokens carry control types, "
                        f"which TRL's generation and loss do not pass; RL-finetune a model trained without it")
     model.train()
-    prompts = rl_prompts(task_for(cfg), scored, rl, deployment, segmenter)
+    prompts = rl_prompts(task_for(cfg), scored, rl, deployment, segmenter, tokenizer.eos_token)
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     cuda = torch.cuda.is_available()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    eos_id = tokenizer.eos_token_id
     room = context_length(model) - rl.max_completion_tokens
     if room < 2:
         raise PhfError(f"rl.max_completion_tokens={rl.max_completion_tokens} leaves no room for a prompt in the "
@@ -176,7 +175,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     if len(fits) < len(prompts):  # prompts too long for the context give way to unconditional ones
         log.info("rl: %d of %d prompts are too long for the context; unconditional prompts take their place",
                  len(prompts) - len(fits), len(prompts))
-        fits += [EOS + "".join(deployment.sampling_prefix)] * (len(prompts) - len(fits))
+        fits += [deployment.model_text("", segmenter, tokenizer.eos_token)] * (len(prompts) - len(fits))
     dataset = Dataset.from_dict({"prompt": fits}).shuffle(seed=rl.seed)
     upper_steps = max(1, math.ceil(max_tokens / rl.batch_size))  # every completion costs at least one token
     trainer_dir = out_dir / ".trainer"
@@ -207,7 +206,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
                 control.should_training_stop = True
             return control
 
-    reward = reward_function(scorer, EOS, scorer.segmenter)
+    reward = reward_function(scorer, tokenizer.eos_token, scorer.segmenter)
 
     def reward_with_finish(prompts, completions, completion_ids=None, **kw):
         # TRL cuts a completion after its <|endoftext|> and decodes without special tokens: a completion that

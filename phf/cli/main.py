@@ -17,16 +17,18 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Before transformers is imported: it reads these once. Nothing is downloaded unless the user allows it
-# (HF_HUB_OFFLINE=0).
+# (--allow-download, or HF_HUB_OFFLINE=0).
+if "--allow-download" in sys.argv[1:]:
+    os.environ["HF_HUB_OFFLINE"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch
@@ -42,7 +44,7 @@ from phf.data.tokenizer import tokenizer_for
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
 from phf.evaluation.sampling import Deployment, deployed_sampling, generate
-from phf.model.finetune import resolve_model_folder
+from phf.model.finetune import model_source, resolve_model_folder
 from phf.model.lm import load_meta, load_model
 from phf.recipes import bench
 from phf.recipes.demo import format_table, run_demo
@@ -120,7 +122,8 @@ def cmd_train(args) -> None:
         if not args.out:
             raise PhfError("phf train needs --out DIR (or --resume DIR)")
         cfg = _load(args)
-        result = run_training(cfg, Path(args.out), args.data_dir, init_from=args.init_from)
+        init_from = model_source(args.init_from, args.allow_download) if args.init_from else None
+        result = run_training(cfg, Path(args.out), args.data_dir, init_from=init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens,
                           "seconds": round(result.seconds, 1), "val_loss": result.final_val_loss}, indent=2))
@@ -170,7 +173,8 @@ def cmd_config_show(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    results = run_demo(args.task, args.out, args.overrides, config=args.config)
+    init_from = model_source(args.init_from, args.allow_download) if args.init_from else None
+    results = run_demo(args.task, args.out, args.overrides, config=args.config, init_from=init_from)
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
@@ -242,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where scored corpora, tokenizers and token streams are cached "
                                       "(default: OUT/data)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    p.add_argument("--init-from", metavar="MODEL", help="start from an HF model folder (finetuning with feedback)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from a Hugging Face causal-LM folder of any architecture, with its own tokenizer "
+                        "(finetuning with feedback); a hub id only from the local cache, unless --allow-download")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let --init-from download a hub id (by default nothing is downloaded)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample from a model folder as it is deployed")
@@ -277,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every objective's config (repeatable)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="finetune every arm from this Hugging Face causal-LM folder (any architecture, its own "
+                        "tokenizer) instead of training from scratch")
+    p.add_argument("--allow-download", action="store_true", help="let --init-from download a hub id")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "

@@ -105,6 +105,10 @@ class TokenizerConfig:
     """Size of the byte-level BPE vocabulary, special tokens included."""
     min_frequency: int = 2
     """Minimum pair frequency for a BPE merge."""
+    path: str = ""
+    """An existing tokenizer to train with instead of a new BPE: a folder saved by `save_pretrained` (or holding a
+    tokenizer.json), or a tokenizer.json file. phf appends the control tokens (and an end-of-document token if it
+    has none) after its last id. `--init-from` uses the model folder's own tokenizer and ignores this."""
 
     def validate(self) -> None:
         if not 300 <= self.vocab_size <= 65535:
@@ -168,14 +172,26 @@ class ObjectiveConfig:
                            f"remove it or set objective.name=conditional")
 
 
+ARCHITECTURES = ("gpt2", "llama", "gpt_neox")
+
+
 @dataclass
 class ModelConfig:
+    arch: str = "gpt2"
+    """Architecture of a model trained from scratch, as `transformers` names it (`model_type`): `gpt2`, `llama`
+    (rotary positions, RMSNorm, SwiGLU, grouped-query attention) or `gpt_neox` (Pythia). A model given with
+    `--init-from` keeps its own architecture and sizes."""
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
     """Attention heads per block."""
     n_embd: int = 128
     """Width of the residual stream."""
+    n_kv_head: int = 0
+    """Key/value heads of grouped-query attention (llama); 0 = one per attention head."""
+    intermediate_size: int = 0
+    """Width of the MLP; 0 = the architecture's usual ratio (4x the width; 8/3x for llama's three-matrix MLP,
+    rounded up to a multiple of 32)."""
     block_size: int = 256
     """Context length in tokens (GPT-2's n_positions)."""
     dropout: float = 0.0
@@ -190,6 +206,16 @@ class ModelConfig:
             _check_positive(f"model.{name}", getattr(self, name))
         if self.n_embd % self.n_head:
             raise PhfError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        if self.arch not in ARCHITECTURES:
+            raise PhfError(f"model.arch {self.arch!r} is not one phf builds from scratch ({', '.join(ARCHITECTURES)});"
+                           f" for another architecture, create the model with transformers, save it with "
+                           f"save_pretrained and pass its folder to `phf train --init-from`")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise PhfError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
+        if self.n_kv_head and self.arch != "llama":
+            raise PhfError(f"model.n_kv_head applies to arch llama, not {self.arch}; remove it")
+        if self.intermediate_size < 0:
+            raise PhfError(f"model.intermediate_size must be >= 0, got {self.intermediate_size}")
         _check_fraction("model.dropout", self.dropout)
 
 

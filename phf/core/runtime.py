@@ -13,6 +13,7 @@ where the C library is not glibc, and nothing to GPU memory.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -96,6 +97,23 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
+
+
+def default_device() -> torch.device:
+    """Where a model is trained and evaluated: this process' GPU when there is one (torchrun's LOCAL_RANK), else
+    the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def inference_autocast(device: torch.device):
+    """bf16 autocast for sampling on a GPU that computes bf16; elsewhere fp32 (a CPU gains nothing from bf16
+    decoding at phf's sizes, and emulates it where it lacks it in hardware). Log-probabilities are taken in fp32
+    after the final matmul either way."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, write_json
-from phf.core.tokens import CONTROL_TOKENS, EOS
+from phf.core.tokens import CONTROL_TOKENS
+from phf.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 128
@@ -75,9 +76,10 @@ def annotate_for_deployment(segments: list[str], scores: list[float], objective:
     return annotate(segments, scores, [objective.line_prefix] * len(segments))
 
 
-def encode_annotated(tok: Tokenizer, docs: list[Annotated]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Token ids (with a leading <|endoftext|>) and per-token segment scores of each annotated document."""
-    eos = tok.token_to_id(EOS)
+def encode_annotated(tok: TextTokenizer, docs: list[Annotated]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Token ids (with the tokenizer's end-of-document token first) and per-token segment scores of each annotated
+    document."""
+    eos = tok.eos_id
     encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
     for d, enc in zip(docs, encodings):
         ids = np.asarray(enc.ids, dtype=np.int64)

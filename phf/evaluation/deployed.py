@@ -19,7 +19,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
-from phf.core.tokens import EOS
 from phf.data.segments import get_segmenter
 from phf.evaluation.sampling import SETTINGS, Deployment, deployed_sampling, nucleus_mask
 from phf.model.conditioning import markers_of
@@ -86,8 +85,8 @@ def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list
     deployment = Deployment.from_meta(meta)
     spans = get_segmenter(meta.get("segmenter") or "lines")
     tokenizer.padding_side = "left"
-    inputs = tokenizer([deployment.model_text(p, spans) for p in prompts], return_tensors="pt", padding=True,
-                       add_special_tokens=False)
+    texts = [deployment.model_text(p, spans, tokenizer.eos_token) for p in prompts]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     banned, exempt, negative = deployment.token_ids(tokenizer, sample.guidance)
     width = inputs["input_ids"].shape[1]
     room = context_length(model) - width  # positions left after the longest prompt
@@ -97,6 +96,6 @@ def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list
     new_tokens = min(sample.max_new_tokens, room)
     processor = DeployedLogitsProcessor(model, banned, exempt, sample.temperature, sample.top_p, sample.guidance,
                                         negative, inputs["attention_mask"], width + new_tokens)
-    eos = tokenizer.convert_tokens_to_ids(EOS)
+    eos = tokenizer.eos_token_id
     return {**inputs, "logits_processor": LogitsProcessorList([processor]), "do_sample": True, "temperature": 1.0,
             "top_p": 1.0, "top_k": 0, "max_new_tokens": new_tokens, "pad_token_id": eos, "eos_token_id": eos}

@@ -28,10 +28,10 @@ from transformers import AutoTokenizer
 
 from phf.core.io import atomic_path, write_json
 from phf.core.runtime import resolve_dtype
-from phf.core.tokens import EOS, SPECIAL_TOKENS
 from phf.data.scorers import Scorer, scorer_for
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
+from phf.data.tokenizer import of_transformers
 from phf.evaluation.loglik import sliding_windows, sum_logprobs
 from phf.evaluation.sampling import Deployment, Sample, generate
 from phf.model.decoding import context_length
@@ -237,7 +237,7 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
         return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
     stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
     logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], context_length(model)),
-                                       given=[tok.token_to_id(t) for t in SPECIAL_TOKENS], pad_id=tok.token_to_id(EOS),
+                                       given=tok.special_ids(), pad_id=tok.eos_id,
                                        batch_size=batch_size, bf16=bf16, progress=progress, desc="held-out bits/char")
     return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
             "heldout_tokens": scored_tokens}
@@ -278,7 +278,7 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
         results[name] = task_metrics(samples, scores, task, scorer)
         records += sample_records(samples, scores)
     test_docs = scored.documents("test")
-    results.update(heldout_bits_per_char(model, hf_tok.backend_tokenizer, test_docs, deployment, segmenter,
+    results.update(heldout_bits_per_char(model, of_transformers(hf_tok), test_docs, deployment, segmenter,
                                          cfg.eval.heldout_chars, progress=progress,
                                          bf16=resolve_dtype(cfg.train.dtype, next(model.parameters()).device) == "bf16"))
     # the headline numbers (unconditional samples), flat, in the demo's schema

@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from phf.core.errors import PhfError
-from phf.core.tokens import EOS
 from phf.data.segments import get_segmenter
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.loglik import sequence_logprobs
@@ -63,7 +62,7 @@ def reference_samples(ref: DeployedModel, num: int, max_new_tokens: int, seed: i
                       batch_size: int = 64, progress: bool = True) -> list[str]:
     """`num` samples of the reference's own distribution (temperature 1, no nucleus), control tokens removed."""
     tok = ref.tokenizer
-    eos = tok.token_to_id(EOS)
+    eos = tok.eos_id
     banned = [tok.token_to_id(t) for t in ref.deployment.banned_tokens]
     prefix = [eos] + [tok.token_to_id(t) for t in ref.deployment.sampling_prefix]
     max_new_tokens = min(max_new_tokens, context_length(ref.model) - len(prefix))

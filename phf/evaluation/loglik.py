@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from phf.core.tokens import EOS, SPECIAL_TOKENS
 from phf.data.token_stream import annotate, encode_annotated, stream_types
 from phf.model.conditioning import markers_of, type_inputs
 from phf.model.decoding import context_length
@@ -171,7 +170,7 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
     segment (None: plain text), after <|endoftext|>; only the text's own tokens are counted. Each text is its own
     stream (documents are not concatenated), read in sliding windows; float32 forwards without autocast and without
     an attention mask (right padding needs none). `tok` is a `tokenizers.Tokenizer`."""
-    special = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    special = tok.special_ids()
     docs, nseg = [], []
     for text in texts:
         spans = segmenter(text)
@@ -181,7 +180,7 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
     encoded = list(encode_annotated(tok, docs)) if docs else []
     streams = [ids for ids, _ in encoded]
     per_token = token_logprobs(model, streams, sliding_windows([len(s) for s in streams], context_length(model)),
-                               given=special, pad_id=tok.token_to_id(EOS), batch_size=batch_size,
+                               given=special, pad_id=tok.eos_id, batch_size=batch_size,
                                attention_mask=False, progress=progress, desc=desc)
     out = []
     for (_, seg), (lp, scored), n in zip(encoded, per_token, nseg):

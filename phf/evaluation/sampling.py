@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
-from phf.core.runtime import free_memory_bytes
+from phf.core.runtime import free_memory_bytes, inference_autocast
 from phf.core.tokens import ALIGNED, CONTROL_TOKENS, EOS, MISALIGNED
 from phf.data.segments import get_segmenter, line_spans
 from phf.data.sentences import complete_sentences
@@ -55,9 +55,10 @@ class Deployment:
         spans = segmenter(prompt)
         return annotate([prompt[a:b] for a, b in spans], [0.0] * len(spans), [self.line_prefix] * len(spans)).text
 
-    def model_text(self, prompt: str, segmenter=line_spans) -> str:
-        """All the deployed model reads before its continuation: <|endoftext|>, the sampling prefix, the prompt."""
-        return EOS + "".join(self.sampling_prefix) + self.prompt_text(prompt, segmenter)
+    def model_text(self, prompt: str, segmenter=line_spans, eos: str = EOS) -> str:
+        """All the deployed model reads before its continuation: the end-of-document token `eos` (the
+        tokenizer's), the sampling prefix, the prompt."""
+        return eos + "".join(self.sampling_prefix) + self.prompt_text(prompt, segmenter)
 
     def token_ids(self, tokenizer, guidance: float) -> tuple[list[int], list[int], dict[int, int] | None]:
         """(banned, exempt, negative) token ids for sampling: the banned tokens; a conditional model's control
@@ -283,7 +284,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     `segmenter` (`lines` or `sentences`, the task's) decides where the deployed model's line prefix goes in a
     prompt and what an unfinished last segment is."""
     spans = get_segmenter(segmenter)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    eos_id = tokenizer.eos_token_id
     banned, exempt, negative = deployment.token_ids(tokenizer, cfg.guidance)
     max_prompt = max(2, context_length(model) - cfg.max_new_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -295,9 +296,11 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
         batch = prompts[b:b + per_batch]
         ids = []
         for p in batch:
-            ids.append(tokenizer(deployment.model_text(p, spans), add_special_tokens=False)["input_ids"][-max_prompt:])
-        generated = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p,
-                                 generator, cfg.guidance, negative, exempt)
+            text = deployment.model_text(p, spans, tokenizer.eos_token)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
+        with inference_autocast(generator.device):
+            generated = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p,
+                                     generator, cfg.guidance, negative, exempt)
         for p, new in zip(batch, generated):
             finished = eos_id in new
             if finished:

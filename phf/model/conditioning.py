@@ -17,9 +17,20 @@ from __future__ import annotations
 
 import torch
 
+from phf.core.errors import PhfError
 from phf.model.lm_loss import unwrap
 
 CONFIG_KEY = "control_type_ids"
+
+
+def check_control_embedding(model) -> None:
+    """Refuse control embeddings for an architecture without token types: they travel through GPT-2's
+    `token_type_ids`, which Llama, GPT-NeoX and most other causal LMs do not take."""
+    kind = unwrap(model).config.model_type
+    if kind != "gpt2":
+        raise PhfError(f"objective.control_embedding gives each token its control type through GPT-2's "
+                       f"token_type_ids, which a {kind} model does not take; set objective.control_embedding=false "
+                       f"(conditional training and guidance work without it)")
 
 
 def markers_of(model) -> list[int] | None:

@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from phf.core.config import ModelConfig
 from phf.core.errors import PhfError
 from phf.core.io import replace_dir, write_json
-from phf.core.tokens import ALIGNED, EOS, MISALIGNED
+from phf.core.runtime import default_device
+from phf.core.tokens import CONTROL_TOKENS
+from phf.data.tokenizer import load_tokenizer, special_tokens
 
 log = logging.getLogger(__name__)
 # no progress bars for loading and writing the weights of models this small: they would drown phf's own
@@ -33,13 +35,28 @@ WEIGHTS = "model.safetensors"
 VALUE_HEAD = "value_head.safetensors"
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-                        tie_word_embeddings=cfg.tie_word_embeddings)
+def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
+    """A new model of `cfg.arch` with `transformers`' own initialisation (the seed is set by the caller)."""
+    config = AutoConfig.for_model(cfg.arch, **architecture_sizes(cfg), vocab_size=vocab_size, bos_token_id=eos_id,
+                                  eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=cfg.tie_word_embeddings)
     config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def architecture_sizes(cfg: ModelConfig) -> dict:
+    """ModelConfig's sizes under each architecture's own config names."""
+    if cfg.arch == "gpt2":
+        return dict(n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    n_inner=cfg.intermediate_size or None, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                    attn_pdrop=cfg.dropout)
+    common = dict(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                  max_position_embeddings=cfg.block_size, attention_dropout=cfg.dropout)
+    if cfg.arch == "llama":  # SwiGLU's three matrices at 8/3 the width hold as many weights as a 4x MLP's two
+        width = cfg.intermediate_size or -(-8 * cfg.n_embd // 3 // 32) * 32
+        return dict(common, intermediate_size=width, num_key_value_heads=cfg.n_kv_head or cfg.n_head)
+    if cfg.arch == "gpt_neox":
+        return dict(common, intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, hidden_dropout=cfg.dropout)
+    raise PhfError(f"model.arch {cfg.arch!r} is not one phf builds from scratch")
 
 
 class ValueHead(torch.nn.Linear):
@@ -83,9 +100,12 @@ def load_value_head(folder: str | Path, n_embd: int) -> ValueHead | None:
 
 
 def hf_tokenizer(tokenizer_file: str | Path) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOS, bos_token=EOS,
-                                   unk_token=EOS, pad_token=EOS, additional_special_tokens=[ALIGNED, MISALIGNED],
-                                   clean_up_tokenization_spaces=False)
+    """The run's tokenizer as `transformers` loads it from a checkpoint: its own special tokens (a phf BPE's
+    `<|endoftext|>`, a brought tokenizer's as it named them) and the control tokens it has."""
+    tok = load_tokenizer(tokenizer_file)
+    controls = [t for t in CONTROL_TOKENS if tok.token_to_id(t) is not None]
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **special_tokens(tokenizer_file),
+                                   additional_special_tokens=controls, clean_up_tokenization_spaces=False)
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str | Path, meta: dict,
@@ -149,12 +169,17 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.nn.Module:
+    """The model in a folder, in eval mode, on `device` (default: the GPU when there is one, else the CPU)."""
     path = check_model_folder(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        model.to(device or default_device())
     except Exception as exc:
-        raise PhfError(f"cannot load the model in {path}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PhfError(f"cannot load the model in {path} ({reason}); phf loads causal LMs that transformers' "
+                       f"AutoModelForCausalLM knows, without remote code") from None
     model.eval()
     return model
 

@@ -45,16 +45,19 @@ def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives
 
 
 def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[str] | None = None,
-             objectives: list[str] | None = None, progress: bool = True, config: str | Path | None = None) -> dict:
+             objectives: list[str] | None = None, progress: bool = True, config: str | Path | None = None,
+             init_from: str | Path | None = None) -> dict:
+    """Train each objective's arm (from scratch, or finetuned from the model folder `init_from` with its own
+    tokenizer), evaluate it, and write `results.json`."""
     t0 = time.perf_counter()
     out = Path(out)
     data_dir = out / "data"
     the_task, configs = arm_configs(task, config, objectives, overrides)
-    results: dict = {"task": the_task.name, "objectives": {}, "wall_seconds": None}
+    results: dict = {"task": the_task.name, "objectives": {}, "wall_seconds": None, "init_from": str(init_from or "")}
     corpus_summary = None
     for name, cfg in configs.items():
         log.info("== %s: training on %s tokens", name, f"{cfg.train.max_tokens:,}")
-        trained = run_training(cfg, out / name, data_dir, progress=progress)
+        trained = run_training(cfg, out / name, data_dir, progress=progress, init_from=init_from)
         if corpus_summary is None:
             corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
             log.info("scored corpus: %s", corpus_line(corpus_summary))

@@ -44,7 +44,7 @@ class Progress:
 
 def restore_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load the weights of an HF folder written by this run into `model` (same architecture)."""
-    state = load_model(folder).state_dict()
+    state = load_model(folder, device="cpu").state_dict()
 
     if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 shards: each rank keeps its part
 

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from phf.core.errors import PhfError
+from phf.core.runtime import default_device
 
 
 # -- distributed helpers ----------------------------------------------------------------------------------------
@@ -56,9 +57,7 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return default_device()
 
 
 # -- FSDP2: sharding, and full state dicts for checkpoints --------------------------------------------------------

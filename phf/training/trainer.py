@@ -27,20 +27,21 @@ import numpy as np
 import tokenizers
 import torch
 import transformers
+from tokenizers import Tokenizer
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
-from phf.core.io import read_jsonl, stable_hash, write_json, write_text
+from phf.core.io import read_json, read_jsonl, stable_hash, write_json, write_text
 from phf.core.runtime import resolve_dtype
-from phf.core.tokens import CONTROL_TOKENS, EOS
+from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scoring import ScoredCorpus
 from phf.data.token_stream import TokenStream, build_streams
-from phf.data.tokenizer import load_tokenizer, tokenizer_for
-from phf.model.conditioning import set_markers
+from phf.data.tokenizer import TextTokenizer, bpe_path, brought_tokenizer, load_tokenizer, tokenizer_for
+from phf.model.conditioning import check_control_embedding, set_markers
 from phf.model.decoding import context_length
-from phf.model.finetune import init_from_checkpoint
+from phf.model.finetune import init_from_checkpoint, resolve_model_folder, uses_control_tokens
 from phf.model.lm import build_model, load_model
 from phf.tasks import score_run_corpus, task_for
 from phf.training.checkpoint import (
@@ -75,12 +76,16 @@ class PreparedData:
     streams: dict[str, TokenStream]
 
 
-def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True) -> PreparedData:
-    """Score the corpus, train the tokenizer and write the objective's token streams (each reused if present)."""
+def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True,
+                 tokenizer_source: str | Path | None = None) -> PreparedData:
+    """Score the corpus, train or extend the tokenizer and write the objective's token streams (each reused if
+    present). `tokenizer_source`: a model folder whose tokenizer the run uses (`--init-from`), or the tokenizer a
+    resumed run used."""
     scored = score_run_corpus(cfg, data_dir, progress=progress)
-    tok, tok_path = tokenizer_for(scored, cfg.tokenizer, data_dir, progress=progress)
     objective = get_objective(cfg.objective, task_for(cfg))
     objective.fit(scored.document_scores("train"))
+    tok, tok_path = run_tokenizer(cfg, scored, data_dir, tokenizer_source or cfg.tokenizer.path or None,
+                                  uses_control_tokens(objective.describe()), progress)
     meta = {"scored": scored.path.name, "tokenizer": str(tok_path.parent.name),
             "stream": objective.stream_settings(), "seed": cfg.train.seed}
     kind = "conditional" if meta["stream"]["prefixes"] else "filtered" if meta["stream"]["documents"] != "all" \
@@ -90,13 +95,43 @@ def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True) -> Prepa
     return PreparedData(scored, tok_path, objective, streams)
 
 
-def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: bool) -> PreparedData:
+def run_tokenizer(cfg: RunConfig, scored, data_dir: Path, source: str | Path | None, control: bool,
+                  progress: bool = True) -> tuple[TextTokenizer, Path]:
+    """The run's tokenizer: a new BPE of the corpus, or the tokenizer of `source` (a model or tokenizer folder, a
+    tokenizer.json) extended with what the run needs. A phf checkpoint trained on this data folder uses the BPE
+    it was trained with, and a resumed run the very file it started with."""
+    if source is None:
+        return tokenizer_for(scored, cfg.tokenizer, data_dir, progress=progress)
+    source = Path(source)
+    if source.is_file() and source.with_suffix(".meta.json").exists():  # a tokenizer phf saved: a resumed run's
+        return load_tokenizer(source, control), source
+    own = bpe_path(scored, cfg.tokenizer, data_dir)
+    given = source / "tokenizer.json" if source.is_dir() else source
+    if own.exists() and given.exists() and load_tokenizer(own).get_vocab() == Tokenizer.from_file(
+            str(given)).get_vocab():
+        return load_tokenizer(own), own
+    return brought_tokenizer(source, data_dir, control)
+
+
+def tokenizer_source(out_dir: Path, init_from: str | Path | None, resume: bool) -> Path | None:
+    """Where the run's tokenizer comes from: the init model's folder, or on resume the tokenizer file the run
+    recorded (a run.json of any phf version names it)."""
+    if resume and (out_dir / "run.json").exists():
+        recorded = read_json(out_dir / "run.json")
+        if recorded.get("tokenizer") and Path(recorded["tokenizer"]).exists():
+            return Path(recorded["tokenizer"])
+        init_from = recorded.get("init_from") or None
+    return resolve_model_folder(init_from) if init_from else None
+
+
+def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: bool,
+                          source: Path | None = None) -> PreparedData:
     """The data, prepared once by rank 0 and then read by the other ranks."""
     if d.main:
-        data = prepare_data(cfg, data_dir, progress=progress)
+        data = prepare_data(cfg, data_dir, progress=progress, tokenizer_source=source)
     d.barrier()
     if not d.main:
-        data = prepare_data(cfg, data_dir, progress=False)
+        data = prepare_data(cfg, data_dir, progress=False, tokenizer_source=source)
     return data
 
 
@@ -174,9 +209,9 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
     """The model (resumed, initialised from a checkpoint, or new), its control markers, the objective's heads,
     FSDP2 sharding, the optimizer (with its resumed state, and torch's RNG state) and the DDP wrapper."""
     tok = load_tokenizer(data.tokenizer_file)
-    eos_id = tok.token_to_id(EOS)
+    eos_id = tok.eos_id
     if resume:
-        model = load_model(checkpoint_dir(out_dir)).to(device)
+        model = load_model(checkpoint_dir(out_dir), device=device)
     elif init_from:
         model = init_from_checkpoint(init_from, data.tokenizer_file, device, data.objective, cfg.train.seed)
     else:
@@ -187,6 +222,7 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
                        f"{context_length(model)}")
     markers = None
     if data.objective.control_embedding:  # the model reads each token's control type too (phf.model.conditioning)
+        check_control_embedding(model)
         markers = [eos_id, *(tok.token_to_id(t) for t in CONTROL_TOKENS)]
     if resume:
         check_resumed_markers(out_dir, model, markers)
@@ -306,7 +342,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     d = init_distributed(device)
     tcfg, block = cfg.train, cfg.model.block_size
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-    data = prepare_data_on_ranks(cfg, data_dir, d, progress)
+    data = prepare_data_on_ranks(cfg, data_dir, d, progress, tokenizer_source(out_dir, init_from, resume))
     objective, train_stream, val_stream = data.objective, data.streams["train"], data.streams["validation"]
     torch.manual_seed(tcfg.seed)
     p, best = resume_state(out_dir) if resume else (Progress(), None)  # checked before anything is built
