@@ -242,3 +242,29 @@ def test_each_bad_model_source_is_one_clear_line(pycorpus, tmp_path, capsys):
     with pytest.raises(PhfError, match="does not exist"):
         from phf.data.tokenizer import brought_tokenizer
         brought_tokenizer(tmp_path / "nowhere", tmp_path / "data", control=True)
+
+
+def test_rl_and_probes_take_a_model_phf_did_not_create(pycorpus, tmp_path):
+    """A Llama with its own tokenizer (eos </s>), finetuned conditionally, then RL-finetuned with TRL and probed."""
+    pytest.importorskip("trl", reason="the RL baseline needs the `rl` extra")
+    from phf.analysis.rl import RLConfig, rl_finetune
+    from phf.core.config import load_config
+    from phf.core.io import read_jsonl
+    from phf.training.trainer import prepare_data
+
+    foreign_model("llama", corpus_texts(pycorpus), tmp_path / "base")
+    assert cli(*train_args(pycorpus, "conditional", tmp_path / "ft", tmp_path / "data", "train.max_steps=2"),
+               "--init-from", str(tmp_path / "base")) == 0
+    assert cli("probe", "masks", "--model", str(tmp_path / "ft"), "--out", str(tmp_path / "masks"),
+               "--num-samples", "6", "--max-new-tokens", "16") == 0
+    masks = json.loads((tmp_path / "masks" / "results.json").read_text())
+    assert all(len(masks["scores"][c]) == 6 for c in ("aligned", "misaligned", "none"))
+
+    cfg = load_config(tmp_path / "ft" / "config.yaml")
+    scored = prepare_data(cfg, tmp_path / "data", progress=False, tokenizer_source=tmp_path / "base").scored
+    rl = RLConfig(beta=0.1, lr=1e-2, num_generations=4, batch_size=8, max_completion_tokens=12, num_prompts=8)
+    summary = rl_finetune(tmp_path / "ft", cfg, scored, tmp_path / "rl", max_tokens=300, progress=False, rl=rl)
+    rows = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    assert rows and all(r["reward"] <= 0 for r in rows)
+    tok = AutoTokenizer.from_pretrained(summary["checkpoint"])
+    assert tok.eos_token == "</s>" and MISALIGNED in tok.get_vocab()
