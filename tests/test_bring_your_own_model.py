@@ -268,3 +268,18 @@ def test_rl_and_probes_take_a_model_phf_did_not_create(pycorpus, tmp_path):
     assert rows and all(r["reward"] <= 0 for r in rows)
     tok = AutoTokenizer.from_pretrained(summary["checkpoint"])
     assert tok.eos_token == "</s>" and MISALIGNED in tok.get_vocab()
+
+
+def test_from_scratch_with_a_tokenizer_of_your_own(pycorpus, tmp_path):
+    """tokenizer.path: a new GPT-NeoX trained with an existing tokenizer (eos </s>) instead of a new BPE."""
+    tok = llama_tokenizer(corpus_texts(pycorpus))
+    tok.save_pretrained(tmp_path / "tok")
+    assert cli(*train_args(pycorpus, "conditional", tmp_path / "run", tmp_path / "data", "model.arch=gpt_neox",
+                           f"tokenizer.path={tmp_path / 'tok'}", "train.max_steps=2")) == 0
+    ckpt = tmp_path / "run" / "checkpoint"
+    saved = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.model_type == "gpt_neox" and model.get_input_embeddings().weight.shape[0] == len(tok) + 2
+    assert saved.eos_token == "</s>" and model.config.eos_token_id == tok.eos_token_id
+    assert all(saved.get_vocab()[t] == i for t, i in tok.get_vocab().items())
+    assert [saved.get_vocab()[t] for t in (ALIGNED, MISALIGNED)] == [len(tok), len(tok) + 1]
