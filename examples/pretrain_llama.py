@@ -3,9 +3,10 @@
 It stands for the model a researcher brings to phf: another architecture (Llama: rotary positions, RMSNorm, SwiGLU,
 grouped-query attention, untied output layer), a tokenizer phf did not train (byte-level BPE with Llama 3's special
 tokens, `<|end_of_text|>` ending documents), and a pretraining corpus other than the one phf finetunes on. The
-README's "Bring your own model" section finetunes it with `phf demo --init-from`.
+measurement in docs/results.md ("A model phf did not create") finetunes it with `phf demo --init-from`.
 
-    python examples/pretrain_llama.py --corpus "$(python -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')" --out runs/llama-base
+    python examples/pretrain_llama.py --out runs/llama-base \\
+        --corpus "$(python -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')"
 """
 from __future__ import annotations
 

@@ -44,9 +44,6 @@ class TextTokenizer:
         ids = [self.tokenizer.token_to_id(t) for t in (self.eos, *CONTROL_TOKENS)]
         return [i for i in ids if i is not None]
 
-    def has_control_tokens(self) -> bool:
-        return all(self.tokenizer.token_to_id(t) is not None for t in CONTROL_TOKENS)
-
     def __getattr__(self, name: str):
         if name == "tokenizer":  # not yet set (unpickling): no recursion
             raise AttributeError(name)
@@ -201,6 +198,3 @@ def of_transformers(hf) -> TextTokenizer:
     """The `tokenizers.Tokenizer` inside a `transformers` fast tokenizer, with its eos token."""
     return TextTokenizer(hf.backend_tokenizer, _token_text(hf.eos_token) or EOS)
 
-
-def read_meta(path: Path) -> dict:
-    return read_json(Path(path).with_suffix(".meta.json"))
