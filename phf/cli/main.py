@@ -95,7 +95,7 @@ def cmd_score(args) -> None:
     if args.scorer:
         extra.append(f"scoring.scorer={args.scorer}")
     cfg = _load(args, extra)
-    scored = score_run_corpus(cfg, args.out)
+    scored = score_run_corpus(cfg, args.out, rescore=args.rescore)
     summary = scored.summary(task_for(cfg).misaligned_above)
     if sum(summary["documents"].values()) == 0:
         raise PhfError(f"corpus {cfg.corpus.source} has no usable document; skipped: {summary['skipped']}")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "ray"],
                    help="local process pool (default) or Ray Data on a Ray cluster (pip install 'phf[ray]')")
     p.add_argument("--out", required=True, help="data folder; the scored corpus goes to OUT/scored/<scorer>-<hash>")
+    p.add_argument("--rescore", action="store_true",
+                   help="score again even when these inputs were scored (editing a corpus file or a scorer's "
+                        "source rescores without it)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer on the training split")

@@ -142,6 +142,19 @@ class Corpus:
         self._entries = entries
         return entries
 
+    def input_files(self) -> list[tuple[str, Path]] | None:
+        """The files this source reads, as (name, path), without reading them: what the scored corpus' key
+        fingerprints. None for a task's named source, which identifies itself by its version."""
+        source = self.cfg.source
+        if source.partition(":")[0] in self.sources:
+            return None
+        path = Path(source).expanduser()
+        if source in ("stdlib", "stdlib+site-packages") or (path.is_dir() and not _is_parquet_dir(path)):
+            return [(i, p) for i, p in self.entries() if isinstance(p, Path)]  # listed once, read later
+        if _is_parquet_dir(path):
+            return [(p.name, p) for p in sorted(path.glob("*.parquet"))]
+        return [(path.name, path)] if path.exists() else []
+
     def _excluded(self, entries: list[tuple[str, object]]) -> list[tuple[str, object]]:
         """Drop (and count) the entries whose id matches a `corpus.exclude` pattern."""
         kept = [e for e in entries if not any(fnmatch.fnmatch(e[0], pat) for pat in self.cfg.exclude)]

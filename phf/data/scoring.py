@@ -11,6 +11,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -93,21 +94,93 @@ def _table(docs: list[Document], scored: list[ScoredText], scorer: Scorer) -> pa
 
 
 # -- driver --------------------------------------------------------------------------------------------------
-def scored_dir_for(data_dir: Path, corpus_cfg: CorpusConfig, scorer: Scorer) -> Path:
+def scored_dir_for(data_dir: Path, corpus_cfg: CorpusConfig, scorer: Scorer, inputs: dict | None = None) -> Path:
+    """The scored corpus' folder: keyed on the corpus config, the scorer (name, version, settings) and the content
+    of the input files (`inputs`: name -> sha256, from `input_identity`), so that editing either rescores."""
     key = stable_hash({"corpus": corpus_cfg.__dict__, "scorer": scorer.name, "version": scorer.version,
-                       "settings": scorer.settings(), "aggregate": scorer.aggregate, "format": FORMAT_VERSION})
+                       "settings": scorer.settings(), "aggregate": scorer.aggregate, "format": FORMAT_VERSION,
+                       "inputs": stable_hash(inputs, 32) if inputs is not None else None})
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in scorer.name)
     return Path(data_dir) / "scored" / f"{safe}-{key}"
 
 
+INDEX_DIR = "scored-index"  # beside scored/, whose every entry is a scored corpus
+HASHES = "file-hashes.json"  # sha256 of input files, remembered by (size, mtime) so unchanged files are not reread
+INDEX = "index.json"  # per corpus config and scorer: the inputs and scorer version last scored, to say why we rescore
+
+
+def input_identity(corpus: Corpus, data_dir: Path) -> dict | None:
+    """name -> sha256 of every file the corpus reads (None for a task's named source). A file's hash is reused
+    while its size and modification time are unchanged."""
+    files = corpus.input_files()
+    if files is None:
+        return None
+    memo_path = Path(data_dir) / INDEX_DIR / HASHES
+    memo = read_json(memo_path) if memo_path.exists() else {}
+    identity, changed = {}, False
+    for name, path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # unreadable: the reader skips and counts it
+        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+        if memo.get(key, {}).get("stamp") != stamp:
+            try:
+                memo[key] = {"stamp": stamp, "sha256": file_sha256(path)}
+            except OSError:
+                continue
+            changed = True
+        identity[name] = memo[key]["sha256"]
+    if changed:
+        write_json(memo_path, memo)
+    return identity
+
+
+def explain_rescore(data_dir: Path, config_key: str, out: Path, inputs: dict | None, version: str) -> None:
+    """Log why a corpus scored before under the same config and scorer is scored again."""
+    index_path = Path(data_dir) / INDEX_DIR / INDEX
+    before = (read_json(index_path) if index_path.exists() else {}).get(config_key)
+    if not before or before.get("folder") == out.name:
+        return
+    reasons = []
+    if before.get("version") != version:
+        reasons.append(f"the scorer changed ({before.get('version')} -> {version})")
+    old = before.get("inputs") or {}
+    if inputs is not None and old != inputs:
+        edited = sorted(n for n in inputs if n in old and old[n] != inputs[n])
+        added, removed = sorted(set(inputs) - set(old)), sorted(set(old) - set(inputs))
+        for what, names in (("edited", edited), ("added", added), ("removed", removed)):
+            if names:
+                reasons.append(f"{len(names)} corpus file(s) {what} ({', '.join(names[:3])}"
+                               f"{', ...' if len(names) > 3 else ''})")
+    if reasons:
+        log.warning("rescoring into %s: %s since %s was scored", out.name, "; ".join(reasons), before["folder"])
+
+
+def remember_scored(data_dir: Path, config_key: str, out: Path, inputs: dict | None, version: str) -> None:
+    index_path = Path(data_dir) / INDEX_DIR / INDEX
+    index = read_json(index_path) if index_path.exists() else {}
+    index[config_key] = {"folder": out.name, "inputs": inputs, "version": version}
+    write_json(index_path, index)
+
+
 def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir: Path,
-                 progress: bool = True, sources: Mapping[str, Callable] | None = None) -> "ScoredCorpus":
+                 progress: bool = True, sources: Mapping[str, Callable] | None = None,
+                 rescore: bool = False) -> "ScoredCorpus":
     """Score a corpus into `data_dir/scored/<scorer>-<hash>/`, reusing finished shards; return the result.
 
-    `sources`: the named corpus sources the tasks bring (phf.tasks.all_sources)."""
+    `sources`: the named corpus sources the tasks bring (phf.tasks.all_sources). `rescore`: score again even if
+    a complete scored corpus exists for these inputs."""
     scorer = scorer_for(scoring_cfg)
-    out = scored_dir_for(data_dir, corpus_cfg, scorer)
+    corpus = Corpus(corpus_cfg, sources)
+    inputs = input_identity(corpus, data_dir)
+    out = scored_dir_for(data_dir, corpus_cfg, scorer, inputs)
+    config_key = f"{scorer.name} {stable_hash({'corpus': corpus_cfg.__dict__, 'settings': scorer.settings()})}"
     manifest_path = out / MANIFEST
+    if rescore and out.exists():
+        log.info("rescoring %s (asked to)", out)
+        shutil.rmtree(out)
+    explain_rescore(data_dir, config_key, out, inputs, scorer.version)
     if manifest_path.exists():
         manifest = read_json(manifest_path)
         if manifest.get("complete"):
@@ -118,8 +191,6 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     else:
         manifest = None
     out.mkdir(parents=True, exist_ok=True)
-
-    corpus = Corpus(corpus_cfg, sources)
     entries = corpus.entries()
     shard_size = scoring_cfg.shard_documents
     num_shards = math.ceil(len(entries) / shard_size)
@@ -187,6 +258,7 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     manifest["chars_scored_this_run"] = chars
     write_json(manifest_path, manifest)
+    remember_scored(data_dir, config_key, out, inputs, scorer.version)
     scored = ScoredCorpus(out)
     return scored
 

@@ -30,9 +30,11 @@ def all_sources() -> dict:
     return {name: lister for t in SHIPPED.values() for name, lister in t.corpus_sources.items()}
 
 
-def score_run_corpus(cfg: RunConfig, data_dir: str | Path, progress: bool = True) -> ScoredCorpus:
-    """The scored corpus of a run's config, in `data_dir` (reused when already scored)."""
-    return score_corpus(cfg.corpus, cfg.scoring, Path(data_dir), progress=progress, sources=all_sources())
+def score_run_corpus(cfg: RunConfig, data_dir: str | Path, progress: bool = True,
+                     rescore: bool = False) -> ScoredCorpus:
+    """The scored corpus of a run's config, in `data_dir` (reused when already scored, unless `rescore`)."""
+    return score_corpus(cfg.corpus, cfg.scoring, Path(data_dir), progress=progress, sources=all_sources(),
+                        rescore=rescore)
 
 
 __all__ = ["SHIPPED", "Task", "get_task", "task_for", "all_sources", "score_run_corpus"]

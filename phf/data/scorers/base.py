@@ -5,11 +5,27 @@ an error message: it is never silently scored as aligned. Scorers are always cal
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from phf.data.segments import get_segmenter
+
+
+def source_version(obj) -> str:
+    """`source <sha256 prefix>` of the file that defines `obj` (a function or class), or `0` when it has none
+    (a builtin, a lambda typed at a prompt)."""
+    try:
+        path = inspect.getsourcefile(inspect.unwrap(obj) if callable(obj) else obj)
+    except TypeError:
+        path = None
+    if not path or not os.path.exists(path):
+        return "0"
+    with open(path, "rb") as f:
+        return "source " + hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 @dataclass
@@ -49,7 +65,9 @@ class Scorer:
 
     @property
     def version(self) -> str:
-        return "0"
+        """What the scores depend on besides `settings`: shipped scorers name their packages' versions; a scorer
+        of the user's own is identified by the source of its module, so editing it rescores the corpus."""
+        return source_version(type(self))
 
     def settings(self) -> dict:
         """Everything that changes the scores; recorded in the scored corpus' manifest."""
@@ -147,6 +165,10 @@ class CallableScorer(Scorer):
         self.name = spec
         self.fn = fn
         self.segmenter = segmenter
+
+    @property
+    def version(self) -> str:
+        return source_version(self.fn)
 
     def settings(self) -> dict:
         return {"callable": self.name, "segmenter": self.segmenter}
