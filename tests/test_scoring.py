@@ -27,7 +27,8 @@ def test_folder_with_bad_files_skips_and_counts(tmp_path):
     corpus = Corpus(CorpusConfig(source=str(tmp_path)))
     docs = list(corpus)
     assert [d.id for d in docs] == ["good.py"]
-    assert corpus.stats.skipped == {"not UTF-8": 1, "binary (NUL bytes)": 1, "empty": 1}
+    assert corpus.stats.skipped == {"not UTF-8": 1, "binary (NUL bytes)": 1, "empty": 1,
+                                    "extension not in corpus.extensions": 1}  # notes.txt
 
 
 def test_jsonl_and_parquet_sources(tmp_path):
@@ -38,8 +39,8 @@ def test_jsonl_and_parquet_sources(tmp_path):
                   + json.dumps({"text": 3}) + "\n")
     corpus = Corpus(CorpusConfig(source=str(jl)))
     assert [d.text for d in corpus] == ["x = 1\n"]
-    assert corpus.stats.skipped == {"malformed jsonl line": 1, "jsonl line without a text field": 1,
-                                    "jsonl text is not a string": 1}
+    assert corpus.stats.skipped == {"malformed jsonl line": 1, "record without a text field": 1,
+                                    "text is not a string": 1}
     pq.write_table(pa.table({"text": ["a = 1\n", "b = 2\n"]}), tmp_path / "c.parquet")
     assert len(list(Corpus(CorpusConfig(source=str(tmp_path / "c.parquet"))))) == 2
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "d.parquet")

@@ -8,7 +8,10 @@ Files that cannot be used (binary, not UTF-8, unreadable, too long) are skipped 
 from __future__ import annotations
 
 import fnmatch
+import glob
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,6 +24,7 @@ from typing import Callable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 from phf.core.config import CorpusConfig
 from phf.core.errors import PhfError
@@ -89,14 +93,17 @@ class Corpus:
     # -- listing -------------------------------------------------------------------------------------------
     def _list_folder(self, root: Path, exclude_site_packages: bool, prefix: str) -> list[tuple[str, object]]:
         entries = []
-        exts = tuple(self.cfg.extensions)
+        exts = tuple(e for e in self.cfg.extensions if e)
+        bare = "" in self.cfg.extensions  # files without an extension too (README, LICENSE, changelog)
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             rel_dir = os.path.relpath(dirpath, root)
             if exclude_site_packages:
                 dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]
             dirnames.sort()
             for name in sorted(filenames):
-                if exts and not name.endswith(exts):
+                if (exts or bare) and not (exts and name.endswith(exts)) and not (bare and "." not in name[1:]):
+                    if not prefix:  # a user's folder: say what was left out (not the interpreter's own files)
+                        self.stats.skipped["extension not in corpus.extensions"] += 1
                     continue
                 rel = os.path.normpath(os.path.join(rel_dir, name))
                 if any(fnmatch.fnmatch(rel, pat) for pat in self.cfg.exclude):
@@ -122,25 +129,48 @@ class Corpus:
         elif source.partition(":")[0] in self.sources:
             name, _, argument = source.partition(":")
             entries = self._excluded(self.sources[name](argument, self.stats))
+        elif source.startswith("hf:"):
+            entries = self._list_dataset(load_hub_dataset(source), source)
         else:
             path = Path(source).expanduser()
-            if not path.exists():
-                names = ["stdlib", "stdlib+site-packages", *self.sources]
-                raise PhfError(f"corpus source {source} does not exist; give a folder, a .jsonl or a .parquet file, "
-                               f"or one of: {', '.join(names)}")
-            if path.is_dir() and not _is_parquet_dir(path):
+            if is_saved_dataset(path):
+                entries = self._list_dataset(load_saved_dataset(path), str(path))
+            elif (files := self.data_files()) is not None:
+                entries = []
+                for file in files:
+                    entries += self._list_data_file(file, alone=len(files) == 1 and file == path)
+            elif path.is_dir():
                 entries = self._list_folder(path, exclude_site_packages=False, prefix="")
-            elif path.suffix == ".jsonl" or path.suffix == ".json":
-                entries = _list_jsonl(path, self.stats)
-            elif path.suffix == ".parquet" or _is_parquet_dir(path):
-                entries = _list_parquet(path)
-            else:
+            elif path.exists():
                 entries = [(path.name, path)]
+            else:
+                names = ["stdlib", "stdlib+site-packages", *self.sources]
+                raise PhfError(f"corpus source {source} does not exist; give a folder, a data file (.jsonl, "
+                               f".jsonl.gz, .jsonl.zst, .json, .parquet), a glob of them, a save_to_disk folder, "
+                               f"hf:NAME, or one of: {', '.join(names)}")
         if self.cfg.max_documents:
             total = len(entries)
             entries = [e for e in entries if keep_in_subset(e[0], self.cfg.max_documents, total)]
         self._entries = entries
         return entries
+
+    def data_files(self) -> list[Path] | None:
+        """The data files of a data-file source: the file itself, a glob's matches, or the data files directly in
+        a folder that holds some; None for any other source."""
+        source = self.cfg.source
+        if any(c in source for c in "*?["):
+            files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if is_data_file(p))
+            if not files:
+                raise PhfError(f"corpus source {source} matches no data file (.jsonl, .jsonl.gz, .jsonl.zst, .json, "
+                               f".parquet)")
+            return files
+        path = Path(source).expanduser()
+        if path.is_file() and is_data_file(path.name):
+            return [path]
+        if path.is_dir() and not is_saved_dataset(path):
+            files = sorted(p for p in path.iterdir() if p.is_file() and is_data_file(p.name))
+            return files or None
+        return None
 
     def input_files(self) -> list[tuple[str, Path]] | None:
         """The files this source reads, as (name, path), without reading them: what the scored corpus' key
@@ -148,12 +178,56 @@ class Corpus:
         source = self.cfg.source
         if source.partition(":")[0] in self.sources:
             return None
+        if source.startswith("hf:"):
+            return None  # the datasets cache identifies its own versions
         path = Path(source).expanduser()
-        if source in ("stdlib", "stdlib+site-packages") or (path.is_dir() and not _is_parquet_dir(path)):
+        if is_saved_dataset(path):
+            return [(str(p.relative_to(path)), p) for p in sorted(path.rglob("*")) if p.is_file()]
+        if (files := self.data_files()) is not None:
+            return [(str(p), p) for p in files]
+        if source in ("stdlib", "stdlib+site-packages") or path.is_dir():
             return [(i, p) for i, p in self.entries() if isinstance(p, Path)]  # listed once, read later
-        if _is_parquet_dir(path):
-            return [(p.name, p) for p in sorted(path.glob("*.parquet"))]
         return [(path.name, path)] if path.exists() else []
+
+    def _list_data_file(self, path: Path, alone: bool) -> list[tuple[str, object]]:
+        """A data file's records. A damaged file given alone ends the run with one line; among several, it is
+        skipped and counted (its records before the damage are kept) and the others are read."""
+        try:
+            entries = list_data_file(path, self.cfg, self.stats)
+        except PhfError as exc:
+            if alone:
+                raise
+            log.warning("skipped: %s", exc)
+            self.stats.skipped["damaged data file"] += 1
+            return getattr(exc, "entries", [])
+        if alone and not entries and sum(self.stats.skipped.values()):
+            raise PhfError(f"{path}: no usable record (each must have a string `{self.cfg.text_column}` field; "
+                           f"corpus.text_column names another); skipped: {dict(self.stats.skipped)}")
+        return entries
+
+    def _list_dataset(self, data, where: str) -> list[tuple[str, object]]:
+        """The rows of a `datasets` Dataset (hash split, or corpus.split_column) or DatasetDict (its own splits)."""
+        import datasets
+
+        parts = data.items() if isinstance(data, datasets.DatasetDict) else [(None, data)]
+        entries = []
+        for name, part in parts:
+            split = None
+            if name is not None:
+                split = SPLIT_NAMES.get(name.lower())
+                if split is None:
+                    raise PhfError(f"dataset {where} has a split {name!r}; phf reads train, validation (or valid, "
+                                   f"val, dev) and test: rename or drop it before saving")
+            if self.cfg.text_column not in part.column_names:
+                raise PhfError(f"dataset {where}{f' ({name})' if name else ''} has no `{self.cfg.text_column}` "
+                               f"column (columns: {', '.join(part.column_names)}); set corpus.text_column")
+            records = _Records(self.cfg, self.stats, where)
+            keep = [c for c in (self.cfg.text_column, self.cfg.id_column or "id", self.cfg.split_column)
+                    if c and c in part.column_names]
+            for i, rec in enumerate(part.select_columns(keep)):
+                if (e := records.entry(rec, f"{name or 'rows'}:{i}", split)) is not None:
+                    entries.append(e)
+        return entries
 
     def _excluded(self, entries: list[tuple[str, object]]) -> list[tuple[str, object]]:
         """Drop (and count) the entries whose id matches a `corpus.exclude` pattern."""
@@ -180,11 +254,13 @@ class Corpus:
             except UnicodeDecodeError:
                 self.stats.skipped["not UTF-8"] += 1
                 return None
+        elif isinstance(locator, tuple):  # a record's text and the split it names
+            return self._accept(doc_id, *locator)
         else:
             text = locator  # already-loaded text (jsonl / parquet)
         return self._accept(doc_id, text)
 
-    def _accept(self, doc_id: str, text: str) -> Document | None:
+    def _accept(self, doc_id: str, text: str, split: str | None = None) -> Document | None:
         if "\x00" in text:
             self.stats.skipped["binary (NUL bytes)"] += 1
             return None
@@ -194,7 +270,7 @@ class Corpus:
         if len(text) > self.cfg.max_document_chars:
             self.stats.skipped["too long"] += 1
             return None
-        split = split_of(doc_id, self.cfg.validation_fraction, self.cfg.test_fraction)
+        split = split or split_of(doc_id, self.cfg.validation_fraction, self.cfg.test_fraction)
         self.stats.documents[split] += 1
         return Document(doc_id, text, split)
 
@@ -205,54 +281,145 @@ class Corpus:
                 yield doc
 
 
-def _is_parquet_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*.parquet"))
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation", "test": "test"}
 
 
-def _list_jsonl(path: Path, stats: CorpusStats) -> list[tuple[str, object]]:
-    entries = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                stats.skipped["malformed jsonl line"] += 1
-                continue
-            if not isinstance(rec, dict) or "text" not in rec:
-                stats.skipped["jsonl line without a text field"] += 1
-                continue
-            if not isinstance(rec["text"], str):
-                stats.skipped["jsonl text is not a string"] += 1
-                continue
-            doc_id = str(rec.get("id", f"{path.name}:{lineno}"))
-            entries.append((doc_id, rec["text"]))
-    if not entries and sum(stats.skipped.values()):
-        raise PhfError(f"{path}: no usable line (each line must be a JSON object with a string `text` field); "
-                       f"skipped: {dict(stats.skipped)}")
-    return entries
+def is_data_file(name: str | Path) -> bool:
+    return str(name).endswith(DATA_SUFFIXES)
 
 
-def _list_parquet(path: Path) -> list[tuple[str, object]]:
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    entries = []
-    for file in files:
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+class _Records:
+    """Turns records (dicts) of a data source into corpus entries: the text, id and split columns."""
+
+    def __init__(self, cfg: CorpusConfig, stats: CorpusStats, where: str):
+        self.cfg, self.stats, self.where = cfg, stats, where
+
+    def entry(self, rec, fallback_id: str, split: str | None = None) -> tuple[str, object] | None:
+        col = self.cfg.text_column
+        if not isinstance(rec, dict) or col not in rec:
+            self.stats.skipped[f"record without a {col} field"] += 1
+            return None
+        if not isinstance(rec[col], str):
+            self.stats.skipped[f"{col} is not a string"] += 1
+            return None
+        id_col = self.cfg.id_column or "id"
+        doc_id = str(rec[id_col]) if rec.get(id_col) is not None else fallback_id
+        if self.cfg.split_column:
+            named = SPLIT_NAMES.get(str(rec.get(self.cfg.split_column)).lower())
+            if named is None:
+                self.stats.skipped[f"{self.cfg.split_column} not train, validation or test"] += 1
+                return None
+            split = named
+        return (doc_id, (rec[col], split) if split else rec[col])
+
+
+def _open_text(path: Path):
+    """A data file as lines of bytes: plain, gzip or zstandard, by its suffix."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _damage(path: Path, exc: Exception) -> str:
+    kind = "zstandard" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else "file"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{path} is not a readable {kind} file or is truncated ({reason})"
+
+
+def list_data_file(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> list[tuple[str, object]]:
+    """The records of one data file as corpus entries. A damaged file raises PhfError after the records read
+    before the damage were listed into `stats` (the caller decides whether that ends the run)."""
+    records = _Records(cfg, stats, str(path))
+    if path.name.endswith(".parquet"):
+        return _list_parquet(path, records)
+    if path.name.endswith(".json"):
         try:
-            table = pq.read_table(file)
-        except Exception as exc:  # pyarrow raises several types for damaged files
-            raise PhfError(f"{file} is not a readable Parquet file ({exc}); check the file or convert it to jsonl") from None
-        if "text" not in table.column_names:
-            raise PhfError(f"{file} has no `text` column (columns: {', '.join(table.column_names)}); "
-                           f"rename the column holding the documents to `text`")
-
-        if not pa.types.is_string(table.schema.field("text").type) and not pa.types.is_large_string(
-                table.schema.field("text").type):
-            raise PhfError(f"{file}: column `text` must hold strings, not {table.schema.field('text').type}")
-        texts = table.column("text").to_pylist()
-        ids = table.column("id").to_pylist() if "id" in table.column_names else None
-        for i, text in enumerate(texts):
-            if text is None:
-                continue
-            entries.append((str(ids[i]) if ids else f"{file.name}:{i}", text))
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PhfError(f"{path} is not a JSON array of records ({exc}); give one JSON object per line as "
+                           f".jsonl instead") from None
+        if not isinstance(data, list):
+            raise PhfError(f"{path} holds a JSON {type(data).__name__}, not an array of records")
+        return [e for i, rec in enumerate(data) if (e := records.entry(rec, f"{path.name}:{i}")) is not None]
+    entries = []
+    try:
+        with _open_text(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    stats.skipped["malformed jsonl line"] += 1
+                    continue
+                if (e := records.entry(rec, f"{path.name}:{lineno}")) is not None:
+                    entries.append(e)
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise _DamagedFile(_damage(path, exc), entries) from None
     return entries
+
+
+class _DamagedFile(PhfError):
+    """A data file that broke off: its message, and the entries read before the damage."""
+
+    def __init__(self, message: str, entries: list):
+        super().__init__(message)
+        self.entries = entries
+
+
+def _list_parquet(path: Path, records: _Records) -> list[tuple[str, object]]:
+    cfg = records.cfg
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise PhfError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}); check the file or "
+                       f"convert it to jsonl") from None
+    names = file.schema_arrow.names
+    if cfg.text_column not in names:
+        raise PhfError(f"{path} has no `{cfg.text_column}` column (columns: {', '.join(names)}); set "
+                       f"corpus.text_column to the column holding the documents")
+    kind = file.schema_arrow.field(cfg.text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PhfError(f"{path}: column `{cfg.text_column}` must hold strings, not {kind}")
+    columns = [c for c in (cfg.text_column, cfg.id_column or "id", cfg.split_column) if c and c in names]
+    entries, row = [], 0
+    for group in range(file.num_row_groups):  # one row group in memory at a time
+        for rec in file.read_row_group(group, columns=columns).to_pylist():
+            if rec[cfg.text_column] is not None and (e := records.entry(rec, f"{path.name}:{row}")) is not None:
+                entries.append(e)
+            row += 1
+    return entries
+
+
+# -- Hugging Face datasets ------------------------------------------------------------------------------------------
+def load_saved_dataset(path: Path):
+    import datasets  # a second or more to import: only for dataset sources
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PhfError(f"dataset folder {path} cannot be loaded ({reason}); write it again with "
+                       f"`save_to_disk`") from None
+
+
+def load_hub_dataset(source: str):
+    """`hf:NAME[:CONFIG]` through `datasets.load_dataset`: from the local cache unless downloads are allowed."""
+    import datasets
+
+    name, _, config = source[3:].partition(":")
+    try:
+        return datasets.load_dataset(name, config or None)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PhfError(f"cannot load dataset {source} ({reason}); it is read from the local datasets cache unless "
+                       f"downloads are allowed (HF_HUB_OFFLINE=0)") from None

@@ -1,0 +1,150 @@
+"""Corpora of your own: Hugging Face datasets, compressed and multi-file jsonl, Parquet row groups, globs, prose
+folders; each scored (and one trained on), each with its hostile inputs: one clear line, good documents kept."""
+import gzip
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from phf.cli.main import main
+from phf.core.config import CorpusConfig, ScoringConfig
+from phf.core.errors import PhfError
+from phf.data.corpus import Corpus
+from phf.data.scoring import score_corpus
+from tests.conftest import tiny_overrides
+
+
+def code_records(pycorpus, column="text"):
+    return [{"id": p.name, column: p.read_text()} for p in sorted(pycorpus.glob("*.py"))]
+
+
+def write_jsonl(path, records, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_zst(path, records):
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(data))
+
+
+def read(source, **cfg):
+    corpus = Corpus(CorpusConfig(source=str(source), validation_fraction=0.2, test_fraction=0.2, **cfg))
+    return list(corpus), corpus.stats
+
+
+def test_compressed_jsonl_json_arrays_and_globs_read_the_same_documents(pycorpus, tmp_path):
+    records = code_records(pycorpus)
+    write_jsonl(tmp_path / "a.jsonl", records)
+    write_jsonl(tmp_path / "b.jsonl.gz", records, gzip.open)
+    write_zst(tmp_path / "c.jsonl.zst", records)
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    expected = [(r["id"], r["text"]) for r in records]
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.json"):
+        docs, _ = read(tmp_path / name)
+        assert [(d.id, d.text) for d in docs] == expected, name
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_zst(shards / "part-0.jsonl.zst", records[:3])
+    write_zst(shards / "part-1.jsonl.zst", records[3:])
+    for source in (shards / "*.jsonl.zst", shards):  # a glob, and a folder of data files
+        docs, _ = read(source)
+        assert sorted((d.id, d.text) for d in docs) == sorted(expected)
+
+
+def test_parquet_with_row_groups_other_columns_and_given_splits(pycorpus, tmp_path):
+    records = code_records(pycorpus, column="content")
+    for i, r in enumerate(records):
+        r["part"] = ["train", "dev", "test"][i % 3]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet", row_group_size=2)
+    assert pq.ParquetFile(tmp_path / "c.parquet").num_row_groups > 2
+    docs, _ = read(tmp_path / "c.parquet", text_column="content", split_column="part")
+    assert [d.text for d in docs] == [r["content"] for r in records]
+    assert [d.split for d in docs] == [{"train": "train", "dev": "validation", "test": "test"}[r["part"]]
+                                       for r in records]
+    with pytest.raises(PhfError, match="has no `text` column .*set corpus.text_column"):
+        read(tmp_path / "c.parquet")
+
+
+def test_a_save_to_disk_dataset_with_its_own_splits_is_scored_and_trained_on(pycorpus, tmp_path, capsys):
+    import datasets
+
+    records = code_records(pycorpus, column="code")
+    rows = {k: [r[k] for r in records] for k in ("id", "code")}
+    whole = datasets.Dataset.from_dict(rows)
+    splits = datasets.DatasetDict({"train": whole.select(range(6)), "validation": whole.select(range(6, 8)),
+                                   "test": whole.select(range(8, len(records)))})
+    splits.save_to_disk(tmp_path / "ds")
+    docs, _ = read(tmp_path / "ds", text_column="code")
+    assert [(d.id, d.split) for d in docs[:6]] == [(r["id"], "train") for r in records[:6]]
+    assert {d.split for d in docs[6:8]} == {"validation"} and {d.split for d in docs[8:]} == {"test"}
+
+    args = ["-q", "train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
+    for o in tiny_overrides(str(tmp_path / "ds")) + ["corpus.text_column=code", "train.max_steps=2"]:
+        args += ["--set", o]
+    main(args)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists() and run["scored_corpus"]
+
+    datasets.DatasetDict({"train": whole, "extra": whole}).save_to_disk(tmp_path / "odd")
+    with pytest.raises(PhfError, match="has a split 'extra'"):
+        read(tmp_path / "odd", text_column="code")
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "ds", broken)
+    for arrow in broken.rglob("*.arrow"):
+        arrow.unlink()
+    with pytest.raises(PhfError, match="cannot be loaded .*write it again with `save_to_disk`"):
+        read(broken, text_column="code")
+
+
+def test_hostile_data_files_are_one_line_and_a_mixed_folder_keeps_its_good_documents(pycorpus, tmp_path, caplog):
+    records = code_records(pycorpus)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "good.jsonl.gz", records[:4], gzip.open)
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in records[4:]).encode())
+    (mixed / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (mixed / "fake.jsonl.zst").write_bytes(b"this is not zstandard at all\n")
+    docs, stats = read(mixed)
+    assert [d.id for d in docs][:4] == [r["id"] for r in records[:4]]  # every good document is read
+    assert stats.skipped["damaged data file"] == 2
+    assert "truncated.jsonl.gz is not a readable gzip file" in caplog.text
+    assert "fake.jsonl.zst is not a readable zstandard file" in caplog.text
+    for name, message in (("truncated.jsonl.gz", "is not a readable gzip file or is truncated"),
+                          ("fake.jsonl.zst", "is not a readable zstandard file or is truncated")):
+        with pytest.raises(PhfError, match=message) as exc:
+            read(mixed / name)  # alone, the same damage ends the run with one line
+        assert "\n" not in str(exc.value)
+    (tmp_path / "obj.json").write_text('{"text": "a single object"}')
+    with pytest.raises(PhfError, match="holds a JSON dict, not an array"):
+        read(tmp_path / "obj.json")
+    with pytest.raises(PhfError, match="matches no data file"):
+        read(tmp_path / "nothing-*.jsonl")
+
+
+def test_prose_tasks_read_a_folder_of_text_files_and_count_what_they_skip(tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("Write to me at jane.doe@example.com any time. Thanks!\n")
+    (notes / "b.md").write_text("# Notes\n\nNothing personal here at all.\n")
+    (notes / "README").write_text("Call +1 202 555 0143 after six.\n")
+    (notes / "tool.py").write_text("print('not prose')\n")
+    main(["-q", "score", "--task", "pii", "--corpus", str(notes), "--out", str(tmp_path / "data"), "--workers", "1",
+          "--set", "corpus.validation_fraction=0", "--set", "corpus.test_fraction=0"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["documents"]["train"] == 3 and sum(summary["documents"].values()) == 3
+    assert summary["skipped"] == {"extension not in corpus.extensions": 1}
+
+
+def test_a_scored_jsonl_zst_corpus_matches_the_plain_one(pycorpus, tmp_path):
+    records = code_records(pycorpus)
+    write_jsonl(tmp_path / "a.jsonl", records)
+    write_zst(tmp_path / "a.jsonl.zst", records)
+    scoring = ScoringConfig(scorer="pep8", workers=1, shard_documents=4)
+    plain = score_corpus(CorpusConfig(source=str(tmp_path / "a.jsonl")), scoring, tmp_path / "d1", progress=False)
+    zst = score_corpus(CorpusConfig(source=str(tmp_path / "a.jsonl.zst")), scoring, tmp_path / "d2", progress=False)
+    assert plain.table().equals(zst.table())
