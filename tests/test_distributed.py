@@ -87,3 +87,25 @@ def test_fsdp_equals_one_rank_with_two_accumulation_steps_and_resumes(tiny_cfg_f
     _torchrun(["--resume", str(tmp_path / "part"), "--set", "train.max_steps=3", *data], 29523, env)
     assert _losses(tmp_path / "part") == _losses(tmp_path / "fsdp")
     _assert_same_weights(tmp_path / "part", tmp_path / "fsdp")
+
+
+def test_prepare_then_torchrun_trains_on_the_prepared_folder(tiny_cfg_factory, tmp_path):
+    """`phf prepare` scores, tokenizes and writes the streams once; two torchrun ranks then start from them."""
+    import json
+
+    cfg = tiny_cfg_factory("conditional", ["train.max_steps=2", "train.threads=1", "train.dist_timeout_minutes=5"])
+    config = tmp_path / "run.yaml"
+    config.write_text(config_to_yaml(cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    data = tmp_path / "prepared"
+    prepared = subprocess.run([sys.executable, "-m", "phf", "-q", "prepare", "--config", str(config), "--data-dir",
+                               str(data)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    made = json.loads(prepared.stdout)
+    manifest = Path(made["scored_corpus"]) / "manifest.json"
+    stamps = {p: p.stat().st_mtime_ns for p in [manifest, *data.glob("streams/*/*.bin")]}
+    _torchrun(["--config", str(config), "--out", str(tmp_path / "ddp"), "--data-dir", str(data)], 29519, env)
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["tokenizer"] == made["tokenizer"]
+    assert run["streams"] == {k: v["path"] for k, v in made["streams"].items()}
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # read, not written again

@@ -2,6 +2,7 @@
 
     phf score      corpus -> segments -> scored corpus (Parquet + manifest)
     phf tokenizer  scored corpus -> byte-level BPE with control tokens
+    phf prepare    config -> scored corpus, tokenizer, token streams (before a multi-process training job)
     phf train      config -> token stream -> model (HF folder)
     phf sample     model -> samples.jsonl
     phf evaluate   model -> samples, scores, held-out bits/char -> results.json
@@ -51,7 +52,7 @@ from phf.recipes.demo import format_table, run_demo
 from phf.recipes.sweep import run_sweep
 from phf.report.page import write_report
 from phf.tasks import all_sources, get_task, score_run_corpus, task_for
-from phf.training.trainer import run_training
+from phf.training.trainer import prepare_data, run_training
 
 log = logging.getLogger("phf")
 
@@ -107,6 +108,15 @@ def cmd_tokenizer(args) -> None:
     scored = score_run_corpus(cfg, args.out)
     tok, path = tokenizer_for(scored, cfg.tokenizer, Path(args.out))
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.get_vocab_size()}, indent=2))
+
+
+def cmd_prepare(args) -> None:
+    cfg = _load(args)
+    init_from = model_source(args.init_from, args.allow_download) if args.init_from else None
+    data = prepare_data(cfg, Path(args.data_dir), tokenizer_source=init_from)
+    print(json.dumps({"scored_corpus": str(data.scored.path), "tokenizer": str(data.tokenizer_file),
+                      "streams": {k: {"path": str(v.prefix), "tokens": len(v)} for k, v in data.streams.items()}},
+                     indent=2))
 
 
 def cmd_train(args) -> None:
@@ -242,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus")
     p.add_argument("--out", required=True, help="data folder (scores are reused from it)")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("prepare", help="score, tokenizer and token streams of a run config, before training "
+                                       "(so a torchrun job starts from prepared data)")
+    _add_config_args(p)
+    p.add_argument("--data-dir", required=True, help="the data folder `phf train --data-dir` will read")
+    p.add_argument("--init-from", metavar="MODEL", help="the model the run will start from (its tokenizer)")
+    p.add_argument("--allow-download", action="store_true", help="let --init-from download a hub id")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model with an objective (torchrun-ready)")
     _add_config_args(p)

@@ -35,10 +35,20 @@ class Quantile:
 @dataclass
 class CorpusConfig:
     source: str = "stdlib"
-    """Where documents come from: `stdlib` (the running interpreter's standard library), `stdlib+site-packages`,
-    or a path to a folder of text files, a `.jsonl` file with a `text` field, or a `.parquet` file/folder."""
+    """Where documents come from: `stdlib` (the running interpreter's standard library), `stdlib+site-packages`, a
+    task's named source, a folder of text files, a data file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, a `.json`
+    array, `.parquet`), a folder or glob of data files (`data/*.jsonl.zst`), a folder written by `datasets`'
+    `save_to_disk`, or `hf:NAME[:CONFIG]` (`datasets.load_dataset`, from the local cache unless downloads are
+    allowed)."""
     extensions: list[str] = field(default_factory=lambda: [".py"])
-    """File extensions read from a folder source."""
+    """File extensions read from a folder of text files; "" reads files without an extension."""
+    text_column: str = "text"
+    """The field (jsonl, json) or column (Parquet, datasets) holding a document's text."""
+    id_column: str = ""
+    """The field or column holding a document's id; "" = `id` where there is one, else the file and row."""
+    split_column: str = ""
+    """A field or column naming each document's split (train, validation or test; valid, val and dev mean
+    validation) instead of the hash split. A dataset with splits of its own uses them without it."""
     exclude: list[str] = field(default_factory=list)
     """Glob patterns (matched against the path relative to the source root) of files to skip."""
     validation_fraction: float = 0.05
@@ -258,6 +268,9 @@ class TrainConfig:
     that do not fit one device). Checkpoints are the same full HF folders either way; one process ignores it."""
     threads: int = 0
     """torch intra-op threads; 0 = one per core (divided among local ranks)."""
+    dist_timeout_minutes: float = 60.0
+    """Several processes: how long a rank waits for the others at a collective before failing, including the
+    wait for rank 0 to prepare the data. Prepare the data first (`phf prepare`) rather than raising it."""
     seed: int = 42
     """Seed of initialisation, data order and dropout."""
     eval_every: int = 0
@@ -282,6 +295,7 @@ class TrainConfig:
     def validate(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.grad_accum", self.grad_accum)
+        _check_positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
         if not self.lr > 0:
             raise PhfError(f"train.lr must be > 0, got {self.lr}")
         if self.max_steps < 0 or self.max_tokens < 0 or self.max_seconds < 0:

@@ -4,6 +4,7 @@ Everything here is a no-op or a plain call for a single process."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import warnings
 from dataclasses import dataclass
@@ -46,12 +47,15 @@ class Dist:
         return t
 
 
-def init_distributed(device: torch.device) -> Dist:
+def init_distributed(device: torch.device, timeout_minutes: float = 60.0) -> Dist:
+    """The process group of a torchrun job, with an explicit timeout: how long a rank waits for the others at a
+    collective (rank 0 preparing the data included) before it fails instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                 local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 

@@ -129,6 +129,10 @@ def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: boo
     """The data, prepared once by rank 0 and then read by the other ranks."""
     if d.main:
         data = prepare_data(cfg, data_dir, progress=progress, tokenizer_source=source)
+    else:
+        log.info("rank %d waits for rank 0 to prepare the data in %s (scored corpus, tokenizer, token streams; at "
+                 "most train.dist_timeout_minutes=%g); `phf prepare` beforehand makes this wait a few seconds",
+                 d.rank, data_dir, cfg.train.dist_timeout_minutes)
     d.barrier()
     if not d.main:
         data = prepare_data(cfg, data_dir, progress=False, tokenizer_source=source)
@@ -339,7 +343,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
     device = pick_device()
-    d = init_distributed(device)
+    d = init_distributed(device, cfg.train.dist_timeout_minutes)
     tcfg, block = cfg.train, cfg.model.block_size
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     data = prepare_data_on_ranks(cfg, data_dir, d, progress, tokenizer_source(out_dir, init_from, resume))
