@@ -72,13 +72,31 @@ def test_shipped_configs_load():
 
     for task in SHIPPED.values():
         paths = sorted(task.config_dir().glob("*.yaml"))
-        assert len(paths) == 7, task.name  # base + one per objective
+        assert len(paths) == 8, task.name  # base + one per objective + the paper's model
         for path in paths:
-            if path.name.startswith("base"):
+            if path.name.startswith(("base", "paper-")):
                 continue
             cfg = load_config(path)
             assert cfg.task == task.name
             assert cfg.objective.name == path.stem or path.stem.startswith(cfg.objective.name)
+
+
+def test_paper_recipes_load_with_the_papers_model_and_schedule():
+    import torch
+
+    from phf.model.lm import build_model, count_parameters
+    from phf.tasks import SHIPPED
+
+    for task in SHIPPED.values():
+        cfg = load_config(task.config_path("paper-124m"), ["objective.name=conditional"])
+        m, t = cfg.model, cfg.train
+        assert (m.arch, m.n_layer, m.n_head, m.n_embd, m.block_size) == ("gpt2", 12, 12, 768, 1024)
+        assert t.batch_size * t.grad_accum == 64 and t.max_tokens == 3_300_000_000 and t.warmup_fraction == 0.01
+        assert cfg.sample.temperature == 0.7 and cfg.objective.name == "conditional" and t.dtype == "bf16"
+        with torch.device("meta"):  # sizes only: no memory
+            model = build_model(m, cfg.tokenizer.vocab_size, 0)
+        expected = 124.4e6 if cfg.tokenizer.vocab_size == 50257 else 111.0e6
+        assert abs(count_parameters(model) - expected) < 0.1e6, task.name
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
