@@ -53,3 +53,8 @@ def tiny_untrained_model(corpus_dir, block_size: int):
 def x_per_char(texts):
     """A rate: the share of a segment's characters that are "x" (0 for an empty segment)."""
     return [t.count("x") / len(t) if t else 0.0 for t in texts]
+
+
+def never_called(texts):
+    """A scorer for runs that must not score (a pre-scored corpus): it fails loudly if called."""
+    raise AssertionError("the scorer ran on a pre-scored corpus")

@@ -148,3 +148,35 @@ def test_a_scored_jsonl_zst_corpus_matches_the_plain_one(pycorpus, tmp_path):
     plain = score_corpus(CorpusConfig(source=str(tmp_path / "a.jsonl")), scoring, tmp_path / "d1", progress=False)
     zst = score_corpus(CorpusConfig(source=str(tmp_path / "a.jsonl.zst")), scoring, tmp_path / "d2", progress=False)
     assert plain.table().equals(zst.table())
+
+
+def test_precomputed_scores_train_without_running_a_scorer(pycorpus, tmp_path):
+    """The layout of the paper's released datasets: per document a list of segment texts and a list of scores."""
+    from phf.core.config import load_config
+    from phf.tasks import get_task
+    from phf.training.trainer import run_training
+    from tests.conftest import tiny_overrides
+
+    records = []
+    for p in sorted(pycorpus.glob("*.py")):
+        lines = p.read_text().splitlines(keepends=True)
+        records.append({"id": p.name, "texts": lines, "scores": [float("    " in x) for x in lines]})
+    records.append({"id": "bad", "texts": ["a\n", "b\n"], "scores": [0.0]})  # lengths differ: skipped, counted
+    write_jsonl(tmp_path / "scored.jsonl", records)
+    scoring = ScoringConfig(scorer="tests.helpers:never_called", precomputed="texts:scores", workers=1)
+    scored = score_corpus(CorpusConfig(source=str(tmp_path / "scored.jsonl"), validation_fraction=0.2,
+                                       test_fraction=0.2), scoring, tmp_path / "data", progress=False)
+    table = scored.table().to_pylist()
+    by_id = {r["id"]: r for r in table}
+    assert "bad" not in by_id and len(by_id) == len(records) - 1
+    for rec in records[:-1]:
+        row = by_id[rec["id"]]
+        assert row["text"] == "".join(rec["texts"]) and row["seg_score"] == rec["scores"]
+        assert [row["text"][a:b] for a, b in zip(row["seg_start"], row["seg_end"])] == rec["texts"]
+
+    cfg = load_config(get_task("pep8").config_path("conditional"),
+                      tiny_overrides(str(tmp_path / "scored.jsonl")) + ["scoring.scorer=tests.helpers:never_called",
+                                                                         "scoring.precomputed=texts:scores",
+                                                                         "train.max_steps=2"])
+    result = run_training(cfg, tmp_path / "run", tmp_path / "data2", progress=False)
+    assert result.data.streams["train"].meta["tokens_<|misaligned|>"] > 0  # the given scores labelled segments

@@ -89,6 +89,10 @@ class ScoringConfig:
     """A sample scoring above this counts as misaligned (the `misaligned_share` metric, the report's flagged spans,
     and for a task of your own the default threshold of conditional training and unlikelihood). None = the task's
     (pep8 and pii: 0, any violation or detection; toxicity: 0.5, the classifier's decision threshold; your own: 0)."""
+    precomputed: str = ""
+    """`SEGMENTS:SCORES`: the corpus already carries each document's segment texts and their scores, in these two
+    fields or columns (lists of equal length; the paper's released datasets: `texts:scores`). The document is
+    the segments joined; no scorer runs over the corpus (`scoring.scorer` still scores samples)."""
     backend: str = "local"
     """Where shards are scored: `local` (a process pool on this machine) or `ray` (Ray Data over the cluster that
     `ray.init()` finds, e.g. via RAY_ADDRESS, else a local Ray instance; `pip install 'phf[ray]'`). Both write the
@@ -105,6 +109,8 @@ class ScoringConfig:
         if self.workers < 0:
             raise PhfError("scoring.workers must be >= 0 (0 means one per core)")
         _check_positive("scoring.shard_documents", self.shard_documents)
+        if self.precomputed and (self.precomputed.count(":") != 1 or not all(self.precomputed.split(":"))):
+            raise PhfError(f"scoring.precomputed must be SEGMENTS:SCORES (two field names), got {self.precomputed!r}")
         if self.backend not in ("local", "ray"):
             raise PhfError(f"scoring.backend must be one of local, ray; got {self.backend!r}")
 

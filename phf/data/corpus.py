@@ -39,6 +39,7 @@ class Document:
     id: str
     text: str
     split: str = "train"
+    given: tuple | None = None  # precomputed (segment lengths, segment scores) of a pre-scored corpus
 
 
 @dataclass
@@ -83,9 +84,11 @@ def source_roots(source: str) -> list[Path]:
 class Corpus:
     """The documents of a source, listed once (sorted, deterministic) and read lazily."""
 
-    def __init__(self, cfg: CorpusConfig, sources: Mapping[str, Callable] | None = None):
-        """`sources`: the named sources a task brings, name -> lister(argument, stats) -> [(id, text or path)]."""
+    def __init__(self, cfg: CorpusConfig, sources: Mapping[str, Callable] | None = None, precomputed: str = ""):
+        """`sources`: the named sources a task brings, name -> lister(argument, stats) -> [(id, text or path)].
+        `precomputed`: `SEGMENTS:SCORES`, the fields of a pre-scored corpus (scoring.precomputed)."""
         self.cfg = cfg
+        self.precomputed = precomputed
         self.sources = dict(sources or {})
         self.stats = CorpusStats()
         self._entries: list[tuple[str, object]] | None = None  # (doc id, locator)
@@ -193,7 +196,7 @@ class Corpus:
         """A data file's records. A damaged file given alone ends the run with one line; among several, it is
         skipped and counted (its records before the damage are kept) and the others are read."""
         try:
-            entries = list_data_file(path, self.cfg, self.stats)
+            entries = list_data_file(path, self.cfg, self.stats, self.precomputed)
         except PhfError as exc:
             if alone:
                 raise
@@ -218,11 +221,14 @@ class Corpus:
                 if split is None:
                     raise PhfError(f"dataset {where} has a split {name!r}; phf reads train, validation (or valid, "
                                    f"val, dev) and test: rename or drop it before saving")
-            if self.cfg.text_column not in part.column_names:
-                raise PhfError(f"dataset {where}{f' ({name})' if name else ''} has no `{self.cfg.text_column}` "
-                               f"column (columns: {', '.join(part.column_names)}); set corpus.text_column")
-            records = _Records(self.cfg, self.stats, where)
-            keep = [c for c in (self.cfg.text_column, self.cfg.id_column or "id", self.cfg.split_column)
+            wanted = self.precomputed.split(":") if self.precomputed else [self.cfg.text_column]
+            for column in wanted:
+                if column not in part.column_names:
+                    raise PhfError(f"dataset {where}{f' ({name})' if name else ''} has no `{column}` column "
+                                   f"(columns: {', '.join(part.column_names)}); set "
+                                   f"{'scoring.precomputed' if self.precomputed else 'corpus.text_column'}")
+            records = _Records(self.cfg, self.stats, where, self.precomputed)
+            keep = [c for c in (*wanted, self.cfg.id_column or "id", self.cfg.split_column)
                     if c and c in part.column_names]
             for i, rec in enumerate(part.select_columns(keep)):
                 if (e := records.entry(rec, f"{name or 'rows'}:{i}", split)) is not None:
@@ -254,13 +260,14 @@ class Corpus:
             except UnicodeDecodeError:
                 self.stats.skipped["not UTF-8"] += 1
                 return None
-        elif isinstance(locator, tuple):  # a record's text and the split it names
+        elif isinstance(locator, tuple):  # a record's text, the split it names, its precomputed scores
             return self._accept(doc_id, *locator)
         else:
             text = locator  # already-loaded text (jsonl / parquet)
         return self._accept(doc_id, text)
 
-    def _accept(self, doc_id: str, text: str, split: str | None = None) -> Document | None:
+    def _accept(self, doc_id: str, text: str, split: str | None = None, given: tuple | None = None
+                ) -> Document | None:
         if "\x00" in text:
             self.stats.skipped["binary (NUL bytes)"] += 1
             return None
@@ -272,7 +279,7 @@ class Corpus:
             return None
         split = split or split_of(doc_id, self.cfg.validation_fraction, self.cfg.test_fraction)
         self.stats.documents[split] += 1
-        return Document(doc_id, text, split)
+        return Document(doc_id, text, split, given)
 
     def __iter__(self) -> Iterator[Document]:
         for doc_id, locator in self.entries():
@@ -298,10 +305,20 @@ def is_saved_dataset(path: Path) -> bool:
 class _Records:
     """Turns records (dicts) of a data source into corpus entries: the text, id and split columns."""
 
-    def __init__(self, cfg: CorpusConfig, stats: CorpusStats, where: str):
+    def __init__(self, cfg: CorpusConfig, stats: CorpusStats, where: str, precomputed: str = ""):
         self.cfg, self.stats, self.where = cfg, stats, where
+        self.segments, _, self.scores = precomputed.partition(":")
 
     def entry(self, rec, fallback_id: str, split: str | None = None) -> tuple[str, object] | None:
+        given = None
+        if self.segments:  # a pre-scored record: its text is its segments joined
+            if not isinstance(rec, dict):
+                self.stats.skipped["record is not an object"] += 1
+                return None
+            given = self.given(rec)
+            if given is None:
+                return None
+            rec = dict(rec, **{self.cfg.text_column: "".join(rec[self.segments])})
         col = self.cfg.text_column
         if not isinstance(rec, dict) or col not in rec:
             self.stats.skipped[f"record without a {col} field"] += 1
@@ -317,7 +334,25 @@ class _Records:
                 self.stats.skipped[f"{self.cfg.split_column} not train, validation or test"] += 1
                 return None
             split = named
+        if given is not None:
+            return (doc_id, (rec[col], split, given))
         return (doc_id, (rec[col], split) if split else rec[col])
+
+    def given(self, rec: dict) -> tuple | None:
+        """(segment lengths, scores) of a pre-scored record, or None (counted) when they are unusable."""
+        segments, scores = rec.get(self.segments), rec.get(self.scores)
+        if not isinstance(segments, list) or not all(isinstance(s, str) for s in segments):
+            self.stats.skipped[f"{self.segments} is not a list of strings"] += 1
+            return None
+        if not isinstance(scores, list) or len(scores) != len(segments):
+            self.stats.skipped[f"{self.scores} is not a list as long as {self.segments}"] += 1
+            return None
+        try:
+            values = [float(s) for s in scores]
+        except (TypeError, ValueError):
+            self.stats.skipped[f"{self.scores} holds a value that is not a number"] += 1
+            return None
+        return ([len(s) for s in segments], values)
 
 
 def _open_text(path: Path):
@@ -335,10 +370,11 @@ def _damage(path: Path, exc: Exception) -> str:
     return f"{path} is not a readable {kind} file or is truncated ({reason})"
 
 
-def list_data_file(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> list[tuple[str, object]]:
+def list_data_file(path: Path, cfg: CorpusConfig, stats: CorpusStats, precomputed: str = ""
+                   ) -> list[tuple[str, object]]:
     """The records of one data file as corpus entries. A damaged file raises PhfError after the records read
     before the damage were listed into `stats` (the caller decides whether that ends the run)."""
-    records = _Records(cfg, stats, str(path))
+    records = _Records(cfg, stats, str(path), precomputed)
     if path.name.endswith(".parquet"):
         return _list_parquet(path, records)
     if path.name.endswith(".json"):
@@ -384,17 +420,20 @@ def _list_parquet(path: Path, records: _Records) -> list[tuple[str, object]]:
         raise PhfError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}); check the file or "
                        f"convert it to jsonl") from None
     names = file.schema_arrow.names
-    if cfg.text_column not in names:
-        raise PhfError(f"{path} has no `{cfg.text_column}` column (columns: {', '.join(names)}); set "
-                       f"corpus.text_column to the column holding the documents")
-    kind = file.schema_arrow.field(cfg.text_column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    wanted = [records.segments, records.scores] if records.segments else [cfg.text_column]
+    for column in wanted:
+        if column not in names:
+            raise PhfError(f"{path} has no `{column}` column (columns: {', '.join(names)}); set "
+                           f"{'scoring.precomputed' if records.segments else 'corpus.text_column'} to the "
+                           f"column(s) holding the documents")
+    kind = file.schema_arrow.field(wanted[0]).type
+    if not records.segments and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise PhfError(f"{path}: column `{cfg.text_column}` must hold strings, not {kind}")
-    columns = [c for c in (cfg.text_column, cfg.id_column or "id", cfg.split_column) if c and c in names]
+    columns = [c for c in (*wanted, cfg.id_column or "id", cfg.split_column) if c and c in names]
     entries, row = [], 0
     for group in range(file.num_row_groups):  # one row group in memory at a time
         for rec in file.read_row_group(group, columns=columns).to_pylist():
-            if rec[cfg.text_column] is not None and (e := records.entry(rec, f"{path.name}:{row}")) is not None:
+            if rec[wanted[0]] is not None and (e := records.entry(rec, f"{path.name}:{row}")) is not None:
                 entries.append(e)
             row += 1
     return entries

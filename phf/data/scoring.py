@@ -94,11 +94,14 @@ def _table(docs: list[Document], scored: list[ScoredText], scorer: Scorer) -> pa
 
 
 # -- driver --------------------------------------------------------------------------------------------------
-def scored_dir_for(data_dir: Path, corpus_cfg: CorpusConfig, scorer: Scorer, inputs: dict | None = None) -> Path:
+def scored_dir_for(data_dir: Path, corpus_cfg: CorpusConfig, scorer: Scorer, inputs: dict | None = None,
+                   precomputed: str = "") -> Path:
     """The scored corpus' folder: keyed on the corpus config, the scorer (name, version, settings) and the content
-    of the input files (`inputs`: name -> sha256, from `input_identity`), so that editing either rescores."""
-    key = stable_hash({"corpus": corpus_cfg.__dict__, "scorer": scorer.name, "version": scorer.version,
-                       "settings": scorer.settings(), "aggregate": scorer.aggregate, "format": FORMAT_VERSION,
+    of the input files (`inputs`: name -> sha256, from `input_identity`), so that editing either rescores. A
+    pre-scored corpus (`precomputed`: its fields) is keyed on those fields instead of the scorer's version."""
+    key = stable_hash({"corpus": corpus_cfg.__dict__, "scorer": scorer.name, "settings": scorer.settings(),
+                       "version": f"precomputed {precomputed}" if precomputed else scorer.version,
+                       "aggregate": scorer.aggregate, "format": FORMAT_VERSION,
                        "inputs": stable_hash(inputs, 32) if inputs is not None else None})
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in scorer.name)
     return Path(data_dir) / "scored" / f"{safe}-{key}"
@@ -172,9 +175,9 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     `sources`: the named corpus sources the tasks bring (phf.tasks.all_sources). `rescore`: score again even if
     a complete scored corpus exists for these inputs."""
     scorer = scorer_for(scoring_cfg)
-    corpus = Corpus(corpus_cfg, sources)
+    corpus = Corpus(corpus_cfg, sources, scoring_cfg.precomputed)
     inputs = input_identity(corpus, data_dir)
-    out = scored_dir_for(data_dir, corpus_cfg, scorer, inputs)
+    out = scored_dir_for(data_dir, corpus_cfg, scorer, inputs, scoring_cfg.precomputed)
     config_key = f"{scorer.name} {stable_hash({'corpus': corpus_cfg.__dict__, 'settings': scorer.settings()})}"
     manifest_path = out / MANIFEST
     if rescore and out.exists():
@@ -223,7 +226,11 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     bar = tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="shard", disable=not progress)
     # documents are read in this process (in order); the pool scores whole shards, results come back in order
     shard_inputs = ((i, shard_docs(i)) for i in todo)
-    if scoring_cfg.backend == "ray" and todo:
+    if scoring_cfg.precomputed:
+        for i, docs in shard_inputs:
+            chars += _write_shard(i, docs, [given_scores(d) for d in docs], scorer, out, manifest, manifest_path)
+            bar.update()
+    elif scoring_cfg.backend == "ray" and todo:
         for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, todo, progress, sources):
             corpus.stats.skipped.update(skipped)
             chars += n
@@ -261,6 +268,16 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     remember_scored(data_dir, config_key, out, inputs, scorer.version)
     scored = ScoredCorpus(out)
     return scored
+
+
+def given_scores(doc: Document) -> ScoredText:
+    """The precomputed scores of a pre-scored document as the scorer would have returned them: one span per
+    segment; a score that is NaN, infinite or negative is recorded as an error, never as aligned."""
+    lengths, scores = doc.given
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist() if lengths else []
+    ends = [a + n for a, n in zip(starts, lengths)]
+    errors = [None if math.isfinite(s) and s >= 0 else f"precomputed score {s} is not a number >= 0" for s in scores]
+    return ScoredText(starts, ends, [s if e is None else math.nan for s, e in zip(scores, errors)], errors)
 
 
 def _finish(item, scorer, out, manifest, manifest_path) -> int:
