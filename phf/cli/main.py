@@ -77,7 +77,7 @@ def _load(args, extra: list[str] | None = None, defaults: list[str] | None = Non
 
 def cmd_corpus(args) -> None:
     cfg = _load(args, [f"corpus.source={args.corpus}"] if args.corpus else [])
-    corpus = Corpus(cfg.corpus, all_sources())
+    corpus = Corpus(cfg.corpus, all_sources(), cfg.scoring.precomputed)
     n = chars = 0
     for doc in corpus:
         n += 1
