@@ -180,3 +180,12 @@ def test_precomputed_scores_train_without_running_a_scorer(pycorpus, tmp_path):
                                                                          "train.max_steps=2"])
     result = run_training(cfg, tmp_path / "run", tmp_path / "data2", progress=False)
     assert result.data.streams["train"].meta["tokens_<|misaligned|>"] > 0  # the given scores labelled segments
+
+
+def test_a_code_folder_with_a_json_file_is_still_a_folder_of_text_files(pycorpus, tmp_path):
+    folder = tmp_path / "project"
+    shutil.copytree(pycorpus, folder)
+    (folder / "package.json").write_text('{"name": "not a corpus"}')
+    docs, stats = read(folder)
+    assert sorted(d.id for d in docs) == sorted(p.name for p in pycorpus.glob("*.py"))
+    assert stats.skipped["extension not in corpus.extensions"] == 1

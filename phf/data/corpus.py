@@ -158,8 +158,9 @@ class Corpus:
         return entries
 
     def data_files(self) -> list[Path] | None:
-        """The data files of a data-file source: the file itself, a glob's matches, or the data files directly in
-        a folder that holds some; None for any other source."""
+        """The data files of a data-file source: the file itself, a glob's matches, or a folder holding data files
+        only (a folder with anything else, say a code base with a package.json, is a folder of text files); None
+        for any other source."""
         source = self.cfg.source
         if any(c in source for c in "*?["):
             files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if is_data_file(p))
@@ -171,8 +172,9 @@ class Corpus:
         if path.is_file() and is_data_file(path.name):
             return [path]
         if path.is_dir() and not is_saved_dataset(path):
-            files = sorted(p for p in path.iterdir() if p.is_file() and is_data_file(p.name))
-            return files or None
+            inside = [p for p in path.iterdir() if not p.name.startswith((".", "_"))]  # not Spark's _SUCCESS
+            if inside and all(p.is_file() and is_data_file(p.name) for p in inside):
+                return sorted(inside)
         return None
 
     def input_files(self) -> list[tuple[str, Path]] | None:
