@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from phf.core.errors import PhfError
+from phf.core.errors import PhfError, first_line
 
 # The training objectives (phf.training.objectives.OBJECTIVES holds their classes; a test checks the two agree).
 OBJECTIVE_NAMES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr")
@@ -534,7 +534,7 @@ def read_yaml_dict(path: str | Path) -> dict:
     except FileNotFoundError:
         raise PhfError(f"config file {path} does not exist") from None
     except yaml.YAMLError as exc:
-        raise PhfError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise PhfError(f"{path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise PhfError(f"{path} must hold a mapping of config sections, not {type(data).__name__}")
     base = data.pop("base", None)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from phf.core.config import CorpusConfig
-from phf.core.errors import PhfError
+from phf.core.errors import PhfError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +368,7 @@ def _open_text(path: Path):
 
 def _damage(path: Path, exc: Exception) -> str:
     kind = "zstandard" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else "file"
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{path} is not a readable {kind} file or is truncated ({reason})"
+    return f"{path} is not a readable {kind} file or is truncated ({first_line(exc)})"
 
 
 def list_data_file(path: Path, cfg: CorpusConfig, stats: CorpusStats, precomputed: str = ""
@@ -419,7 +418,7 @@ def _list_parquet(path: Path, records: _Records) -> list[tuple[str, object]]:
     try:
         file = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
-        raise PhfError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}); check the file or "
+        raise PhfError(f"{path} is not a readable Parquet file ({first_line(exc)}); check the file or "
                        f"convert it to jsonl") from None
     names = file.schema_arrow.names
     wanted = [records.segments, records.scores] if records.segments else [cfg.text_column]
@@ -448,8 +447,7 @@ def load_saved_dataset(path: Path):
     try:
         return datasets.load_from_disk(str(path))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PhfError(f"dataset folder {path} cannot be loaded ({reason}); write it again with "
+        raise PhfError(f"dataset folder {path} cannot be loaded ({first_line(exc)}); write it again with "
                        f"`save_to_disk`") from None
 
 
@@ -461,6 +459,5 @@ def load_hub_dataset(source: str):
     try:
         return datasets.load_dataset(name, config or None)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PhfError(f"cannot load dataset {source} ({reason}); it is read from the local datasets cache unless "
+        raise PhfError(f"cannot load dataset {source} ({first_line(exc)}); it is read from the local datasets cache unless "
                        f"downloads are allowed (HF_HUB_OFFLINE=0)") from None

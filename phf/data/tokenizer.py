@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from phf.core.config import TokenizerConfig
-from phf.core.errors import PhfError
+from phf.core.errors import PhfError, first_line
 from phf.core.io import atomic_path, read_json, stable_hash, write_json
 from phf.core.tokens import CONTROL_TOKENS, EOS, SPECIAL_TOKENS
 
@@ -171,7 +171,7 @@ def _load_hf_tokenizer(source: Path) -> PreTrainedTokenizerFast:
         try:
             return PreTrainedTokenizerFast(tokenizer_file=str(source))
         except Exception as exc:
-            raise PhfError(f"cannot load tokenizer {source} ({_first_line(exc)}); give a tokenizer.json that "
+            raise PhfError(f"cannot load tokenizer {source} ({first_line(exc)}); give a tokenizer.json that "
                            f"`tokenizers` wrote, or a folder saved by `save_pretrained`") from None
     if not source.is_dir():
         raise PhfError(f"tokenizer folder {source} does not exist")
@@ -182,16 +182,11 @@ def _load_hf_tokenizer(source: Path) -> PreTrainedTokenizerFast:
     try:
         hf = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
-        raise PhfError(f"cannot load the tokenizer in {source} ({_first_line(exc)})") from None
+        raise PhfError(f"cannot load the tokenizer in {source} ({first_line(exc)})") from None
     if not isinstance(hf, PreTrainedTokenizerFast):
         raise PhfError(f"the tokenizer in {source} is a slow (Python) tokenizer; phf needs a fast one: save it "
                        f"with tokenizer.json (`AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained`)")
     return hf
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def of_transformers(hf) -> TextTokenizer:

@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import snapshot_download
 from tokenizers import Tokenizer
 
-from phf.core.errors import PhfError
+from phf.core.errors import PhfError, first_line
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.tokenizer import TextTokenizer, load_tokenizer
 from phf.model.lm import check_model_folder, load_meta, load_model
@@ -49,7 +49,7 @@ def model_source(name: str | Path, allow_download: bool = False) -> Path:
                                       allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as exc:
         if allowed:
-            raise PhfError(f"could not download {text} from the Hugging Face hub ({str(exc).splitlines()[0]})") \
+            raise PhfError(f"could not download {text} from the Hugging Face hub ({first_line(exc)})") \
                 from None
         raise PhfError(f"model folder {name} does not exist, and hub id {text} is not in the local cache; give a "
                        f"local folder, or allow the download with --allow-download") from None
@@ -88,7 +88,7 @@ def new_token_ids(folder: Path, tok: TextTokenizer, tokenizer_file: str | Path) 
     try:
         model_vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()
     except Exception as exc:
-        raise PhfError(f"cannot load the tokenizer of {folder} ({str(exc).splitlines()[0]})") from None
+        raise PhfError(f"cannot load the tokenizer of {folder} ({first_line(exc)})") from None
     run_vocab = tok.get_vocab()
     moved = [t for t, i in model_vocab.items() if run_vocab.get(t) != i]
     if moved:

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.utils import logging as hf_logging
 
 from phf.core.config import ModelConfig
-from phf.core.errors import PhfError
+from phf.core.errors import PhfError, first_line
 from phf.core.io import replace_dir, write_json
 from phf.core.runtime import default_device
 from phf.core.tokens import CONTROL_TOKENS
@@ -129,7 +129,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer_file: str | Path, out: str
         replace_dir(tmp, out)
     except Exception as exc:  # OSError, or a library's own error type wrapping one (safetensors)
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise PhfError(f"could not write checkpoint {out} ({reason}); free disk space and resume with "
                        f"`phf train --resume {out.parent}`: the previous checkpoint, if any, was kept") from exc
     return out
@@ -177,8 +177,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         model.to(device or default_device())
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PhfError(f"cannot load the model in {path} ({reason}); phf loads causal LMs that transformers' "
+        raise PhfError(f"cannot load the model in {path} ({first_line(exc)}); phf loads causal LMs that transformers' "
                        f"AutoModelForCausalLM knows, without remote code") from None
     model.eval()
     return model
