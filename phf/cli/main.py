@@ -110,9 +110,14 @@ def cmd_tokenizer(args) -> None:
     print(json.dumps({"tokenizer": str(path), "vocab_size": tok.get_vocab_size()}, indent=2))
 
 
+def _init_from(args) -> Path | None:
+    """The local folder of --init-from (a hub id only from the cache, unless --allow-download), or None."""
+    return model_source(args.init_from, args.allow_download) if args.init_from else None
+
+
 def cmd_prepare(args) -> None:
     cfg = _load(args)
-    init_from = model_source(args.init_from, args.allow_download) if args.init_from else None
+    init_from = _init_from(args)
     data = prepare_data(cfg, Path(args.data_dir), tokenizer_source=init_from)
     print(json.dumps({"scored_corpus": str(data.scored.path), "tokenizer": str(data.tokenizer_file),
                       "streams": {k: {"path": str(v.prefix), "tokens": len(v)} for k, v in data.streams.items()}},
@@ -132,7 +137,7 @@ def cmd_train(args) -> None:
         if not args.out:
             raise PhfError("phf train needs --out DIR (or --resume DIR)")
         cfg = _load(args)
-        init_from = model_source(args.init_from, args.allow_download) if args.init_from else None
+        init_from = _init_from(args)
         result = run_training(cfg, Path(args.out), args.data_dir, init_from=init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens,
@@ -183,7 +188,7 @@ def cmd_config_show(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    init_from = model_source(args.init_from, args.allow_download) if args.init_from else None
+    init_from = _init_from(args)
     results = run_demo(args.task, args.out, args.overrides, config=args.config, init_from=init_from)
     print()
     print(format_table(results))

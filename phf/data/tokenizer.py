@@ -76,8 +76,9 @@ def special_tokens(path: str | Path) -> dict[str, str]:
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     sidecar = file.with_suffix(".meta.json")
-    if sidecar.exists() and read_json(sidecar).get("special_tokens"):
-        return dict(read_json(sidecar)["special_tokens"])
+    named = read_json(sidecar).get("special_tokens") if sidecar.exists() else None
+    if named:
+        return dict(named)
     config = file.parent / "tokenizer_config.json"
     if config.exists():
         given = json.loads(config.read_text())

@@ -107,9 +107,10 @@ def run_tokenizer(cfg: RunConfig, scored, data_dir: Path, source: str | Path | N
         return load_tokenizer(source, control), source
     own = bpe_path(scored, cfg.tokenizer, data_dir)
     given = source / "tokenizer.json" if source.is_dir() else source
-    if own.exists() and given.exists() and load_tokenizer(own).get_vocab() == Tokenizer.from_file(
-            str(given)).get_vocab():
-        return load_tokenizer(own), own
+    if own.exists() and given.exists():
+        bpe = load_tokenizer(own)
+        if bpe.get_vocab() == Tokenizer.from_file(str(given)).get_vocab():
+            return bpe, own
     return brought_tokenizer(source, data_dir, control)
 
 
