@@ -189,3 +189,17 @@ def test_a_code_folder_with_a_json_file_is_still_a_folder_of_text_files(pycorpus
     docs, stats = read(folder)
     assert sorted(d.id for d in docs) == sorted(p.name for p in pycorpus.glob("*.py"))
     assert stats.skipped["extension not in corpus.extensions"] == 1
+
+
+def test_an_uncached_hub_dataset_and_a_bad_precomputed_spec_are_one_line(tmp_path, monkeypatch):
+    from phf.core.config import load_config
+    from phf.tasks import get_task
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(PhfError, match="cannot load dataset hf:someone/no-such-corpus .*local datasets cache") as exc:
+        read("hf:someone/no-such-corpus")
+    assert "\n" not in str(exc.value)
+    for spec in ("texts", "a:b:c", ":scores"):
+        with pytest.raises(PhfError, match="scoring.precomputed must be SEGMENTS:SCORES"):
+            load_config(get_task("pep8").config_path("mle"), [f"scoring.precomputed={spec}"])
