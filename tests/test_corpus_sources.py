@@ -150,6 +150,47 @@ def test_a_scored_jsonl_zst_corpus_matches_the_plain_one(pycorpus, tmp_path):
     assert plain.table().equals(zst.table())
 
 
+def test_every_part_reads_alone_what_a_sequential_read_finds(pycorpus, tmp_path):
+    """A part is read by a fresh reader (another process, a Ray actor) exactly as in order: a seek into plain
+    jsonl, reading forward into gzip and zstandard, one Parquet row group, a slice of an array or a dataset."""
+    import datasets
+
+    records = code_records(pycorpus)
+    records.insert(3, {"id": "no-text"})  # skipped and counted, wherever its part is read
+    write_jsonl(tmp_path / "a.jsonl", records)
+    write_jsonl(tmp_path / "b.jsonl.gz", records, gzip.open)
+    write_zst(tmp_path / "c.jsonl.zst", records)
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    pq.write_table(pa.Table.from_pylist([r for r in records if "text" in r]), tmp_path / "e.parquet",
+                   row_group_size=3)
+    datasets.Dataset.from_list([r for r in records if "text" in r]).save_to_disk(tmp_path / "f")
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.json", "e.parquet", "f"):
+        cfg = CorpusConfig(source=str(tmp_path / name))
+        corpus = Corpus(cfg)
+        parts = corpus.parts(2)
+        assert len(parts) >= 5 and all(p.count <= 2 for p in parts), name
+        in_order = [(d.id, d.text, d.split) for p in parts for d in corpus.read_part(p)]
+        assert in_order == [(d.id, d.text, d.split) for d in Corpus(cfg)], name  # as parts of 1024
+        assert [i for i, _, _ in in_order] == [r["id"] for r in records if "text" in r], name
+        alone = []
+        for p in reversed(parts):  # each by its own reader, last first
+            alone = [(d.id, d.text, d.split) for d in Corpus(cfg).read_part(p)] + alone
+        assert alone == in_order, name
+        if name.endswith("jsonl"):
+            assert corpus.stats.skipped == {"record without a text field": 1}
+    starts = [p.start for p in Corpus(CorpusConfig(source=str(tmp_path / "a.jsonl"))).parts(2)]
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    assert all(a == 0 or raw[a - 1:a] == b"\n" for a in starts)  # every part starts at a line
+
+
+def test_max_documents_keeps_the_same_subset_however_the_file_is_cut(pycorpus, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", code_records(pycorpus) * 3)  # ids repeat: the subset is by id
+    cfg = CorpusConfig(source=str(tmp_path / "a.jsonl"), max_documents=10)
+    by_two = [d.text for p in Corpus(cfg).parts(2) for d in Corpus(cfg).read_part(p)]
+    by_five = [d.text for p in Corpus(cfg).parts(5) for d in Corpus(cfg).read_part(p)]
+    assert by_two == by_five and 0 < len(by_two) < 3 * len(code_records(pycorpus))
+
+
 def test_precomputed_scores_train_without_running_a_scorer(pycorpus, tmp_path):
     """The layout of the paper's released datasets: per document a list of segment texts and a list of scores."""
     from phf.core.config import load_config

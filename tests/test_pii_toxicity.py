@@ -276,7 +276,7 @@ def test_debian_source_lists_deduplicated_sorted_documents(tmp_path):
     assert [d.id for d in corpus] == ["debian/bash/changelog.Debian.gz", "debian/bzip2/copyright"]
     assert corpus.stats.skipped["excluded"] == 2
     with pytest.raises(PhfError, match="no changelog"):
-        Corpus(CorpusConfig(source=f"debian:{tmp_path / 'nothing'}"), all_sources()).entries()
+        Corpus(CorpusConfig(source=f"debian:{tmp_path / 'nothing'}"), all_sources()).listing()
 
 
 def test_changelog_excerpt_keeps_whole_entries():

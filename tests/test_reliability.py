@@ -171,10 +171,10 @@ def test_a_single_50mb_line_is_skipped_and_counted(tmp_path):
 def test_parquet_with_wrong_text_type(tmp_path):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "bad.parquet")
     with pytest.raises(PhfError, match="column `text` must hold strings"):
-        Corpus(CorpusConfig(source=str(tmp_path / "bad.parquet"))).entries()
+        Corpus(CorpusConfig(source=str(tmp_path / "bad.parquet"))).parts(64)
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(PhfError, match="not a readable Parquet file"):
-        Corpus(CorpusConfig(source=str(tmp_path / "junk.parquet"))).entries()
+        Corpus(CorpusConfig(source=str(tmp_path / "junk.parquet"))).parts(64)
 
 
 def test_unknown_scorer_and_unimportable_custom_scorer(pycorpus, tmp_path, capsys):

@@ -47,7 +47,7 @@ def test_jsonl_and_parquet_sources(tmp_path):
     with pytest.raises(PhfError, match="no `text` column"):
         list(Corpus(CorpusConfig(source=str(tmp_path / "d.parquet"))))
     with pytest.raises(PhfError, match="does not exist"):
-        Corpus(CorpusConfig(source=str(tmp_path / "missing"))).entries()
+        list(Corpus(CorpusConfig(source=str(tmp_path / "missing"))))
 
 
 def test_scored_corpus_is_written_once_reused_and_resumable(pycorpus, tmp_path):
@@ -97,3 +97,44 @@ def test_scores_are_deterministic(pycorpus, tmp_path):
     ta, tb = a.table(), b.table()
     assert ta.column("seg_score").to_pylist() == tb.column("seg_score").to_pylist()
     assert ta.column("id").to_pylist() == tb.column("id").to_pylist()
+
+
+DEVICE_SCORER = '''
+import sys
+from phf.data.scorers.base import Scorer
+
+
+class OnDevice(Scorer):
+    """Stands in for a model-based scorer: scores 1.0 per line when built for a GPU, in a spawned process."""
+    name = "on-device"
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def score_segments(self, segments):
+        spawned = "_pytest" not in sys.modules  # a fresh interpreter; a forked worker would carry pytest
+        return [float(self.device == "cuda" and spawned) for _ in segments]
+'''
+
+
+def test_scoring_device_reaches_a_scorer_that_takes_one_in_spawned_workers(pycorpus, tmp_path, monkeypatch):
+    """scoring.device: a Scorer class with a `device` argument gets it; with a GPU device the local workers are
+    spawned, not forked (the stand-in scorer touches no GPU, so this runs anywhere)."""
+    import os
+
+    from phf.core.config import load_config
+    from phf.data.scorers import get_scorer
+
+    (tmp_path / "devscorer.py").write_text(DEVICE_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    assert get_scorer("devscorer:OnDevice", device="cuda:1").device == "cuda:1"
+    scored = score_corpus(CorpusConfig(source=str(pycorpus)), ScoringConfig(scorer="devscorer:OnDevice", workers=2,
+                          shard_documents=4, device="cuda"), tmp_path / "data", progress=False)
+    assert set(scored.document_scores("train")) == {1.0}  # every shard scored by a spawned worker on "cuda"
+    for name, device, message in (("pep8", "cuda", "takes no device"), ("tests.helpers:slow_length", "cpu",
+                                                                          "is a function and takes no device")):
+        with pytest.raises(PhfError, match=message):
+            get_scorer(name, device=device)
+    with pytest.raises(PhfError, match="scoring.device must be cpu, cuda or cuda:N"):
+        load_config(None, ["scoring.device=gpu"])

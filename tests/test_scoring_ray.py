@@ -48,3 +48,25 @@ def test_ray_backend_writes_the_local_backends_shards_byte_for_byte(pycorpus, tm
     assert (again.path / files[1]).read_bytes() == (local.path / files[1]).read_bytes()
     assert json.loads((again.path / MANIFEST).read_text())["chars_scored_this_run"] < \
         json.loads((local.path / MANIFEST).read_text())["chars_scored_this_run"]
+
+
+def test_ray_actors_read_their_own_parts_of_data_files(pycorpus, tmp_path, local_ray):
+    """A folder of a zstandard jsonl and a Parquet file with several row groups: each actor gets a part (a byte
+    offset of a file, a row group) instead of the corpus, and the shards equal the local backend's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    records = [{"id": p.name, "text": p.read_text()} for p in sorted(pycorpus.glob("*.py"))]
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = "".join(json.dumps(r) + "\n" for r in records[:6]).encode()
+    (data / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.Table.from_pylist(records[6:]), data / "b.parquet", row_group_size=2)
+    ccfg = CorpusConfig(source=str(data))
+    local = score_corpus(ccfg, ScoringConfig(workers=1, shard_documents=2), tmp_path / "local", progress=False)
+    remote = score_corpus(ccfg, ScoringConfig(backend="ray", shard_documents=2), tmp_path / "ray", progress=False)
+    files = [f.name for f in local.shard_files()]
+    assert len(files) >= 5 and files == [f.name for f in remote.shard_files()]
+    for name in files:
+        assert (local.path / name).read_bytes() == (remote.path / name).read_bytes(), name

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -97,6 +98,11 @@ class ScoringConfig:
     """Where shards are scored: `local` (a process pool on this machine) or `ray` (Ray Data over the cluster that
     `ray.init()` finds, e.g. via RAY_ADDRESS, else a local Ray instance; `pip install 'phf[ray]'`). Both write the
     same shards and manifest, on the machine that runs `phf score`; Ray workers must see the corpus files."""
+    device: str = ""
+    """Where a model-based scorer runs: "" (the scorer's own choice; the shipped scorers need no device), `cpu`,
+    `cuda` or `cuda:N`. A Scorer class of your own receives it as its `device` argument. With a GPU, local scoring
+    uses one process unless scoring.workers asks for more (spawned, not forked: CUDA does not survive a fork), and
+    each Ray actor asks Ray for one GPU."""
 
     def validate(self) -> None:
         if self.segmenter not in ("", "lines", "sentences"):
@@ -113,6 +119,11 @@ class ScoringConfig:
             raise PhfError(f"scoring.precomputed must be SEGMENTS:SCORES (two field names), got {self.precomputed!r}")
         if self.backend not in ("local", "ray"):
             raise PhfError(f"scoring.backend must be one of local, ray; got {self.backend!r}")
+        if not re.fullmatch(r"|cpu|cuda(:\d+)?", self.device):
+            raise PhfError(f"scoring.device must be cpu, cuda or cuda:N (or empty); got {self.device!r}")
+
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 @dataclass

@@ -7,6 +7,7 @@ Files that cannot be used (binary, not UTF-8, unreadable, too long) are skipped 
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import gzip
@@ -81,8 +82,27 @@ def source_roots(source: str) -> list[Path]:
     return [Path(source).expanduser()]
 
 
+@dataclass(frozen=True)
+class Part:
+    """One shard's worth of a corpus, described without its text: small enough to hand to another process, which
+    then reads only this part of the input. A slice of the listing (folders, a task's named sources), a run of
+    lines of a jsonl file (at a byte offset of its decompressed stream), rows of one Parquet row group, items of a
+    JSON array, or rows of one split of a dataset."""
+
+    kind: str  # "listed" | "lines" | "array" | "parquet" | "dataset"
+    start: int  # listing index, byte offset, array index, row in the row group or split
+    count: int  # entries, lines, items or rows
+    path: str = ""  # the data file
+    first: int = 0  # number of the first line / item / row in its file: the id of a record that has none
+    group: int = 0  # the Parquet row group
+    split: str = ""  # the dataset's split ("" for a Dataset without splits)
+    keep: float = 1.0  # the share of records corpus.max_documents keeps (a hash test per record id)
+
+
 class Corpus:
-    """The documents of a source, listed once (sorted, deterministic) and read lazily."""
+    """The documents of a source, planned as parts (`parts`) and read one part at a time (`read_part`), so that
+    memory holds one part, not the corpus. Folders and a task's named sources are listed once (paths, or the
+    records they bring); data files and datasets are only counted when planned and parsed when read."""
 
     def __init__(self, cfg: CorpusConfig, sources: Mapping[str, Callable] | None = None, precomputed: str = ""):
         """`sources`: the named sources a task brings, name -> lister(argument, stats) -> [(id, text or path)].
@@ -91,7 +111,26 @@ class Corpus:
         self.precomputed = precomputed
         self.sources = dict(sources or {})
         self.stats = CorpusStats()
-        self._entries: list[tuple[str, object]] | None = None  # (doc id, locator)
+        self._listing: list[tuple[str, object]] | None = None  # (doc id, path or record) of listed sources
+        self._parts: dict[int, list[Part]] = {}  # per part size
+        self._open: dict = {}  # what reading the last part left open: a line stream, a row group, an array
+        self._dataset: list | None = None  # a dataset source's splits (memory-mapped)
+
+    def kind(self) -> str:
+        """`listed` (folders, a single text file, a task's named source), `files` (data files) or `dataset`."""
+        source = self.cfg.source
+        if source in ("stdlib", "stdlib+site-packages") or source.partition(":")[0] in self.sources:
+            return "listed"
+        if source.startswith("hf:") or is_saved_dataset(Path(source).expanduser()):
+            return "dataset"
+        if self.data_files() is not None:
+            return "files"
+        if Path(source).expanduser().exists():
+            return "listed"
+        names = ["stdlib", "stdlib+site-packages", *self.sources]
+        raise PhfError(f"corpus source {source} does not exist; give a folder, a data file (.jsonl, .jsonl.gz, "
+                       f".jsonl.zst, .json, .parquet), a glob of them, a save_to_disk folder, hf:NAME, or one of: "
+                       f"{', '.join(names)}")
 
     # -- listing -------------------------------------------------------------------------------------------
     def _list_folder(self, root: Path, exclude_site_packages: bool, prefix: str) -> list[tuple[str, object]]:
@@ -119,43 +158,36 @@ class Corpus:
                 entries.append((prefix + rel, path))
         return entries
 
-    def entries(self) -> list[tuple[str, object]]:
-        if self._entries is not None:
-            return self._entries
+    def listing(self) -> list[tuple[str, object]]:
+        """The (id, path or record) entries of a listed source, sorted and deterministic; listed once."""
+        if self._listing is not None:
+            return self._listing
         source = self.cfg.source
-        entries: list[tuple[str, object]] = []
         if source in ("stdlib", "stdlib+site-packages"):
             roots = source_roots(source)
-            entries += self._list_folder(roots[0], exclude_site_packages=True, prefix="stdlib/")
+            entries = self._list_folder(roots[0], exclude_site_packages=True, prefix="stdlib/")
             for root in roots[1:]:
                 entries += self._list_folder(root, exclude_site_packages=False, prefix="site-packages/")
         elif source.partition(":")[0] in self.sources:
             name, _, argument = source.partition(":")
             entries = self._excluded(self.sources[name](argument, self.stats))
-        elif source.startswith("hf:"):
-            entries = self._list_dataset(load_hub_dataset(source), source)
+        elif (path := Path(source).expanduser()).is_dir():
+            entries = self._list_folder(path, exclude_site_packages=False, prefix="")
         else:
-            path = Path(source).expanduser()
-            if is_saved_dataset(path):
-                entries = self._list_dataset(load_saved_dataset(path), str(path))
-            elif (files := self.data_files()) is not None:
-                entries = []
-                for file in files:
-                    entries += self._list_data_file(file, alone=len(files) == 1 and file == path)
-            elif path.is_dir():
-                entries = self._list_folder(path, exclude_site_packages=False, prefix="")
-            elif path.exists():
-                entries = [(path.name, path)]
-            else:
-                names = ["stdlib", "stdlib+site-packages", *self.sources]
-                raise PhfError(f"corpus source {source} does not exist; give a folder, a data file (.jsonl, "
-                               f".jsonl.gz, .jsonl.zst, .json, .parquet), a glob of them, a save_to_disk folder, "
-                               f"hf:NAME, or one of: {', '.join(names)}")
+            entries = [(path.name, path)]
         if self.cfg.max_documents:
             total = len(entries)
             entries = [e for e in entries if keep_in_subset(e[0], self.cfg.max_documents, total)]
-        self._entries = entries
+        self._listing = entries
         return entries
+
+    def _excluded(self, entries: list[tuple[str, object]]) -> list[tuple[str, object]]:
+        """Drop (and count) the entries whose id matches a `corpus.exclude` pattern."""
+        kept = [e for e in entries if not any(fnmatch.fnmatch(e[0], pat) for pat in self.cfg.exclude)]
+        self.stats.skipped["excluded"] += len(entries) - len(kept)
+        if not self.stats.skipped["excluded"]:
+            del self.stats.skipped["excluded"]
+        return kept
 
     def data_files(self) -> list[Path] | None:
         """The data files of a data-file source: the file itself, a glob's matches, or a folder holding data files
@@ -191,61 +223,138 @@ class Corpus:
         if (files := self.data_files()) is not None:
             return [(str(p), p) for p in files]
         if source in ("stdlib", "stdlib+site-packages") or path.is_dir():
-            return [(i, p) for i, p in self.entries() if isinstance(p, Path)]  # listed once, read later
+            return [(i, p) for i, p in self.listing() if isinstance(p, Path)]  # listed once, read later
         return [(path.name, path)] if path.exists() else []
 
-    def _list_data_file(self, path: Path, alone: bool) -> list[tuple[str, object]]:
-        """A data file's records. A damaged file given alone ends the run with one line; among several, it is
+    # -- planning ------------------------------------------------------------------------------------------
+    def parts(self, size: int) -> list[Part]:
+        """The corpus cut into parts of `size` entries, lines, items or rows, in reading order. Data files are
+        counted here (one pass that keeps nothing but offsets), so the plan is known before anything is scored."""
+        if size in self._parts:
+            return self._parts[size]
+        kind = self.kind()
+        if kind == "listed":
+            n = len(self.listing())
+            parts = [Part("listed", a, min(size, n - a)) for a in range(0, n, size)]
+        elif kind == "dataset":
+            parts = []
+            for split_name, rows in self._dataset_splits():
+                n = len(rows)
+                parts += [Part("dataset", a, min(size, n - a), first=a, split=split_name) for a in range(0, n, size)]
+        else:
+            files = self.data_files()
+            parts = []
+            for file in files:
+                parts += self._file_parts(file, size, alone=len(files) == 1 and file == Path(self.cfg.source).expanduser())
+        if kind != "listed" and self.cfg.max_documents:  # a hash test per record id, at the share it keeps
+            total = sum(p.count for p in parts)
+            keep = min(1.0, self.cfg.max_documents / max(total, 1))
+            parts = [dataclasses.replace(p, keep=keep) for p in parts]
+        self._parts[size] = parts
+        return parts
+
+    def _file_parts(self, path: Path, size: int, alone: bool) -> list[Part]:
+        """A data file's parts. A damaged file given alone ends the run with one line; among several, it is
         skipped and counted (its records before the damage are kept) and the others are read."""
         try:
-            entries = list_data_file(path, self.cfg, self.stats, self.precomputed)
+            return file_parts(path, size, self.cfg, self.precomputed)
         except PhfError as exc:
             if alone:
                 raise
             log.warning("skipped: %s", exc)
             self.stats.skipped["damaged data file"] += 1
-            return getattr(exc, "entries", [])
-        if alone and not entries and sum(self.stats.skipped.values()):
-            raise PhfError(f"{path}: no usable record (each must have a string `{self.cfg.text_column}` field; "
-                           f"corpus.text_column names another); skipped: {dict(self.stats.skipped)}")
-        return entries
-
-    def _list_dataset(self, data, where: str) -> list[tuple[str, object]]:
-        """The rows of a `datasets` Dataset (hash split, or corpus.split_column) or DatasetDict (its own splits)."""
-        import datasets
-
-        parts = data.items() if isinstance(data, datasets.DatasetDict) else [(None, data)]
-        entries = []
-        for name, part in parts:
-            split = None
-            if name is not None:
-                split = SPLIT_NAMES.get(name.lower())
-                if split is None:
-                    raise PhfError(f"dataset {where} has a split {name!r}; phf reads train, validation (or valid, "
-                                   f"val, dev) and test: rename or drop it before saving")
-            wanted = self.precomputed.split(":") if self.precomputed else [self.cfg.text_column]
-            for column in wanted:
-                if column not in part.column_names:
-                    raise PhfError(f"dataset {where}{f' ({name})' if name else ''} has no `{column}` column "
-                                   f"(columns: {', '.join(part.column_names)}); set "
-                                   f"{'scoring.precomputed' if self.precomputed else 'corpus.text_column'}")
-            records = _Records(self.cfg, self.stats, where, self.precomputed)
-            keep = [c for c in (*wanted, self.cfg.id_column or "id", self.cfg.split_column)
-                    if c and c in part.column_names]
-            for i, rec in enumerate(part.select_columns(keep)):
-                if (e := records.entry(rec, f"{name or 'rows'}:{i}", split)) is not None:
-                    entries.append(e)
-        return entries
-
-    def _excluded(self, entries: list[tuple[str, object]]) -> list[tuple[str, object]]:
-        """Drop (and count) the entries whose id matches a `corpus.exclude` pattern."""
-        kept = [e for e in entries if not any(fnmatch.fnmatch(e[0], pat) for pat in self.cfg.exclude)]
-        self.stats.skipped["excluded"] += len(entries) - len(kept)
-        if not self.stats.skipped["excluded"]:
-            del self.stats.skipped["excluded"]
-        return kept
+            return getattr(exc, "parts", [])
 
     # -- reading ---------------------------------------------------------------------------------------------
+    def read_part(self, part: Part) -> list[Document]:
+        """The usable documents of one part (the others are counted in `stats`)."""
+        if part.kind == "listed":
+            entries = self.listing()[part.start:part.start + part.count]
+        else:
+            records = _Records(self.cfg, self.stats, self.precomputed)
+            split = SPLIT_NAMES[part.split.lower()] if part.split else None  # a DatasetDict's own split
+            entries = [e for rec, fallback in self._records(part)
+                       if (e := records.entry(rec, fallback, split)) is not None
+                       and (part.keep >= 1.0 or keep_share(e[0], part.keep))]
+        return [d for d in (self.read(doc_id, loc) for doc_id, loc in entries) if d is not None]
+
+    def _records(self, part: Part) -> list[tuple[object, str]]:
+        """(record, id for a record without one) of a part of a data file or dataset."""
+        if part.kind == "dataset":
+            rows = dict(self._dataset_splits())[part.split]
+            columns = rows[part.start:part.start + part.count]  # a dict of columns, read from the memory map
+            names = list(columns)
+            return [(dict(zip(names, values)), f"{part.split or 'rows'}:{part.first + j}")
+                    for j, values in enumerate(zip(*columns.values()))]
+        path = Path(part.path)
+        if part.kind == "parquet":
+            rows = self._cached(("parquet", part.path, part.group), lambda: read_row_group(path, part.group, self.cfg,
+                                                                                          self.precomputed))
+            return [(rec, f"{path.name}:{part.first + j}") for j, rec in enumerate(rows[part.start:part.start + part.count])
+                    if rec is not None]
+        if part.kind == "array":
+            data = self._cached(("array", part.path), lambda: read_json_array(path))
+            return [(data[i], f"{path.name}:{i}") for i in range(part.start, part.start + part.count)]
+        records = []
+        for lineno, raw in enumerate(self._lines(part), part.first):
+            if not raw.strip():
+                continue
+            try:
+                records.append((json.loads(raw.decode("utf-8")), f"{path.name}:{lineno}"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.stats.skipped["malformed jsonl line"] += 1
+        return records
+
+    def _cached(self, key: tuple, load: Callable):
+        """One row group or JSON array at a time: consecutive parts of it are read from memory."""
+        if self._open.get("key") != key:
+            self.close()
+            self._open = {"key": key, "value": load()}
+        return self._open["value"]
+
+    def _lines(self, part: Part) -> list[bytes]:
+        """The lines of a jsonl part. Consecutive parts of a file continue one open stream (a compressed stream
+        cannot seek back, and reopening it for every part would decompress the file over and over)."""
+        key = ("lines", part.path, part.start)
+        if self._open.get("key") != key:
+            self.close()
+            stream = _open_text(Path(part.path))
+            try:
+                _skip(stream, part.start)
+            except (OSError, EOFError, zstandard.ZstdError) as exc:
+                stream.close()
+                raise PhfError(_damage(Path(part.path), exc)) from None
+            self._open = {"key": key, "value": stream}
+        stream = self._open["value"]
+        lines, offset = [], part.start
+        try:
+            for _ in range(part.count):
+                raw = stream.readline()
+                if not raw:
+                    break
+                offset += len(raw)
+                lines.append(raw)
+        except (OSError, EOFError, zstandard.ZstdError) as exc:
+            self.close()
+            raise PhfError(f"{_damage(Path(part.path), exc)}; it changed since it was counted") from None
+        self._open["key"] = ("lines", part.path, offset)
+        return lines
+
+    def close(self) -> None:
+        """Close what reading left open (a line stream, a cached row group or array)."""
+        if hasattr(self._open.get("value"), "close"):
+            self._open["value"].close()
+        self._open = {}
+
+    def _dataset_splits(self) -> list[tuple[str, object]]:
+        """(split name, rows with only the columns phf reads) of a dataset source; loaded (memory-mapped) once."""
+        if self._dataset is None:
+            source = self.cfg.source
+            data = (load_hub_dataset(source) if source.startswith("hf:")
+                    else load_saved_dataset(Path(source).expanduser()))
+            self._dataset = dataset_splits(data, source, self.cfg, self.precomputed)
+        return self._dataset
+
     def read(self, doc_id: str, locator: object) -> Document | None:
         """Read one document; None (and a counted reason) when it cannot be used."""
         if isinstance(locator, Path):
@@ -265,7 +374,7 @@ class Corpus:
         elif isinstance(locator, tuple):  # a record's text, the split it names, its precomputed scores
             return self._accept(doc_id, *locator)
         else:
-            text = locator  # already-loaded text (jsonl / parquet)
+            text = locator  # a record's text
         return self._accept(doc_id, text)
 
     def _accept(self, doc_id: str, text: str, split: str | None = None, given: tuple | None = None
@@ -284,10 +393,9 @@ class Corpus:
         return Document(doc_id, text, split, given)
 
     def __iter__(self) -> Iterator[Document]:
-        for doc_id, locator in self.entries():
-            doc = self.read(doc_id, locator)
-            if doc is not None:
-                yield doc
+        for part in self.parts(1024):
+            yield from self.read_part(part)
+        self.close()
 
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
@@ -307,8 +415,8 @@ def is_saved_dataset(path: Path) -> bool:
 class _Records:
     """Turns records (dicts) of a data source into corpus entries: the text, id and split columns."""
 
-    def __init__(self, cfg: CorpusConfig, stats: CorpusStats, where: str, precomputed: str = ""):
-        self.cfg, self.stats, self.where = cfg, stats, where
+    def __init__(self, cfg: CorpusConfig, stats: CorpusStats, precomputed: str = ""):
+        self.cfg, self.stats = cfg, stats
         self.segments, _, self.scores = precomputed.partition(":")
 
     def entry(self, rec, fallback_id: str, split: str | None = None) -> tuple[str, object] | None:
@@ -371,76 +479,136 @@ def _damage(path: Path, exc: Exception) -> str:
     return f"{path} is not a readable {kind} file or is truncated ({first_line(exc)})"
 
 
-def list_data_file(path: Path, cfg: CorpusConfig, stats: CorpusStats, precomputed: str = ""
-                   ) -> list[tuple[str, object]]:
-    """The records of one data file as corpus entries. A damaged file raises PhfError after the records read
-    before the damage were listed into `stats` (the caller decides whether that ends the run)."""
-    records = _Records(cfg, stats, str(path), precomputed)
-    if path.name.endswith(".parquet"):
-        return _list_parquet(path, records)
-    if path.name.endswith(".json"):
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PhfError(f"{path} is not a JSON array of records ({exc}); give one JSON object per line as "
-                           f".jsonl instead") from None
-        if not isinstance(data, list):
-            raise PhfError(f"{path} holds a JSON {type(data).__name__}, not an array of records")
-        return [e for i, rec in enumerate(data) if (e := records.entry(rec, f"{path.name}:{i}")) is not None]
-    entries = []
-    try:
-        with _open_text(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    stats.skipped["malformed jsonl line"] += 1
-                    continue
-                if (e := records.entry(rec, f"{path.name}:{lineno}")) is not None:
-                    entries.append(e)
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
-        raise _DamagedFile(_damage(path, exc), entries) from None
-    return entries
+def _skip(stream, offset: int) -> None:
+    """Move a freshly opened stream to `offset`: a seek for a plain file, reading forward for a compressed one."""
+    if isinstance(stream, io.BufferedReader) and isinstance(stream.raw, io.FileIO):
+        stream.seek(offset)
+        return
+    while offset > 0:
+        block = stream.read(min(offset, 1 << 20))
+        if not block:
+            raise EOFError("the file is shorter than when it was counted")
+        offset -= len(block)
+
+
+def keep_share(doc_id: str, share: float) -> bool:
+    """The hash test of `keep_in_subset` at a known share."""
+    return int.from_bytes(hashlib.sha1(b"subset:" + doc_id.encode("utf-8", "surrogatepass")).digest()[:8],
+                          "big") / 2**64 < share
 
 
 class _DamagedFile(PhfError):
-    """A data file that broke off: its message, and the entries read before the damage."""
+    """A data file that broke off: its message, and the parts before the damage (read as usual)."""
 
-    def __init__(self, message: str, entries: list):
+    def __init__(self, message: str, parts: list):
         super().__init__(message)
-        self.entries = entries
+        self.parts = parts
 
 
-def _list_parquet(path: Path, records: _Records) -> list[tuple[str, object]]:
-    cfg = records.cfg
+def file_parts(path: Path, size: int, cfg: CorpusConfig, precomputed: str = "") -> list[Part]:
+    """One data file cut into parts of `size` lines, items or rows, without keeping any text: jsonl files are
+    read once to find where each part starts, a Parquet file's row groups come from its footer."""
+    if path.name.endswith(".parquet"):
+        file = parquet_file(path, cfg, precomputed)
+        parts, row = [], 0
+        for group in range(file.num_row_groups):  # parts never cross a row group: one group in memory at a time
+            n = file.metadata.row_group(group).num_rows
+            parts += [Part("parquet", a, min(size, n - a), str(path), row + a, group) for a in range(0, n, size)]
+            row += n
+        return parts
+    if path.name.endswith(".json"):
+        n = len(read_json_array(path))
+        return [Part("array", a, min(size, n - a), str(path), a) for a in range(0, n, size)]
+    parts, offset, count, start, first = [], 0, 0, 0, 1
+    try:
+        with _open_text(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if count == 0:
+                    start, first = offset, lineno
+                offset += len(raw)
+                count += 1
+                if count == size:
+                    parts.append(Part("lines", start, count, str(path), first))
+                    count = 0
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        if count:
+            parts.append(Part("lines", start, count, str(path), first))
+        raise _DamagedFile(_damage(path, exc), parts) from None
+    if count:
+        parts.append(Part("lines", start, count, str(path), first))
+    return parts
+
+
+def read_json_array(path: Path) -> list:
+    """A `.json` file's array of records. The array is read whole: give large corpora as jsonl, which streams."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PhfError(f"{path} is not a JSON array of records ({exc}); give one JSON object per line as "
+                       f".jsonl instead") from None
+    if not isinstance(data, list):
+        raise PhfError(f"{path} holds a JSON {type(data).__name__}, not an array of records")
+    return data
+
+
+def _wanted(cfg: CorpusConfig, precomputed: str) -> list[str]:
+    """The columns a record must have: the text, or a pre-scored corpus' segments and scores."""
+    return precomputed.split(":") if precomputed else [cfg.text_column]
+
+
+def _columns(cfg: CorpusConfig, precomputed: str, names: list[str]) -> list[str]:
+    """The columns phf reads from a table with columns `names`."""
+    return [c for c in (*_wanted(cfg, precomputed), cfg.id_column or "id", cfg.split_column) if c and c in names]
+
+
+def parquet_file(path: Path, cfg: CorpusConfig, precomputed: str = "") -> pq.ParquetFile:
+    """An open Parquet file whose schema holds the columns phf reads (one clear line when it does not)."""
     try:
         file = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise PhfError(f"{path} is not a readable Parquet file ({first_line(exc)}); check the file or "
                        f"convert it to jsonl") from None
     names = file.schema_arrow.names
-    wanted = [records.segments, records.scores] if records.segments else [cfg.text_column]
-    for column in wanted:
+    for column in _wanted(cfg, precomputed):
         if column not in names:
             raise PhfError(f"{path} has no `{column}` column (columns: {', '.join(names)}); set "
-                           f"{'scoring.precomputed' if records.segments else 'corpus.text_column'} to the "
+                           f"{'scoring.precomputed' if precomputed else 'corpus.text_column'} to the "
                            f"column(s) holding the documents")
-    kind = file.schema_arrow.field(wanted[0]).type
-    if not records.segments and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    kind = file.schema_arrow.field(cfg.text_column).type if not precomputed else None
+    if kind is not None and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise PhfError(f"{path}: column `{cfg.text_column}` must hold strings, not {kind}")
-    columns = [c for c in (*wanted, cfg.id_column or "id", cfg.split_column) if c and c in names]
-    entries, row = [], 0
-    for group in range(file.num_row_groups):  # one row group in memory at a time
-        for rec in file.read_row_group(group, columns=columns).to_pylist():
-            if rec[wanted[0]] is not None and (e := records.entry(rec, f"{path.name}:{row}")) is not None:
-                entries.append(e)
-            row += 1
-    return entries
+    return file
+
+
+def read_row_group(path: Path, group: int, cfg: CorpusConfig, precomputed: str = "") -> list[dict | None]:
+    """The records of one row group (None for a row whose text is null)."""
+    file = parquet_file(path, cfg, precomputed)
+    key = _wanted(cfg, precomputed)[0]
+    rows = file.read_row_group(group, columns=_columns(cfg, precomputed, file.schema_arrow.names)).to_pylist()
+    return [rec if rec[key] is not None else None for rec in rows]
 
 
 # -- Hugging Face datasets ------------------------------------------------------------------------------------------
+def dataset_splits(data, where: str, cfg: CorpusConfig, precomputed: str = "") -> list[tuple[str, object]]:
+    """(split name, rows with only the columns phf reads) of a `datasets` Dataset ("" for its one part: the hash
+    split, or corpus.split_column) or DatasetDict (its own splits, which must be train / validation / test)."""
+    import datasets
+
+    parts = data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]
+    out = []
+    for name, part in parts:
+        if name and name.lower() not in SPLIT_NAMES:
+            raise PhfError(f"dataset {where} has a split {name!r}; phf reads train, validation (or valid, "
+                           f"val, dev) and test: rename or drop it before saving")
+        for column in _wanted(cfg, precomputed):
+            if column not in part.column_names:
+                raise PhfError(f"dataset {where}{f' ({name})' if name else ''} has no `{column}` column "
+                               f"(columns: {', '.join(part.column_names)}); set "
+                               f"{'scoring.precomputed' if precomputed else 'corpus.text_column'}")
+        out.append((name, part.select_columns(_columns(cfg, precomputed, part.column_names))))
+    return out
+
+
 def load_saved_dataset(path: Path):
     import datasets  # a second or more to import: only for dataset sources
 

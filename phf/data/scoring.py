@@ -6,6 +6,7 @@ with their sha256 as they complete, so a killed run re-scores only the shards it
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,13 +27,14 @@ from tqdm.auto import tqdm
 from phf.core.config import CorpusConfig, ScoringConfig
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, file_sha256, read_json, stable_hash, write_json
-from phf.data.corpus import Corpus, Document
+from phf.data.corpus import Corpus, Document, Part
 from phf.data.scorers import ScoredText, Scorer, get_scorer, scorer_for
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+SHARD_LAYOUT = "parts"  # a shard is one Part of the corpus (a data file's shards no longer cross its files)
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -66,11 +68,12 @@ class ScoredDocument:
 _WORKER_SCORER: Scorer | None = None
 
 
-def init_scoring_worker(scorer_name: str, segmenter: str | None = None, aggregate: str | None = None) -> None:
+def init_scoring_worker(scorer_name: str, segmenter: str | None = None, aggregate: str | None = None,
+                        device: str = "") -> None:
     """A scoring process' initializer: build its scorer once."""
     global _WORKER_SCORER
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER_SCORER = get_scorer(scorer_name, segmenter, aggregate)
+    _WORKER_SCORER = get_scorer(scorer_name, segmenter, aggregate, device)
 
 
 def score_batch(docs: list[Document]) -> list[ScoredText]:
@@ -194,12 +197,12 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     else:
         manifest = None
     out.mkdir(parents=True, exist_ok=True)
-    entries = corpus.entries()
-    shard_size = scoring_cfg.shard_documents
-    num_shards = math.ceil(len(entries) / shard_size)
+    parts = corpus.parts(scoring_cfg.shard_documents)  # data files are counted here, nothing is kept
+    num_shards = len(parts)
     settings = {"scorer": scorer.name, "version": scorer.version, "settings": scorer.settings(),
                 "segmenter": scorer.segmenter, "aggregate": scorer.aggregate,
-                "corpus": corpus_cfg.__dict__, "format": FORMAT_VERSION, "num_shards": num_shards}
+                "corpus": corpus_cfg.__dict__, "format": FORMAT_VERSION, "num_shards": num_shards,
+                "layout": SHARD_LAYOUT}
     if manifest is None or {k: manifest.get(k) for k in settings} != settings:
         manifest = dict(settings, shards={}, complete=False, corpus_stats=None)
     done = {}
@@ -211,63 +214,88 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     todo = [i for i in range(num_shards) if _shard_name(i) not in done]
     if done:
         log.info("resuming scoring: %d of %d shards already done", len(done), num_shards)
+    book = _Manifest(manifest, manifest_path)
+    try:
+        chars = _score_shards(corpus, parts, todo, scorer, scoring_cfg, corpus_cfg, sources, out, book, progress)
+    finally:
+        book.write()  # every finished shard is on record, whatever ended the run
+        corpus.close()
+    if not any(info["rows"] for info in manifest["shards"].values()):
+        raise PhfError(f"corpus {corpus_cfg.source} has no usable document; skipped: {dict(corpus.stats.skipped)}")
+    # shards already done before this run contributed to the listing stats only through `corpus.read`;
+    # the corpus stats of a resumed run are recomputed from the shards themselves
+    manifest["complete"] = True
+    manifest["corpus_stats"] = {"skipped": dict(corpus.stats.skipped)}
+    manifest["seconds"] = round(time.perf_counter() - book.started, 2)
+    manifest["chars_scored_this_run"] = chars
+    write_json(manifest_path, manifest)
+    remember_scored(data_dir, config_key, out, inputs, scorer.version)
+    return ScoredCorpus(out)
 
-    def shard_docs(i: int) -> list[Document]:
-        docs = []
-        for doc_id, loc in entries[i * shard_size:(i + 1) * shard_size]:
-            d = corpus.read(doc_id, loc)
-            if d is not None:
-                docs.append(d)
-        return docs
 
-    workers = scoring_cfg.workers or os.cpu_count() or 1
-    t0 = time.perf_counter()
+class _Manifest:
+    """The manifest of a scored corpus being written: each finished shard is recorded with its sha256. It is
+    rewritten after every shard while it is short, and at most every 2 s once it is long (rewriting a manifest
+    of 10,000 shards after each would cost more than the scoring); `write` puts the rest on record."""
+
+    def __init__(self, manifest: dict, path: Path):
+        self.manifest, self.path = manifest, path
+        self.started = self.written = time.perf_counter()
+
+    def add(self, name: str, info: dict) -> None:
+        self.manifest["shards"][name] = info
+        if len(self.manifest["shards"]) < 256 or time.perf_counter() - self.written > 2.0:
+            self.write()
+
+    def write(self) -> None:
+        write_json(self.path, self.manifest)
+        self.written = time.perf_counter()
+
+
+def _score_shards(corpus: Corpus, parts: list[Part], todo: list[int], scorer: Scorer, scoring_cfg: ScoringConfig,
+                  corpus_cfg: CorpusConfig, sources, out: Path, book: _Manifest, progress: bool) -> int:
+    """Score the parts `todo` into shard files, in order; the characters scored. Documents are read here, one
+    part at a time; at most 2 x workers parts are in flight, so memory holds a few shards, never the corpus."""
+    # a GPU scorer: one process drives the GPU unless scoring.workers asks for more (each holds its own model)
+    workers = scoring_cfg.workers or (1 if scoring_cfg.on_gpu() else os.cpu_count() or 1)
     chars = 0
     bar = tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="shard", disable=not progress)
     # documents are read in this process (in order); the pool scores whole shards, results come back in order
-    shard_inputs = ((i, shard_docs(i)) for i in todo)
+    shard_inputs = ((i, corpus.read_part(parts[i])) for i in todo)
     if scoring_cfg.precomputed:
         for i, docs in shard_inputs:
-            chars += _write_shard(i, docs, [given_scores(d) for d in docs], scorer, out, manifest, manifest_path)
+            chars += _write_shard(i, docs, [given_scores(d) for d in docs], scorer, out, book)
             bar.update()
     elif scoring_cfg.backend == "ray" and todo:
-        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, todo, progress, sources):
+        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, [(i, parts[i]) for i in todo],
+                                                          sources):
             corpus.stats.skipped.update(skipped)
             chars += n
-            _write_table(i, table, out, manifest, manifest_path)
+            _write_table(i, table, out, book)
             bar.update()
     elif workers > 1 and len(todo) > 1:
-        ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+        # a GPU scorer's workers are spawned: CUDA initialised before a fork is unusable in the child
+        ctx = mp.get_context("fork") if hasattr(os, "fork") and not scoring_cfg.on_gpu() else mp.get_context("spawn")
         pool = ctx.Pool(workers, initializer=init_scoring_worker,
-                        initargs=(scoring_cfg.scorer, scoring_cfg.segmenter, scoring_cfg.aggregate))
+                        initargs=(scoring_cfg.scorer, scoring_cfg.segmenter, scoring_cfg.aggregate, scoring_cfg.device))
         pending: list[tuple[int, list[Document], object]] = []
         try:
             for i, docs in shard_inputs:
                 pending.append((i, docs, pool.apply_async(score_batch, (docs,))))
                 if len(pending) >= 2 * workers:
-                    chars += _finish(pending.pop(0), scorer, out, manifest, manifest_path)
+                    chars += _finish(pending.pop(0), scorer, out, book)
                     bar.update()
             while pending:
-                chars += _finish(pending.pop(0), scorer, out, manifest, manifest_path)
+                chars += _finish(pending.pop(0), scorer, out, book)
                 bar.update()
         finally:
             pool.terminate()
     else:
         for i, docs in shard_inputs:
-            chars += _write_shard(i, docs, scorer.score_texts([d.text for d in docs]), scorer, out, manifest,
-                                  manifest_path)
+            chars += _write_shard(i, docs, scorer.score_texts([d.text for d in docs]), scorer, out, book)
             bar.update()
     bar.close()
-    # shards already done before this run contributed to the listing stats only through `corpus.read`;
-    # the corpus stats of a resumed run are recomputed from the shards themselves
-    manifest["complete"] = True
-    manifest["corpus_stats"] = {"skipped": dict(corpus.stats.skipped)}
-    manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    manifest["chars_scored_this_run"] = chars
-    write_json(manifest_path, manifest)
-    remember_scored(data_dir, config_key, out, inputs, scorer.version)
-    scored = ScoredCorpus(out)
-    return scored
+    return chars
 
 
 def given_scores(doc: Document) -> ScoredText:
@@ -280,67 +308,62 @@ def given_scores(doc: Document) -> ScoredText:
     return ScoredText(starts, ends, [s if e is None else math.nan for s, e in zip(scores, errors)], errors)
 
 
-def _finish(item, scorer, out, manifest, manifest_path) -> int:
+def _finish(item, scorer, out, book: _Manifest) -> int:
     i, docs, result = item
-    return _write_shard(i, docs, result.get(), scorer, out, manifest, manifest_path)
+    return _write_shard(i, docs, result.get(), scorer, out, book)
 
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
 
 
-def _write_shard(i, docs, scored, scorer, out: Path, manifest: dict, manifest_path: Path) -> int:
-    _write_table(i, _table(docs, scored, scorer), out, manifest, manifest_path)
+def _write_shard(i, docs, scored, scorer, out: Path, book: _Manifest) -> int:
+    _write_table(i, _table(docs, scored, scorer), out, book)
     return sum(len(d.text) for d in docs)
 
 
-def _write_table(i: int, table: pa.Table, out: Path, manifest: dict, manifest_path: Path) -> None:
+def _write_table(i: int, table: pa.Table, out: Path, book: _Manifest) -> None:
     name = _shard_name(i)
     with atomic_path(out / name) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    manifest["shards"][name] = {"rows": table.num_rows, "bytes": (out / name).stat().st_size,
-                                "sha256": file_sha256(out / name)}
-    write_json(manifest_path, manifest)
+    book.add(name, {"rows": table.num_rows, "bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)})
 
 
 # -- the ray backend -----------------------------------------------------------------------------------------
 class RayShardScorer:
-    """A Ray Data actor: lists the corpus once (the same deterministic listing as the driver's), builds the scorer
-    once, then reads and scores whole shards. One input row = one shard index; one output row = that shard's
-    table as Arrow IPC bytes, its characters and the documents it skipped, so the driver writes exactly the file
-    the local backend writes."""
+    """A Ray Data actor: builds the scorer once, then reads and scores whole shards. One input row = one shard
+    index and its part of the corpus (a file's byte offset, a row group, a slice of the listing), so each actor
+    reads only its own parts of the input; one output row = that shard's table as Arrow IPC bytes, its characters
+    and the documents it skipped, so the driver writes exactly the file the local backend writes."""
 
-    def __init__(self, corpus_cfg: dict, scorer: str, segmenter: str, aggregate: str, shard_documents: int,
+    def __init__(self, corpus_cfg: dict, scorer: str, segmenter: str, aggregate: str, device: str = "",
                  sources: dict | None = None):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.corpus = Corpus(CorpusConfig(**corpus_cfg), sources)
-        self.entries = self.corpus.entries()
-        self.scorer = get_scorer(scorer, segmenter, aggregate)
-        self.size = shard_documents
+        # a GPU Ray gave this actor is its cuda:0 (Ray sets CUDA_VISIBLE_DEVICES)
+        self.scorer = get_scorer(scorer, segmenter, aggregate, "cuda" if device.startswith("cuda") else device)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard": [], "table": [], "chars": [], "skipped": []}
-        for i in batch["shard"]:
-            i = int(i)
+        for i, part in zip(batch["shard"], batch["part"]):
             before = Counter(self.corpus.stats.skipped)
-            docs = [d for d in (self.corpus.read(doc_id, loc)
-                                for doc_id, loc in self.entries[i * self.size:(i + 1) * self.size]) if d is not None]
+            docs = self.corpus.read_part(Part(**json.loads(part)))
             table = _table(docs, self.scorer.score_texts([d.text for d in docs]), self.scorer)
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, table.schema) as writer:
                 writer.write_table(table)
-            out["shard"].append(i)
+            out["shard"].append(int(i))
             out["table"].append(sink.getvalue().to_pybytes())
             out["chars"].append(sum(len(d.text) for d in docs))
             out["skipped"].append(json.dumps(dict(self.corpus.stats.skipped - before)))
         return out
 
 
-def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, shards: list[int],
-                          progress: bool = True, sources: Mapping[str, Callable] | None = None) -> Iterator[tuple[int, pa.Table, int, dict]]:
-    """Score `shards` with Ray Data on the running Ray instance (or a local one started here and stopped after):
-    an actor pool of `scoring.workers` actors (0 = one per CPU of the cluster), one shard per call, results in
-    shard order. Yields (shard index, table, characters, skipped documents by reason)."""
+def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, shards: list[tuple[int, Part]],
+                          sources: Mapping[str, Callable] | None = None) -> Iterator[tuple[int, pa.Table, int, dict]]:
+    """Score `shards` (index, part) with Ray Data on the running Ray instance (or a local one started here and
+    stopped after): an actor pool of `scoring.workers` actors (0 = one per CPU of the cluster), one shard per call,
+    results in shard order. Yields (shard index, table, characters, skipped documents by reason)."""
 
     try:
         import ray
@@ -357,13 +380,13 @@ def score_shards_with_ray(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plan and timings, at INFO, per run
     try:
         workers = scoring_cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
-        ds = ds.map_batches(RayShardScorer, batch_size=1, num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(size=min(workers, len(shards))),
+        rows = [{"shard": i, "part": json.dumps(dataclasses.asdict(part))} for i, part in shards]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(RayShardScorer, batch_size=1, num_cpus=1, num_gpus=1 if scoring_cfg.on_gpu() else 0,
+                            compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
                             fn_constructor_kwargs={"corpus_cfg": dict(corpus_cfg.__dict__),
                                                    "scorer": scoring_cfg.scorer, "segmenter": scoring_cfg.segmenter,
-                                                   "aggregate": scoring_cfg.aggregate,
-                                                   "shard_documents": scoring_cfg.shard_documents,
+                                                   "aggregate": scoring_cfg.aggregate, "device": scoring_cfg.device,
                                                    "sources": dict(sources or {})})
         for row in ds.iter_rows():
             table = pa.ipc.open_stream(row["table"]).read_all()
