@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from phf.data.sentences import sentence_spans
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.sampling import generate_ids
 from phf.model.lm import build_model, count_parameters
+from phf.recipes.bench_pipeline import PEAK_RSS_METHOD, bench_score_large, children_peak_rss_mb, peak_rss_mb, status_mb
 from phf.recipes.reference_sampler import generate_ids_before
 from phf.tasks import all_sources, get_task
 from phf.training.objectives import MLE
@@ -46,10 +46,6 @@ def machine() -> dict:
             "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
-PEAK_RSS_METHOD = ("VmHWM of /proc/self/status, reset (clear_refs) before each benchmark" if
-                   os.path.exists("/proc/self/clear_refs") else "ru_maxrss of getrusage (peak of the whole process)")
-
-
 def reset_peak_rss() -> None:
     """Start a benchmark's own peak resident memory (Linux: writing 5 to clear_refs resets VmHWM). Memory that
     earlier benchmarks freed is first handed back to the system: phf's allocator setting keeps it otherwise."""
@@ -60,29 +56,6 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def _status_mb(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmHWM, VmRSS) in MB, or None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB since the last reset_peak_rss (where Linux allows one)."""
-    peak = _status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def children_peak_rss_mb() -> float:
-    """The largest peak resident memory of any child process (the scoring pool's workers) so far."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def per_segment_chars_per_s(scorer, texts: list[str], budget_s: float) -> tuple[float, int]:
@@ -236,7 +209,7 @@ def loss_step_peak_mb(fused: bool, vocab: int, context: int, batch: int) -> floa
     model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=128, block_size=context), vocab, 0).train()
     objective = MLE(ObjectiveConfig(name="mle"))
     x = torch.randint(0, vocab, (batch, context))
-    before = _status_mb("VmRSS") or 0.0
+    before = status_mb("VmRSS") or 0.0
     reset_peak_rss()
     with autocast(torch.device("cpu"), "bf16"):
         output = objective.forward(model, x, fused=fused)
@@ -434,12 +407,16 @@ def bench_score_prose(quick: bool) -> dict:
     return out
 
 
-def run(what: str = "all", quick: bool = False) -> dict:
+def run(what: str = "all", quick: bool = False, large: bool = False) -> dict:
+    """`large`: also the scoring pipeline on generated 0.5 and 2 GB jsonl.zst corpora (20 and 80 MB with
+    `quick`); minutes, and about the corpus' size in free disk space."""
     figures = {"machine": machine()}
     with tempfile.TemporaryDirectory(prefix="phf-bench-") as tmp:
         if what in ("all", "score"):
             figures["score"] = bench_score(quick)
             figures["score_prose"] = bench_score_prose(quick)
+            if large:
+                figures["score_large"] = bench_score_large((0.02, 0.08) if quick else (0.5, 2.0), Path(tmp))
         if what in ("all", "train"):
             figures["train"] = bench_train(quick, Path(tmp))
         if what in ("all", "sample"):
@@ -479,6 +456,14 @@ def format_figures(f: dict) -> str:
             lines.append("       one sentence at a time: " + ", ".join(
                 f"{name} {rate(f'{name}_chars_per_s_per_segment')}" for name in ("pii", "pii-ner", "toxicity"))
                 + f"; peak RSS {s['peak_rss_mb']} MB")
+    if "score_large" in f:
+        s = f["score_large"]
+        lines.append(f"score  (the pipeline on generated jsonl.zst corpora of stdlib code, {s['scorer']}, "
+                     f"{s['workers']} workers):")
+        for gb, m in s["sizes"].items():
+            lines.append(f"       {m['jsonl_mb']:,} MB of jsonl ({m['zst_mb']:,} MB compressed, {m['documents']:,} "
+                         f"documents, {m['shards']:,} shards): {m['seconds']:,} s = {m['mb_per_s']} MB/s; peak RSS "
+                         f"{m['peak_rss_mb']} MB (largest worker {m['worker_peak_rss_mb']} MB)")
     if "train" in f:
         t = f["train"]
         lines.append(f"train  ({t['parameters'] / 1e6:.2f}M params, batch {t['batch']} x {t['context']}, {t['dtype']}, "
