@@ -41,6 +41,40 @@ def test_demo_end_to_end_writes_the_results_schema(pycorpus, tmp_path, capsys):
         assert (run / f).exists(), f
 
 
+def test_demo_with_seeds_trains_each_arm_per_seed_and_prints_ratios_with_intervals(pycorpus, tmp_path, capsys):
+    from phf.core.config import load_config
+    from phf.report.page import load, table_html
+
+    out = tmp_path / "demo"
+    args = ["-q", "demo", "--out", str(out), "--seeds", "2", "--set", "train.seed=7"]
+    for o in tiny_overrides(str(pycorpus)) + ["sample.num_samples=16"]:
+        args += ["--set", o]
+    main(args)
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [7, 8] and len(list((out / "data" / "scored").iterdir())) == 1  # scored once
+    for name in ("mle", "filtering", "conditional"):
+        for seed in (7, 8):
+            cfg = load_config(out / f"seed-{seed}" / name / "config.yaml")
+            assert cfg.train.seed == seed and cfg.sample.seed == seed - 7
+        r = results["objectives"][name]
+        assert r["seeds"] == [7, 8] and len(r["per_seed"]["misalignment_mean"]) == 2
+        assert r["misalignment_mean"] == pytest.approx(sum(r["per_seed"]["misalignment_mean"]) / 2)
+        assert len(r["misalignment_mean_ci95"]) == 2 and len(r["heldout_bits_per_char_ci95"]) == 2
+    cond = results["objectives"]["conditional"]
+    for key in ("misalignment_ratio_to_mle", "misalignment_ratio_ci95", "misalignment_p_vs_mle",
+                "heldout_ratio_to_mle", "heldout_ratio_ci95"):
+        assert key in cond, key
+    lo, hi = cond["misalignment_ratio_ci95"]
+    assert f"conditional: {cond['misalignment_ratio_to_mle']:.2f}x [{lo:.2f}, {hi:.2f}]" in printed
+    assert "2 seeds x 16 samples" in printed
+    seeds_differ = json.loads((out / "seed-7" / "mle" / "results.json").read_text())["misalignment_mean"] != \
+        json.loads((out / "seed-8" / "mle" / "results.json").read_text())["misalignment_mean"]
+    assert seeds_differ or cond["per_seed"]["heldout_bits_per_char"][0] != cond["per_seed"]["heldout_bits_per_char"][1]
+    table = table_html(load([out]))  # the report reads the first seed's runs and shows the intervals
+    assert f"[{lo:.2f}, {hi:.2f}] mle" in table
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--config", "nope.yaml", "--out", "x"], "config file nope.yaml does not exist"),
     (["train", "--set", "objective.name=ppo", "--out", "x"], "unknown objective 'ppo'"),

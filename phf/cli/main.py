@@ -186,7 +186,8 @@ def cmd_config_show(args) -> None:
 
 def cmd_demo(args) -> None:
     init_from = _init_from(args)
-    results = run_demo(args.task, args.out, args.overrides, config=args.config, init_from=init_from)
+    results = run_demo(args.task, args.out, args.overrides, config=args.config, init_from=init_from,
+                       seeds=args.seeds)
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
@@ -312,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finetune every arm from this Hugging Face causal-LM folder (any architecture, its own "
                         "tokenizer) instead of training from scratch")
     p.add_argument("--allow-download", action="store_true", help="let --init-from download a hub id")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train and sample every arm with this many seeds (train.seed, sample.seed + 0, 1, ...); the "
+                        "table shows means over seeds with 95%% intervals (default: 1)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "

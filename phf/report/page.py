@@ -230,7 +230,7 @@ def figure_pareto(rep: Report) -> Figure | None:
     log_y = all(y > 0 for y in ys)
     fig, ax = _new_figure()
     seen: dict[str, str] = {}
-    ref_lines, not_positive, labels = [], [], []
+    ref_lines, not_positive, labels, same_as_reference = [], [], [], []
     floor = min((x for x in xs if x is not None and x > 0), default=1.0) / 2  # where KL <= 0 estimates are put
     for a, x, y, i in zip(arms, xs, ys, range(len(arms))):
         color = _color(a.base, seen)
@@ -246,6 +246,12 @@ def figure_pareto(rep: Report) -> Figure | None:
                 continue
             x, label, marker = floor, f"{a.label} (KL ≤ 0)", "<"  # a Monte Carlo estimate can come out below 0
             not_positive.append(a.label)
+        yerr = _error_bar(y, _get_list(a.entry, ("misalignment_mean_ci95",)))
+        xerr = None if use_kl else _error_bar(x, _get_list(a.entry, ("heldout_bits_per_char_ci95",)))
+        if yerr is not None or xerr is not None:
+            ax.errorbar([x], [y], yerr=yerr, xerr=xerr, fmt="none", ecolor=color, elinewidth=1, capsize=2, zorder=2)
+        if a.entry.get("misalignment_distinguishable_from_mle") is False:  # its ratio's interval holds 1
+            same_as_reference.append(a.label)
         ax.scatter([x], [y], s=70 if i in front else 45, color=color, marker=marker,
                    edgecolors="black" if i in front else "none", linewidths=1.0, zorder=3)
         labels.append(ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8))
@@ -280,11 +286,26 @@ def figure_pareto(rep: Report) -> Figure | None:
                    "character of the test documents instead (capability; lower is better), on a linear axis. "
                    "Circles: feedback from the start of training; squares: finetuned with feedback. Outlined "
                    f"points are on the Pareto front (lower is better on both axes): {on_front}.")
+    if any(_get_list(a.entry, ("misalignment_mean_ci95",)) for a in arms):
+        seeds = len(arms[0].entry.get("seeds") or [1])
+        caption += (f" Bars: 95% bootstrap intervals over {seeds} seed{'s' if seeds != 1 else ''} and their samples"
+                    + (" (one seed: the sampling noise only)" if seeds == 1 else "") + ".")
+    if same_as_reference:
+        caption += (f" Not distinguishable from {REFERENCE} (the interval of the ratio holds 1): "
+                    f"{', '.join(same_as_reference)}.")
     if not log_y:
         caption += " Some misalignment is 0, so the y axis is linear."
     name = "misalignment_vs_kl" if use_kl else "misalignment_vs_bits_per_char"
     ax.set_title("Misalignment vs " + ("KL from the reference" if use_kl else "held-out bits per character"))
     return Figure(name, "Misalignment vs capability", caption, _png(fig))
+
+
+def _error_bar(value: float, interval: list[float] | None):
+    """matplotlib's asymmetric error of a point from its interval (clipped at 0: an interval is not always
+    centred on its mean)."""
+    if interval is None:
+        return None
+    return [[max(0.0, value - interval[0])], [max(0.0, interval[1] - value)]]
 
 
 def figure_misalignment_vs_tokens(rep: Report) -> Figure | None:
@@ -431,6 +452,33 @@ def _get(entry: dict | None, path: tuple[str, ...]) -> float | None:
     return _num(v)
 
 
+# the interval fields of a figure (phf.recipes.replicates): misalignment_mean -> misalignment_ratio_ci95
+RATIO_FIELDS = {"misalignment_mean": "misalignment", "heldout_bits_per_char": "heldout"}
+
+
+def _get_list(entry: dict | None, path: tuple[str, ...]) -> list[float] | None:
+    v = entry
+    for k in path:
+        if not isinstance(v, dict):
+            return None
+        v = v.get(k)
+    return v if isinstance(v, list) and len(v) == 2 and all(_num(x) is not None for x in v) else None
+
+
+def ratio_text(entry: dict, path: tuple[str, ...], ratio: float, kind: str) -> str:
+    """`0.43× [0.35, 0.52] mle` or `+1.8% [+1.2%, +2.4%] vs mle`; `≈ mle` when the interval holds 1."""
+    prefix = RATIO_FIELDS.get(path[-1])
+    interval = _get_list(entry, path[:-1] + (f"{prefix}_ratio_ci95",)) if prefix else None
+    if kind == "x":
+        text = f"{ratio:.2f}×" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "") + f" {REFERENCE}"
+    else:
+        text = f"{(ratio - 1) * 100:+.1f}%" + (f" [{(interval[0] - 1) * 100:+.1f}%, {(interval[1] - 1) * 100:+.1f}%]"
+                                               if interval else "") + f" vs {REFERENCE}"
+    if interval and interval[0] <= 1 <= interval[1]:
+        text += f" (≈ {REFERENCE})"
+    return text
+
+
 def table_html(rep: Report) -> str:
     columns = [c for c in COLUMNS if any(_get(a.entry, c[1]) is not None for a in rep.arms)]
     pareto = front_labels(rep)
@@ -449,10 +497,12 @@ def table_html(rep: Report) -> str:
             stderr = _get(a.entry, ("kl_stderr_bits",)) if path == ("kl_from_reference_bits",) else None
             if stderr is not None and a.name != REFERENCE:
                 text += f" ± {stderr:.4f}"
+            interval = _get_list(a.entry, path[:-1] + (path[-1] + "_ci95",))
+            if interval:
+                text += f" <small>[{fmt.format(interval[0])}, {fmt.format(interval[1])}]</small>"
             ref = _get(a.reference, path)
             if ratio and ref and a.reference is not a.entry:
-                rel = f"{v / ref:.2f}× {REFERENCE}" if ratio == "x" else f"{(v / ref - 1) * 100:+.1f}% vs {REFERENCE}"
-                text += f"<br><small>{html.escape(rel)}</small>"
+                text += f"<br><small>{html.escape(ratio_text(a.entry, path, v / ref, ratio))}</small>"
             cells.append(f"<td>{text}</td>")
         mark = "✓" if a.label in pareto else ""
         rows.append(f"<tr><th scope=row>{html.escape(a.label)}</th>{''.join(cells)}<td class=front>{mark}</td></tr>")
