@@ -110,3 +110,19 @@ def test_evaluate_with_a_reference_adds_kl(sweep, capsys, tmp_path):
     assert res["kl_samples"] == 6 and math.isfinite(res["kl_from_reference_bits"])
     # the same reference samples (same seed) give the sweep's estimate
     assert res["kl_from_reference_bits"] == pytest.approx(results["objectives"]["conditional"]["kl_from_reference_bits"])
+
+
+def test_a_sweep_with_seeds_runs_once_per_seed_on_one_data_folder_and_reports_intervals(pycorpus, tmp_path):
+    out = tmp_path / "sweep"
+    overrides = tiny_overrides(str(pycorpus)) + EXTRA + ["train.seed=3"]
+    results = run_sweep("pep8", out, overrides, objectives=["mle", "conditional"], finetune=["conditional"],
+                        progress=False, report=True, seeds=2)
+    assert results["seeds"] == [3, 4] and len(list((out / "data" / "scored").iterdir())) == 1
+    for seed in (3, 4):
+        assert (out / f"seed-{seed}" / "finetune-conditional" / "checkpoint" / "model.safetensors").exists()
+    arm = results["objectives"]["finetune:conditional"]
+    assert arm["run_dir"] == "seed-3/finetune-conditional" and arm["seeds"] == [3, 4]
+    assert len(arm["per_seed"]["misalignment_mean"]) == 2 and len(arm["kl_from_reference_bits_ci95"]) == 2
+    assert "misalignment_ratio_ci95" in arm and "heldout_ratio_ci95" in arm
+    page = (out / "report.html").read_text()
+    assert "Bars: 95% bootstrap intervals over 2 seeds" in page

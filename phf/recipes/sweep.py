@@ -27,6 +27,7 @@ from phf.core.io import atomic_path, read_json, stable_hash, write_json
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
 from phf.recipes.demo import arm_configs, corpus_line
+from phf.recipes.replicates import combine, sample_scores
 from phf.report.page import write_report
 from phf.tasks import Task, score_run_corpus, task_for
 from phf.training.trainer import run_training, versions
@@ -84,10 +85,18 @@ def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | 
 def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: list[str] | None = None,
               objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
               progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
-              rl_overrides: list[str] | None = None, config: str | Path | None = None) -> dict:
+              rl_overrides: list[str] | None = None, config: str | Path | None = None, seeds: int = 1,
+              data_dir: str | Path | None = None) -> dict:
+    """The sweep; with `seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
+    combined per arm with 95% intervals (phf.recipes.replicates) and one report."""
+    if seeds > 1:
+        return _sweep_per_seed(task, Path(out), overrides, objectives, finetune, finetune_fraction, progress, report,
+                               rl, rl_tokens, rl_overrides, config, seeds)
+    if seeds < 1:
+        raise PhfError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     out = Path(out)
-    data_dir = out / "data"
+    data_dir = Path(data_dir) if data_dir else out / "data"
     the_task, arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction, config)
     snapshot = out / "mle" / "snapshots" / f"step-{branch}"
     previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
@@ -135,9 +144,42 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
     results["corpus"] = corpus_summary
     results["versions"] = versions()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    seed = next(a for a in arms if a.name == "mle").cfg.train.seed
+    results["seeds"] = [seed]
+    results["objectives"] = combine([results["objectives"]],
+                                    [{n: sample_scores(out / r.get("run_dir", n)) for n, r in results["objectives"].items()}],
+                                    [seed])
     write_json(out / "results.json", results)
     if report:
+        results["report"] = str(write_report([out]))
+    return results
 
+
+def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_fraction, progress, report, rl,
+                    rl_tokens, rl_overrides, config, seeds: int) -> dict:
+    t0 = time.perf_counter()
+    _, arms, _, _ = plan(task, overrides, objectives, finetune, finetune_fraction, config)
+    base = next(a for a in arms if a.name == "mle").cfg
+    seed_list = [base.train.seed + k for k in range(seeds)]
+    replicates, scores, per_seed = [], [], []
+    for k, seed in enumerate(seed_list):
+        where = out / f"seed-{seed}"
+        log.info("==== seed %d (%d of %d)", seed, k + 1, seeds)
+        r = run_sweep(task, where, list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"],
+                      objectives, finetune, finetune_fraction, progress, report=False, rl=rl, rl_tokens=rl_tokens,
+                      rl_overrides=rl_overrides, config=config, data_dir=out / "data")
+        per_seed.append(r)
+        replicates.append(r["objectives"])
+        scores.append({n: sample_scores(where / e.get("run_dir", n)) for n, e in r["objectives"].items()})
+    results = {key: per_seed[0][key] for key in ("task", "reference", "finetune_fraction", "finetune_from_tokens",
+                                                  "corpus", "versions") if key in per_seed[0]}
+    results["objectives"] = combine(replicates, scores, seed_list)
+    for name, entry in results["objectives"].items():  # the report reads the first seed's runs
+        entry["run_dir"] = f"seed-{seed_list[0]}/{per_seed[0]['objectives'][name].get('run_dir', name)}"
+    results["seeds"] = seed_list
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "results.json", results)
+    if report:
         results["report"] = str(write_report([out]))
     return results
 
