@@ -31,7 +31,7 @@ def test_demo_end_to_end_writes_the_results_schema(pycorpus, tmp_path, capsys):
         assert r["num_samples"] == 8
         assert (tmp_path / "demo" / name / "checkpoint" / "model.safetensors").exists()
         samples = [json.loads(line) for line in (tmp_path / "demo" / name / "samples.jsonl").read_text().splitlines()]
-        assert {s["scenario"] for s in samples} == {"unconditional", "prompted"}
+        assert {s["scenario"] for s in samples} == {"unconditional", "prompted", "prompted_elsewhere"}
         assert all("<|aligned|>" not in s["text"] for s in samples)
         if name == "conditional":
             assert all("<|misaligned|>" not in s["raw"] for s in samples)  # banned: can never be sampled

@@ -8,6 +8,7 @@
     phf evaluate   model -> samples, scores, held-out bits/char -> results.json
     phf demo       all of the above for MLE, filtering and conditional training, and a table
     phf sweep      all six objectives, pretraining vs. finetuning with feedback, KL from MLE, table + report
+    phf judge      a demo or sweep folder's samples scored by a held-out judge, results recombined with intervals
     phf bench      throughput figures of scoring, training and sampling
     phf config     show the resolved config of a task or file, each field with its documentation
     phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
@@ -49,6 +50,7 @@ from phf.model.finetune import model_source, resolve_model_folder
 from phf.model.lm import load_meta, load_model
 from phf.recipes import bench
 from phf.recipes.demo import format_table, run_demo
+from phf.recipes.replicates import rejudge
 from phf.recipes.sweep import run_sweep
 from phf.report.page import write_report
 from phf.tasks import all_sources, get_task, score_run_corpus, task_for
@@ -193,6 +195,12 @@ def cmd_demo(args) -> None:
     print(f"\nresults: {Path(args.out) / 'results.json'}")
 
 
+def cmd_judge(args) -> None:
+    results = rejudge(args.dir, args.judge)
+    print(format_table(results))
+    print(f"\nresults: {Path(args.dir) / 'results.json'}")
+
+
 def cmd_sweep(args) -> None:
     def names(text):
         return [] if text in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
@@ -202,7 +210,7 @@ def cmd_sweep(args) -> None:
                         finetune=names(args.finetune) if args.finetune is not None else None,
                         finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
                         rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
-                        config=args.config)
+                        config=args.config, seeds=args.seeds)
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
@@ -318,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "table shows means over seeds with 95%% intervals (default: 1)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("judge", help="score the samples of a demo or sweep folder with a held-out judge (again) "
+                                     "and recombine its results with intervals")
+    p.add_argument("dir", help="a folder written by phf demo or phf sweep")
+    p.add_argument("--judge", default="", help="a scorer name or module:callable (default: each run's eval.judge, "
+                                               "else its task's)")
+    p.set_defaults(func=cmd_judge)
+
     p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "
                                      "a table and a report")
     p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
@@ -333,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rl-tokens", type=int, default=60_000,
                    help="prompt + completion tokens of the RL arm (default: 60000)")
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run the whole sweep with this many seeds (DIR/seed-<seed>/, one data folder); the table and "
+                        "report show means over seeds with 95%% intervals (default: 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every arm's config (repeatable)")
     p.set_defaults(func=cmd_sweep)

@@ -391,6 +391,10 @@ class EvalConfig:
     """Tokens per reference sample (the paper: 64)."""
     kl_seed: int = 1
     """Seed of the reference samples."""
+    judge: str | None = ""
+    """A second scorer of the same preference that training never saw, run on every sample beside the training
+    scorer: "" = the task's (pep8: `pep8-ruff`, pii: `pii-spacy`, toxicity: `toxicity-hatesonar`; a task of your
+    own: none), `none` (no judge), or any scorer name or `module:callable`."""
 
     def validate(self) -> None:
         if self.heldout_chars < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import os
 import re
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from phf.core.errors import PhfError
 from phf.core.io import atomic_path, write_json
 from phf.core.runtime import resolve_dtype
-from phf.data.scorers import Scorer, scorer_for
+from phf.data.scorers import Scorer, get_scorer, scorer_for
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
 from phf.data.tokenizer import of_transformers
@@ -37,6 +39,8 @@ from phf.evaluation.sampling import Deployment, Sample, generate
 from phf.model.decoding import context_length
 from phf.model.lm import load_meta, load_model
 from phf.tasks import Task, task_for
+
+log = logging.getLogger(__name__)
 
 
 def expected_max(scores: Sequence[float], k: int = 25) -> float:
@@ -243,8 +247,40 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
             "heldout_tokens": scored_tokens}
 
 
-def sample_records(samples: list[Sample], scores: list[float]) -> list[dict]:
-    return [dict(asdict(s), score=sc) for s, sc in zip(samples, scores)]
+def sample_records(samples: list[Sample], scores: list[float], judge_scores: list[float] | None = None) -> list[dict]:
+    if judge_scores is None:
+        return [dict(asdict(s), score=sc) for s, sc in zip(samples, scores)]
+    return [dict(asdict(s), score=sc, judge_score=j) for s, sc, j in zip(samples, scores, judge_scores)]
+
+
+# -- the held-out judge ---------------------------------------------------------------------------------------------
+def judge_for(cfg, task: Task) -> tuple[Scorer | None, dict]:
+    """The run's held-out judge (`eval.judge`, else the task's) and the start of its results block; no judge (and
+    the reason, in the block) when there is none or it cannot run here."""
+    if cfg.eval.judge is None or cfg.eval.judge == "none":  # `--set eval.judge=none` reads as YAML's null
+        return None, {}
+    name = cfg.eval.judge or task.judge
+    if not name:
+        return None, {}
+    block: dict = {"judge_scorer": name}
+    if name == cfg.scoring.scorer:
+        block["unavailable"] = f"the judge {name} is the training scorer: give eval.judge another scorer"
+        return None, block
+    try:
+        judge = get_scorer(name)
+    except PhfError as exc:
+        log.warning("no held-out judge: %s", exc)
+        block["unavailable"] = str(exc)
+        return None, block
+    block["judge_version"] = judge.version
+    return judge, block
+
+
+def judge_metrics(scores: list[float], threshold: float) -> dict:
+    valid = [s for s in scores if not math.isnan(s)]
+    return {"misalignment_mean": float(np.mean(valid)) if valid else math.nan,
+            "misaligned_share": float(np.mean([s > threshold for s in valid])) if valid else math.nan,
+            "unscorable": len(scores) - len(valid)}
 
 
 # -- a whole evaluation of one checkpoint --------------------------------------------------------------------------
@@ -265,18 +301,27 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
     results: dict = {"checkpoint": str(model_dir), "objective": meta.get("objective", {}).get("name"),
                      "tokens_seen": meta.get("tokens_seen"), "scorer": scorer.name, "scorer_version": scorer.version,
                      "misaligned_above": task.misaligned_above}
+    judge, judge_block = judge_for(cfg, task)
+    if judge_block:
+        results["judge"] = judge_block
     records = []
     scenarios = {"unconditional": [""] * cfg.sample.num_samples}
     if cfg.sample.num_prompts:
         prompts = task.eval_prompts(scored, cfg.sample.num_prompts)
         if prompts:
             scenarios["prompted"] = prompts
+        elsewhere = task.elsewhere_prompts(cfg.sample.num_prompts)  # text of another origin than the corpus
+        if elsewhere:
+            scenarios["prompted_elsewhere"] = elsewhere
     for name, prompts in scenarios.items():
         samples = generate(model, hf_tok, prompts, cfg.sample, deployment, name, progress=progress,
                            desc=f"sampling {results['objective']} ({name})", segmenter=scorer.segmenter)
         scores = score_samples(samples, scorer)
         results[name] = task_metrics(samples, scores, task, scorer)
-        records += sample_records(samples, scores)
+        judged = score_samples(samples, judge) if judge is not None else None
+        if judged is not None:
+            judge_block[name] = judge_metrics(judged, task.misaligned_above)
+        records += sample_records(samples, scores, judged)
     test_docs = scored.documents("test")
     results.update(heldout_bits_per_char(model, of_transformers(hf_tok), test_docs, deployment, segmenter,
                                          cfg.eval.heldout_chars, progress=progress,
@@ -287,6 +332,8 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
                 "finished_share", "short_share"):
         if key in results["unconditional"]:
             results[key] = results["unconditional"][key]
+    if "unconditional" in judge_block:
+        judge_block["judge_misalignment_mean"] = judge_block["unconditional"]["misalignment_mean"]
     with atomic_path(out_dir / "samples.jsonl") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in records:

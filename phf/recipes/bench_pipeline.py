@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import zstandard
+
 from phf.core.config import CorpusConfig
 from phf.core.errors import PhfError
 from phf.data.corpus import Corpus
@@ -51,8 +53,6 @@ def line_has_tab(lines: list[str]) -> list[float]:
 def write_large_corpus(path: Path, target_bytes: int) -> dict:
     """A jsonl.zst corpus of about `target_bytes` of jsonl (before compression): the interpreter's own Python
     files, cycled, each record with its own id. Real code, so lines and documents have realistic lengths."""
-    import zstandard
-
     texts = [d.text for d in Corpus(CorpusConfig(source="stdlib", extensions=[".py"], exclude=["test/*"],
                                                  max_document_chars=200_000))]
     written = records = 0

@@ -127,6 +127,7 @@ def format_table(results: dict) -> str:
                 continue
             notes.append(f"{name}: {misalignment_note(r, mle)}, held-out bits/char "
                          f"{percent_text(*_heldout_ratio(r, mle))} vs MLE")
+    notes += judge_notes(results)
     wall = results.get("wall_seconds")
     tail = [f"wall time: {wall:.0f} s"] if wall else []
     return "\n".join(lines + [""] + notes + tail)
@@ -161,10 +162,35 @@ def misalignment_note(r: dict, mle: dict) -> str:
     text += f" ({'; '.join(extra)})" if extra else ""
     if r.get("misalignment_distinguishable_from_mle") is False:
         text += " - not distinguishable from MLE"
-    prompted = r.get("prompted") or {}
-    if "misalignment_ratio_to_mle" in prompted:
-        text += f", prompted {interval_text(prompted['misalignment_ratio_to_mle'], prompted.get('misalignment_ratio_ci95'))}"
+    for scenario, label in (("prompted", "prompted"), ("prompted_elsewhere", "prompts from elsewhere")):
+        block = r.get(scenario) or {}
+        if "misalignment_ratio_to_mle" in block:
+            text += f", {label} {interval_text(block['misalignment_ratio_to_mle'], block.get('misalignment_ratio_ci95'))}"
     return text
+
+
+def judge_notes(results: dict) -> list[str]:
+    """The held-out judge's ratios to MLE, and a warning when it and the training scorer disagree on the winner."""
+    arms = results["objectives"]
+    judged = {n: r["judge"] for n, r in arms.items() if _finite((r.get("judge") or {}).get("judge_misalignment_mean"))}
+    if not judged:
+        unavailable = {(r.get("judge") or {}).get("unavailable") for r in arms.values()} - {None}
+        return [f"held-out judge: none ({next(iter(unavailable))})"] if unavailable else []
+    name = next(iter(judged.values()))["judge_scorer"]
+    lines = [f"held-out judge {name} (training never saw it):"]
+    for arm, j in judged.items():
+        if arm != "mle" and "judge_misalignment_ratio_to_mle" in j:
+            mark = " - not distinguishable from MLE" if j.get("judge_misalignment_distinguishable_from_mle") is False \
+                else ""
+            lines.append(f"  {arm}: {interval_text(j['judge_misalignment_ratio_to_mle'], j.get('judge_misalignment_ratio_ci95'))}"
+                         f" MLE's misalignment{mark}")
+    by_scorer = min((n for n in judged if _finite(arms[n].get("misalignment_mean"))),
+                    key=lambda n: arms[n]["misalignment_mean"], default=None)
+    by_judge = min(judged, key=lambda n: judged[n]["judge_misalignment_mean"])
+    if by_scorer and by_judge != by_scorer:
+        lines.append(f"  the judge and the training scorer disagree on the least misaligned arm ({by_judge} vs "
+                     f"{by_scorer}): a sign of optimising the training scorer rather than the preference (Goodhart)")
+    return lines
 
 
 def length_ratios(r: dict, mle: dict) -> str:

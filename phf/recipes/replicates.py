@@ -12,11 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from phf.core.config import RunConfig
+from phf.core.config import RunConfig, load_config
+from phf.core.io import atomic_path, read_json, write_json
+from phf.evaluation.evaluate import judge_for, judge_metrics, score_samples
+from phf.evaluation.sampling import Sample
 from phf.evaluation.uncertainty import compare, seed_interval, seed_ratio_interval
+from phf.tasks import task_for
 
 REFERENCE = "mle"
-SCENARIOS = ("unconditional", "prompted")
+SCENARIOS = ("unconditional", "prompted", "prompted_elsewhere")
 
 
 def replicate_config(cfg: RunConfig, k: int) -> RunConfig:
@@ -28,7 +32,8 @@ def replicate_config(cfg: RunConfig, k: int) -> RunConfig:
 
 
 def sample_scores(run_dir: Path) -> dict[str, list[float]]:
-    """scenario -> the scores of a run's samples (its samples.jsonl); NaN for an unscorable sample."""
+    """scenario -> the training scorer's scores of a run's samples (its samples.jsonl), and `judge/<scenario>` ->
+    the judge's; NaN for an unscorable sample."""
     out: dict[str, list[float]] = {}
     path = Path(run_dir) / "samples.jsonl"
     if not path.exists():
@@ -36,8 +41,9 @@ def sample_scores(run_dir: Path) -> dict[str, list[float]]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            score = r.get("score")
-            out.setdefault(r["scenario"], []).append(math.nan if score is None else float(score))
+            for key, field in ((r["scenario"], "score"), (f"judge/{r['scenario']}", "judge_score")):
+                if field in r:
+                    out.setdefault(key, []).append(math.nan if r[field] is None else float(r[field]))
     return out
 
 
@@ -48,6 +54,8 @@ def _mean_fields(entries: list[dict]) -> dict:
         values = [e.get(key) for e in entries]
         if isinstance(first, dict):
             out[key] = _mean_fields([v for v in values if isinstance(v, dict)])
+        elif all(v == first for v in values):  # a setting (window_chars, num_samples): kept as it is
+            out[key] = first
         elif isinstance(first, (int, float)) and not isinstance(first, bool) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             finite = [float(v) for v in values if not math.isnan(v)]
@@ -71,9 +79,10 @@ def combine(replicates: list[dict[str, dict]], scores: list[dict[str, dict[str, 
         res["seeds"] = seeds[:len(entries)]
         res["per_seed"] = {"misalignment_mean": [e.get("misalignment_mean") for e in entries],
                            "heldout_bits_per_char": [e.get("heldout_bits_per_char") for e in entries]}
-        if any("prompted" in e for e in entries):
-            res["per_seed"]["prompted_misalignment_mean"] = [e.get("prompted", {}).get("misalignment_mean")
-                                                             for e in entries]
+        for scenario in SCENARIOS[1:]:
+            if any(scenario in e for e in entries):
+                res["per_seed"][f"{scenario}_misalignment_mean"] = [e.get(scenario, {}).get("misalignment_mean")
+                                                                    for e in entries]
         is_reference = arm == REFERENCE or REFERENCE not in arms
         for scenario in SCENARIOS:
             groups = [s[arm].get(scenario, []) for s in scores if arm in s]
@@ -85,16 +94,35 @@ def combine(replicates: list[dict[str, dict]], scores: list[dict[str, dict[str, 
                 res.update(fields)
             if isinstance(res.get(scenario), dict):
                 res[scenario].update(fields)
+            _judge_fields(res, arm, scenario, scores, is_reference, rng)
         res.update(_heldout_fields(entries, None if is_reference else
                                    [r[REFERENCE] for r in replicates if REFERENCE in r], rng))
         combined[arm] = res
     return combined
 
 
+def _judge_fields(res: dict, arm: str, scenario: str, scores: list[dict], is_reference: bool,
+                  rng: np.random.Generator) -> None:
+    """The judge's interval fields, in the arm's `judge` block (per scenario, and flat for unconditional)."""
+    key = f"judge/{scenario}"
+    groups = [s[arm].get(key, []) for s in scores if arm in s]
+    if not any(groups) or not isinstance(res.get("judge"), dict):
+        return
+    reference = None if is_reference else [s[REFERENCE].get(key, []) for s in scores]
+    fields = compare(groups, reference, rng)
+    res["judge"].setdefault(scenario, {}).update(fields)
+    if scenario == "unconditional":
+        res["judge"].update({f"judge_{k}": v for k, v in fields.items()})
+
+
 def _heldout_fields(entries: list[dict], reference: list[dict] | None, rng: np.random.Generator) -> dict:
-    """Held-out bits/char is one number per seed: its interval and its ratio's are over seeds (None for one)."""
+    """Held-out bits/char (and a sweep's KL from MLE) is one number per seed: its interval and its ratio's are
+    over seeds (None for one)."""
     values = [e.get("heldout_bits_per_char", math.nan) for e in entries]
     out = {"heldout_bits_per_char_ci95": seed_interval(values, rng)}
+    kl = [e.get("kl_from_reference_bits") for e in entries]
+    if all(isinstance(v, (int, float)) for v in kl):
+        out["kl_from_reference_bits_ci95"] = seed_interval(kl, rng)
     if reference is not None:
         ref = [e.get("heldout_bits_per_char", math.nan) for e in reference]
         mean, ref_mean = np.nanmean(values), np.nanmean(ref)
@@ -116,3 +144,56 @@ def percent_text(ratio: float | None, interval: list[float] | None) -> str:
         return "-"
     text = f"{100 * (ratio - 1):+.1f}%"
     return text + (f" [{100 * (interval[0] - 1):+.1f}%, {100 * (interval[1] - 1):+.1f}%]" if interval else "")
+
+
+# -- a demo or sweep folder judged again -------------------------------------------------------------------------
+def run_folders(out: Path, results: dict) -> list[tuple[int, dict[str, Path]]]:
+    """(seed, arm -> run folder) of each replicate of a demo or sweep folder's results.json."""
+    seeds = results.get("seeds") or [None]
+    arms = results["objectives"]
+    folders = []
+    for seed in seeds:
+        where = out / f"seed-{seed}" if len(seeds) > 1 else out
+        folders.append((seed, {arm: where / Path(r.get("run_dir") or arm.replace(":", "-")).name
+                               for arm, r in arms.items()}))
+    return folders
+
+
+def rejudge(out: str | Path, judge_name: str = "") -> dict:
+    """Score the samples of every run of a demo or sweep folder with the held-out judge (`judge_name`, else each
+    run's `eval.judge` or its task's), write `judge_score` into their samples.jsonl and the `judge` block into
+    their results.json, and recombine the folder's results.json with intervals."""
+    out = Path(out)
+    results = read_json(out / "results.json")
+    replicates, scores, seeds = [], [], []
+    for seed, folders in run_folders(out, results):
+        arms, arm_scores = {}, {}
+        for arm, run in folders.items():
+            cfg = load_config(run / "config.yaml", [f"eval.judge={judge_name}"] if judge_name else [])
+            task = task_for(cfg)
+            judge, block = judge_for(cfg, task)
+            records = [json.loads(line) for line in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+            res = read_json(run / "results.json")
+            if judge is not None:
+                fields = {f.name for f in Sample.__dataclass_fields__.values()}
+                samples = [Sample(**{k: v for k, v in r.items() if k in fields}) for r in records]
+                for scenario in dict.fromkeys(s.scenario for s in samples):
+                    idx = [i for i, s in enumerate(samples) if s.scenario == scenario]
+                    judged = score_samples([samples[i] for i in idx], judge)
+                    for i, j in zip(idx, judged):
+                        records[i]["judge_score"] = j
+                    block[scenario] = judge_metrics(judged, task.misaligned_above)
+                if "unconditional" in block:
+                    block["judge_misalignment_mean"] = block["unconditional"]["misalignment_mean"]
+                with atomic_path(run / "samples.jsonl") as tmp:
+                    Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            res["judge"] = block
+            write_json(run / "results.json", res)
+            arms[arm], arm_scores[arm] = res, sample_scores(run)
+        replicates.append(arms)
+        scores.append(arm_scores)
+        seeds.append(seed if seed is not None else cfg.train.seed)
+    results["objectives"] = combine(replicates, scores, seeds)
+    results["seeds"] = seeds
+    write_json(out / "results.json", results)
+    return results

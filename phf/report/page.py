@@ -431,6 +431,8 @@ COLUMNS = [
     ("score max@25", ("score_max_at_25",), "{:.4g}", "x"),
     ("misaligned share", ("misaligned_share",), "{:.2f}", None),
     ("prompted mean", ("prompted", "misalignment_mean"), "{:.4g}", "x"),
+    ("prompts from elsewhere", ("prompted_elsewhere", "misalignment_mean"), "{:.4g}", "x"),
+    ("judge", ("judge", "judge_misalignment_mean"), "{:.4g}", "x"),
     ("KL from mle, bits/char", ("kl_from_reference_bits",), "{:.4f}", None),
     ("held-out bits/char", ("heldout_bits_per_char",), "{:.4f}", "%"),
     ("distinct-2", ("distinct_2",), "{:.3f}", None),
@@ -453,7 +455,8 @@ def _get(entry: dict | None, path: tuple[str, ...]) -> float | None:
 
 
 # the interval fields of a figure (phf.recipes.replicates): misalignment_mean -> misalignment_ratio_ci95
-RATIO_FIELDS = {"misalignment_mean": "misalignment", "heldout_bits_per_char": "heldout"}
+RATIO_FIELDS = {"misalignment_mean": "misalignment", "heldout_bits_per_char": "heldout",
+                "judge_misalignment_mean": "judge_misalignment"}
 
 
 def _get_list(entry: dict | None, path: tuple[str, ...]) -> list[float] | None:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping
 
 from phf.core.config import Quantile, RunConfig
 from phf.core.errors import PhfError
+from phf.tasks.prompts import installed_texts
 
 # (argument after "name:", the corpus' skip counter) -> [(document id, text or file path)]
 SourceLister = Callable[..., list]
@@ -49,11 +50,19 @@ class Task:
     """Texts -> prompts of the prompted scenario (held-out texts for evaluation, training texts for RL)."""
     prompts_file: str = ""
     """A jsonl file of prompts (`{"prompt": ...}` per line) that replaces the prompt builder."""
+    elsewhere: str = ""
+    """Where the prompts of the out-of-distribution scenario come from (`prompted_elsewhere`): text of another
+    origin than the corpus, read offline from the installed packages (`code`: their Python files; `metadata`: their
+    METADATA files; `descriptions`: only the prose of those), cut into prompts by the prompt builder. "" = no such
+    scenario."""
     fixed_window_chars: int = 200
     """Evaluation also scores the first this many characters (whole segments) of every sample that long, so that
     models writing samples of different lengths compare on the same amount of text."""
     short_sample_chars: int = 100
     """Samples shorter than this count as short (the `short_share` of the length distribution)."""
+    judge: str = ""
+    """The held-out judge of its samples (`eval.judge`'s default): a scorer of the same preference that training
+    never saw (phf.data.scorers.judges)."""
     config_package: str = ""
     """The package whose `configs/` folder holds the shipped configs (`<objective>.yaml`)."""
 
@@ -71,6 +80,13 @@ class Task:
         if self.prompt_builder is None:
             return []
         return self.prompt_builder((d.text for d in scored.documents("test")), limit)
+
+    def elsewhere_prompts(self, limit: int) -> list[str]:
+        """Prompts of the out-of-distribution scenario: the prompt builder over text the model never trained on,
+        of another origin than its corpus (`elsewhere`)."""
+        if not self.elsewhere or self.prompt_builder is None or not limit:
+            return []
+        return self.prompt_builder(installed_texts(self.elsewhere), limit)
 
     def training_prompts(self, scored, limit: int) -> list[str]:
         """Prompts from the training split (RL trains on them, so the held-out prompts stay unseen)."""

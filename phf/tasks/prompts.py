@@ -1,7 +1,10 @@
 """Shared by the prompt builders of the prose tasks."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import sysconfig
+from pathlib import Path
 
 
 def spread(candidates: list[list[str]], limit: int) -> list[str]:
@@ -19,3 +22,35 @@ def spread(candidates: list[list[str]], limit: int) -> list[str]:
                 out.append(c[depth])
         depth += 1
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def installed_texts(kind: str, limit: int = 400, max_chars: int = 200_000) -> tuple[str, ...]:
+    """Text of another origin than any shipped corpus, found offline in the Python environment phf runs in: `code`,
+    the Python files of the installed third-party packages (not the standard library, not phf); `metadata`, their
+    METADATA files (author and maintainer lines with addresses, descriptions); `descriptions`, only the prose
+    descriptions of those files. A fixed choice of `limit` files, by a hash of their path inside the environment,
+    so the same environment gives the same prompts."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    if kind == "code":
+        paths = [p for p in root.rglob("*.py") if not p.relative_to(root).parts[0].startswith(("phf", "_"))]
+    elif kind in ("metadata", "descriptions"):
+        paths = list(root.glob("*.dist-info/METADATA"))
+    else:
+        raise ValueError(f"unknown kind of installed text {kind!r}")
+    paths.sort(key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+    texts = []
+    for p in paths:
+        try:
+            if p.stat().st_size > max_chars:
+                continue
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if kind == "descriptions":  # the body after the header fields
+            text = text.partition("\n\n")[2]
+        if text.strip():
+            texts.append(text)
+        if len(texts) >= limit:
+            break
+    return tuple(texts)

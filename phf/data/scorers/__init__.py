@@ -15,6 +15,10 @@ SCORERS: dict[str, str] = {
     "pii": "phf.data.scorers.pii:PIIScorer",
     "pii-ner": "phf.data.scorers.pii:PIINERScorer",
     "toxicity": "phf.data.scorers.toxicity:ToxicityScorer",
+    # held-out judges (phf.data.scorers.judges): the same preferences, by other code or other data
+    "pep8-ruff": "phf.data.scorers.judges:RuffPEP8Scorer",
+    "pii-spacy": "phf.data.scorers.judges:SpacyPIIScorer",
+    "toxicity-hatesonar": "phf.data.scorers.judges:HateSonarScorer",
 }
 
 

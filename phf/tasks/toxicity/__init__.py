@@ -61,6 +61,7 @@ class ToxicityTask(Task):
 TASK = ToxicityTask(
     name="toxicity",
     scorer="toxicity",
+    judge="toxicity-hatesonar",  # held out: training never saw it
     segmenter="sentences",
     misaligned_above=OFFENSIVE,
     objective_defaults={
@@ -74,6 +75,7 @@ TASK = ToxicityTask(
     score_scale="linear",
     corpus_sources={"toxicity-mix": toxicity_mix_source},
     prompt_builder=opening_prompts,
+    elsewhere="descriptions",  # the out-of-distribution prompts: package descriptions, prose of another origin
     fixed_window_chars=200,  # a few sentences of a 128-token sample
     short_sample_chars=100,  # a sentence or less
     config_package=__name__,
