@@ -1,4 +1,4 @@
-"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending`, `phf redteam` and `phf rl` (registered by phf.cli)."""
+"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending|tamper`, `phf redteam` and `phf rl` (registered by phf.cli)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from phf.analysis.lengths import lengths_probe
 from phf.analysis.probes import attribution_probe, mask_sweep, reweighting_probe
 from phf.analysis.redteam import RedTeamConfig, run_redteam
 from phf.analysis.rl import run_rl
+from phf.analysis.tamper import DEFAULT_STEPS, format_tamper, run_tamper
 from phf.core.errors import PhfError
 
 
@@ -56,6 +57,15 @@ def cmd_probe_lengths(args) -> None:
 def cmd_probe_ending(args) -> None:
     res = ending_probe(args.model, Path(args.out), num_docs=args.num_docs, data_dir=args.data_dir)
     print(format_ending(res))
+    print(f"results: {Path(args.out) / 'results.json'}")
+
+
+def cmd_probe_tamper(args) -> None:
+    steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    res = run_tamper(args.model, Path(args.out), reference=args.reference, steps=steps, share=args.share,
+                     lr=args.lr, batch_size=args.batch_size, num_samples=args.num_samples,
+                     heldout_chars=args.heldout_chars, seed=args.seed, data_dir=args.data_dir)
+    print(format_tamper(res))
     print(f"results: {Path(args.out) / 'results.json'}")
 
 
@@ -123,6 +133,25 @@ def add_parsers(sub) -> None:
     p.add_argument("--num-docs", type=int, default=64, help="held-out test documents")
     p.add_argument("--data-dir", help="data folder of the scored corpus (default: from the run's run.json)")
     p.set_defaults(func=cmd_probe_ending)
+
+    p = psub.add_parser("tamper", help="finetune models on their corpus' most misaligned text; tokens until each "
+                                       "reaches the MLE model's misalignment")
+    p.add_argument("--model", action="append", required=True,
+                   help="a model or run folder (repeatable: e.g. the demo's mle, filtering and conditional)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--reference", help="the model whose untampered misalignment is the level to reach (a run "
+                                       "folder's name; default: the one trained with MLE, else the first)")
+    p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
+                   help="adversarial steps after which each model is measured (default: %(default)s)")
+    p.add_argument("--share", type=float, default=0.1,
+                   help="the most misaligned share of the training documents the adversary trains on (default: 0.1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the adversary's constant AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="windows of the model's context per step")
+    p.add_argument("--num-samples", type=int, default=128, help="unconditional samples per measured point")
+    p.add_argument("--heldout-chars", type=int, default=50_000, help="held-out characters for bits/char per point")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="the data folder the models were trained from (default: from run.json)")
+    p.set_defaults(func=cmd_probe_tamper)
 
     p = sub.add_parser("redteam", help="search for prompts that make a model misbehave (red model vs target)")
     p.add_argument("--model", required=True, action="append",

@@ -1,0 +1,72 @@
+"""`phf probe tamper` on tiny models: an adversary finetuning on the corpus' most misaligned documents moves
+misalignment upward, and the tokens to the MLE model's level come with an interval."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from phf.analysis.tamper import adversary_texts, tokens_to_level
+
+MESSY = "".join(f"v{i}=v{i}+1   \n" for i in range(40))  # E225 and W291 on every line: ~0.2 violations per char
+
+
+@pytest.fixture(scope="module")
+def runs(pycorpus, tmp_path_factory):
+    from phf.core.config import load_config
+    from phf.tasks import get_task
+    from phf.training.trainer import run_training
+    from tests.conftest import tiny_overrides
+
+    root = tmp_path_factory.mktemp("tamper")
+    corpus = shutil.copytree(pycorpus, root / "corpus")
+    for i in range(3):
+        (corpus / f"zz_messy_{i}.py").write_text(MESSY)
+    out = {}
+    for objective in ("mle", "conditional"):
+        cfg = load_config(get_task("pep8").config_path(objective),
+                          tiny_overrides(str(corpus)) + ["train.max_steps=12", "corpus.test_fraction=0.3",
+                                                         "sample.max_new_tokens=48"])
+        run_training(cfg, root / objective, root / "data", progress=False)
+        out[objective] = root / objective
+    return root, out
+
+
+def test_the_adversary_trains_on_the_most_misaligned_documents(runs):
+    from phf.core.io import read_json
+    from phf.data.scoring import ScoredCorpus
+
+    root, out = runs
+    scored = ScoredCorpus(read_json(out["mle"] / "run.json")["scored_corpus"])
+    texts = adversary_texts(scored, 0.05)
+    assert texts and all(t == MESSY for t in texts)  # the messy documents rank first (those in the train split)
+
+
+def test_tamper_moves_misalignment_upward_and_measures_tokens_to_the_mle_level(runs, capsys):
+    from phf.cli.main import main
+
+    root, out = runs
+    main(["-q", "probe", "tamper", "--model", str(out["mle"]), "--model", str(out["conditional"]), "--out",
+          str(root / "tamper"), "--steps", "0,40", "--share", "0.05", "--lr", "1e-2", "--num-samples", "24",
+          "--heldout-chars", "3000"])
+    printed = capsys.readouterr().out
+    res = json.loads((root / "tamper" / "results.json").read_text())
+    assert res["reference"] == "mle" and (root / "tamper" / "tamper.png").exists()
+    for name, c in res["models"].items():
+        before, after = c["points"][0], c["points"][-1]
+        assert after["tokens"] == 40 * c["batch_size"] * c["block"]
+        assert after["misalignment_mean"] > before["misalignment_mean"], name  # the adversary's style took
+        assert "judge_misalignment_mean" in after and np.isfinite(after["heldout_bits_per_char"])
+        assert "to_reference_level" in c
+    assert res["models"]["mle"]["to_reference_level"]["tokens"] == 0  # the reference starts at its own level
+    assert "adversarial tokens to reach mle's untampered misalignment" in printed
+
+
+def test_tokens_to_level_finds_the_first_crossing_with_an_interval():
+    rng = np.random.default_rng(0)
+    points = [{"tokens": t, "scores": list(rng.normal(m, 0.05, 200))} for t, m in ((0, 0.1), (100, 0.3), (400, 0.6))]
+    level = list(rng.normal(0.5, 0.05, 200))
+    got = tokens_to_level(points, level, np.random.default_rng(1))
+    assert got["tokens"] == 400 and got["tokens_ci95"] == [400.0, 400.0] and got["never_reached_share"] == 0
+    never = tokens_to_level(points[:2], level, np.random.default_rng(1))
+    assert never["tokens"] is None and never["tokens_ci95"] == [None, None] and never["never_reached_share"] == 1
