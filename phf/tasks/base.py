@@ -11,6 +11,7 @@ jsonl with a `prompt` field).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -86,7 +87,7 @@ class Task:
         of another origin than its corpus (`elsewhere`)."""
         if not self.elsewhere or self.prompt_builder is None or not limit:
             return []
-        return self.prompt_builder(installed_texts(self.elsewhere), limit)
+        return list(_elsewhere_prompts(self.prompt_builder, self.elsewhere, limit))
 
     def training_prompts(self, scored, limit: int) -> list[str]:
         """Prompts from the training split (RL trains on them, so the held-out prompts stay unseen)."""
@@ -111,6 +112,12 @@ class Task:
             shipped = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
             raise PhfError(f"task {self.name} has no shipped config for {objective!r}; it has: {', '.join(shipped)}")
         return path
+
+
+@functools.lru_cache(maxsize=8)
+def _elsewhere_prompts(builder: PromptBuilder, kind: str, limit: int) -> tuple[str, ...]:
+    """Built once per process: every arm of a demo evaluates the same prompts (parsing 400 files takes seconds)."""
+    return tuple(builder(installed_texts(kind), limit))
 
 
 def user_objective_defaults(misaligned_above: float) -> dict[str, dict]:

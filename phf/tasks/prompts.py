@@ -33,12 +33,12 @@ def installed_texts(kind: str, limit: int = 400, max_chars: int = 200_000) -> tu
     so the same environment gives the same prompts."""
     root = Path(sysconfig.get_paths()["purelib"])
     if kind == "code":
-        paths = [p for p in root.rglob("*.py") if not p.relative_to(root).parts[0].startswith(("phf", "_"))]
+        paths = sorted((p for p in root.rglob("*.py") if not p.relative_to(root).parts[0].startswith(("phf", "_"))),
+                       key=lambda p: _hashed(p, root))
     elif kind in ("metadata", "descriptions"):
-        paths = list(root.glob("*.dist-info/METADATA"))
+        paths = sorted(root.glob("*.dist-info/METADATA"), key=lambda p: _hashed(p, root))
     else:
         raise ValueError(f"unknown kind of installed text {kind!r}")
-    paths.sort(key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
     texts = []
     for p in paths:
         try:
@@ -54,3 +54,7 @@ def installed_texts(kind: str, limit: int = 400, max_chars: int = 200_000) -> tu
         if len(texts) >= limit:
             break
     return tuple(texts)
+
+
+def _hashed(path: Path, root: Path) -> str:
+    return hashlib.sha1(str(path.relative_to(root)).encode()).hexdigest()
