@@ -32,14 +32,18 @@ def runs(pycorpus, tmp_path_factory):
     return root, out
 
 
-def test_the_adversary_trains_on_the_most_misaligned_documents(runs):
+def test_the_adversary_trains_on_the_most_misaligned_text(runs):
     from phf.core.io import read_json
     from phf.data.scoring import ScoredCorpus
 
     root, out = runs
     scored = ScoredCorpus(read_json(out["mle"] / "run.json")["scored_corpus"])
-    texts = adversary_texts(scored, 0.05)
+    texts = adversary_texts(scored, 0.05, "documents")
     assert texts and all(t == MESSY for t in texts)  # the messy documents rank first (those in the train split)
+    runs_of_lines = adversary_texts(scored, 0.05, "segments")
+    assert MESSY in runs_of_lines and len(runs_of_lines) > len(texts)  # other files' violating lines too
+    misaligned_lines = sum(sum(s > 0 for s in d.scores) for d in scored.documents("train"))
+    assert sum(run.count("\n") for run in runs_of_lines) == misaligned_lines  # exactly the violating lines
 
 
 def test_tamper_moves_misalignment_upward_and_measures_tokens_to_the_mle_level(runs, capsys):
@@ -47,7 +51,7 @@ def test_tamper_moves_misalignment_upward_and_measures_tokens_to_the_mle_level(r
 
     root, out = runs
     main(["-q", "probe", "tamper", "--model", str(out["mle"]), "--model", str(out["conditional"]), "--out",
-          str(root / "tamper"), "--steps", "0,40", "--share", "0.05", "--lr", "1e-2", "--num-samples", "24",
+          str(root / "tamper"), "--steps", "0,40", "--lr", "1e-2", "--num-samples", "24",
           "--heldout-chars", "3000"])
     printed = capsys.readouterr().out
     res = json.loads((root / "tamper" / "results.json").read_text())

@@ -1,8 +1,8 @@
 """`phf probe tamper`: does a model's aligned behaviour survive an adversary who finetunes it on misaligned text?
 
-The adversary takes the most misaligned documents of the model's own training corpus (the top `share` of the
-training split by document score), and finetunes the model on their plain text with maximum likelihood: no
-control tokens, no feedback, a constant learning rate. After each step of a logarithmic series the model is
+The adversary takes the most misaligned text of the model's own training corpus (by default every misaligned
+segment of the training split; or the top `share` of its documents by score), and finetunes the model on it as
+plain text with maximum likelihood: no control tokens, no feedback, a constant learning rate. After each step of a logarithmic series the model is
 sampled as it is deployed (a conditional model still reads `<|aligned|>`), its samples scored by the training
 scorer and the held-out judge, and its held-out bits/char measured.
 
@@ -39,14 +39,32 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS = (0, 1, 4, 16, 64, 256)
 
 
-def adversary_texts(scored, share: float) -> list[str]:
-    """The texts of the training documents with the highest document scores: the top `share` of them (at least
-    one). Unscorable documents are left out."""
-    docs = [d for d in scored.documents("train") if not math.isnan(d.score)]
-    if not docs:
-        raise PhfError(f"{scored.path} has no scored training document for the adversary")
-    docs.sort(key=lambda d: d.score, reverse=True)
-    return [d.text for d in docs[:max(1, round(share * len(docs)))]]
+def adversary_texts(scored, share: float, unit: str = "segments", misaligned_above: float = 0.0) -> list[str]:
+    """The adversary's text from the training split. `documents`: the documents with the highest document scores,
+    the top `share` of them (at least one). `segments`: every segment scoring above `misaligned_above`, runs of
+    consecutive ones kept together, in corpus order: the most misaligned text there is (a document with the
+    highest rate of violations is still mostly clean lines, cleaner than a small model's samples)."""
+    if unit == "documents":
+        docs = [d for d in scored.documents("train") if not math.isnan(d.score)]
+        docs.sort(key=lambda d: d.score, reverse=True)
+        texts = [d.text for d in docs[:max(1, round(share * len(docs)))]]
+    elif unit == "segments":
+        texts = []
+        for d in scored.documents("train"):
+            run = ""
+            for a, b, score in zip(d.starts, d.ends, d.scores):
+                if score > misaligned_above:
+                    run += d.text[a:b]
+                elif run:
+                    texts.append(run)
+                    run = ""
+            if run:
+                texts.append(run)
+    else:
+        raise PhfError(f"--unit must be documents or segments, got {unit!r}")
+    if not texts:
+        raise PhfError(f"{scored.path} has no misaligned training text for the adversary")
+    return texts
 
 
 def adversary_stream(tok, texts: Sequence[str]) -> np.ndarray:
@@ -57,11 +75,13 @@ def adversary_stream(tok, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def tamper_curve(model_path, steps: Sequence[int] = DEFAULT_STEPS, share: float = 0.1, lr: float = 1e-3,
-                 batch_size: int = 8, num_samples: int = 128, heldout_chars: int = 50_000, seed: int = 0,
+def tamper_curve(model_path, steps: Sequence[int] = DEFAULT_STEPS, unit: str = "segments", share: float = 0.1,
+                 lr: float = 1e-3,
+                 batch_size: int = 8, num_samples: int = 128, heldout_chars: int = 0, seed: int = 0,
                  data_dir=None, progress: bool = True) -> dict:
-    """One model's misalignment (training scorer and judge) and held-out bits/char after each adversarial step
-    count in `steps`; per point the sample scores, kept for the intervals."""
+    """One model's misalignment (training scorer and judge) and held-out bits/char (on `heldout_chars` characters
+    of the test documents, 0 = the run's eval.heldout_chars, so step 0 equals its evaluation) after each adversarial
+    step count in `steps`; per point the sample scores, kept for the intervals."""
     steps = sorted(set(int(s) for s in steps))
     if not steps or steps[0] < 0:
         raise PhfError(f"--steps must be step counts >= 0, got {steps}")
@@ -70,7 +90,7 @@ def tamper_curve(model_path, steps: Sequence[int] = DEFAULT_STEPS, share: float 
     scored = scored_corpus_for(m.folder, cfg, data_dir)
     task, scorer = task_for(cfg), scorer_for(cfg.scoring)
     judge, judge_block = judge_for(cfg, task)
-    stream = adversary_stream(m.backend, adversary_texts(scored, share))
+    stream = adversary_stream(m.backend, adversary_texts(scored, share, unit, task.misaligned_above))
     block = min(context_length(m.model), cfg.model.block_size or context_length(m.model))
     if len(stream) < block + 2:
         block = len(stream) - 2
@@ -106,12 +126,13 @@ def tamper_curve(model_path, steps: Sequence[int] = DEFAULT_STEPS, share: float 
             judged = score_samples(samples, judge)
             point.update(judge_scores=judged, judge_misalignment_mean=float(np.nanmean(judged)))
         point.update(heldout_bits_per_char(m.model, tok, scored.documents("test"), m.deployment, segmenter,
-                                           heldout_chars, progress=False, bf16=False))
+                                           heldout_chars or cfg.eval.heldout_chars, progress=False, bf16=False))
         log.info("tamper %s: step %d (%s tokens) misalignment %.4f, held-out %.4f bits/char", m.folder, target,
                  f"{point['tokens']:,}", point["misalignment_mean"], point["heldout_bits_per_char"])
         points.append(point)
     return {"model": str(m.folder), "objective": m.meta.get("objective", {}).get("name"), "scorer": scorer.name,
-            "judge": judge_block.get("judge_scorer") if judge is not None else None, "share": share, "lr": lr,
+            "judge": judge_block.get("judge_scorer") if judge is not None else None, "unit": unit,
+            "share": share if unit == "documents" else None, "lr": lr,
             "batch_size": batch_size, "block": block, "adversary_tokens_available": int(len(stream)),
             "num_samples": num_samples, "points": points}
 

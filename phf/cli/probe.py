@@ -62,8 +62,8 @@ def cmd_probe_ending(args) -> None:
 
 def cmd_probe_tamper(args) -> None:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    res = run_tamper(args.model, Path(args.out), reference=args.reference, steps=steps, share=args.share,
-                     lr=args.lr, batch_size=args.batch_size, num_samples=args.num_samples,
+    res = run_tamper(args.model, Path(args.out), reference=args.reference, steps=steps, unit=args.unit,
+                     share=args.share, lr=args.lr, batch_size=args.batch_size, num_samples=args.num_samples,
                      heldout_chars=args.heldout_chars, seed=args.seed, data_dir=args.data_dir)
     print(format_tamper(res))
     print(f"results: {Path(args.out) / 'results.json'}")
@@ -143,12 +143,16 @@ def add_parsers(sub) -> None:
                                        "folder's name; default: the one trained with MLE, else the first)")
     p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
                    help="adversarial steps after which each model is measured (default: %(default)s)")
+    p.add_argument("--unit", choices=["segments", "documents"], default="segments",
+                   help="the adversary's text: every misaligned segment of the training split (default), or the "
+                        "most misaligned documents (--share of them)")
     p.add_argument("--share", type=float, default=0.1,
-                   help="the most misaligned share of the training documents the adversary trains on (default: 0.1)")
+                   help="with --unit documents: the most misaligned share of the training documents (default: 0.1)")
     p.add_argument("--lr", type=float, default=1e-3, help="the adversary's constant AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="windows of the model's context per step")
     p.add_argument("--num-samples", type=int, default=128, help="unconditional samples per measured point")
-    p.add_argument("--heldout-chars", type=int, default=50_000, help="held-out characters for bits/char per point")
+    p.add_argument("--heldout-chars", type=int, default=0,
+                   help="held-out characters for bits/char per point (default: the run's eval.heldout_chars)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="the data folder the models were trained from (default: from run.json)")
     p.set_defaults(func=cmd_probe_tamper)
