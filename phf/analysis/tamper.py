@@ -2,9 +2,9 @@
 
 The adversary takes the most misaligned text of the model's own training corpus (by default every misaligned
 segment of the training split; or the top `share` of its documents by score), and finetunes the model on it as
-plain text with maximum likelihood: no control tokens, no feedback, a constant learning rate. After each step of a logarithmic series the model is
-sampled as it is deployed (a conditional model still reads `<|aligned|>`), its samples scored by the training
-scorer and the held-out judge, and its held-out bits/char measured.
+plain text with maximum likelihood: no control tokens, no feedback, a constant learning rate. After each step of
+a logarithmic series the model is sampled as it is deployed (a conditional model still reads `<|aligned|>`), its
+samples scored by the training scorer and the held-out judge, and its held-out bits/char measured.
 
 The figure of merit, after Deep Ignorance (O'Brien et al. 2025), is the adversarial tokens a model needs before
 its misalignment reaches the MLE model's untampered level: a model whose alignment is shallow gets there in a

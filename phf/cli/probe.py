@@ -1,4 +1,5 @@
-"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending|tamper`, `phf redteam` and `phf rl` (registered by phf.cli)."""
+"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending|tamper`, `phf redteam` and `phf rl`
+(registered by phf.cli)."""
 from __future__ import annotations
 
 import json

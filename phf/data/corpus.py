@@ -66,8 +66,7 @@ def keep_in_subset(doc_id: str, max_documents: int, total: int) -> bool:
     """A deterministic subset of about `max_documents` of `total` documents, chosen by hash."""
     if not max_documents or max_documents >= total:
         return True
-    u = int.from_bytes(hashlib.sha1(b"subset:" + doc_id.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
-    return u < max_documents / total
+    return keep_share(doc_id, max_documents / total)
 
 
 def source_roots(source: str) -> list[Path]:
@@ -243,9 +242,10 @@ class Corpus:
                 parts += [Part("dataset", a, min(size, n - a), first=a, split=split_name) for a in range(0, n, size)]
         else:
             files = self.data_files()
+            alone = len(files) == 1 and files[0] == Path(self.cfg.source).expanduser()  # not one of a glob's
             parts = []
             for file in files:
-                parts += self._file_parts(file, size, alone=len(files) == 1 and file == Path(self.cfg.source).expanduser())
+                parts += self._file_parts(file, size, alone)
         if kind != "listed" and self.cfg.max_documents:  # a hash test per record id, at the share it keeps
             total = sum(p.count for p in parts)
             keep = min(1.0, self.cfg.max_documents / max(total, 1))
@@ -290,8 +290,8 @@ class Corpus:
         if part.kind == "parquet":
             rows = self._cached(("parquet", part.path, part.group), lambda: read_row_group(path, part.group, self.cfg,
                                                                                           self.precomputed))
-            return [(rec, f"{path.name}:{part.first + j}") for j, rec in enumerate(rows[part.start:part.start + part.count])
-                    if rec is not None]
+            rows = rows[part.start:part.start + part.count]
+            return [(rec, f"{path.name}:{part.first + j}") for j, rec in enumerate(rows) if rec is not None]
         if part.kind == "array":
             data = self._cached(("array", part.path), lambda: read_json_array(path))
             return [(data[i], f"{path.name}:{i}") for i in range(part.start, part.start + part.count)]
@@ -492,7 +492,7 @@ def _skip(stream, offset: int) -> None:
 
 
 def keep_share(doc_id: str, share: float) -> bool:
-    """The hash test of `keep_in_subset` at a known share."""
+    """Whether a document is in the deterministic subset that keeps about `share` of all, chosen by hash."""
     return int.from_bytes(hashlib.sha1(b"subset:" + doc_id.encode("utf-8", "surrogatepass")).digest()[:8],
                           "big") / 2**64 < share
 

@@ -116,10 +116,11 @@ def compare(groups: Sequence[Sequence[float]], reference: Sequence[Sequence[floa
     ref = float(np.mean(ref_means)) if ref_means else math.nan
     ratio = float(np.mean(means)) / ref if means and ref else math.nan
     interval = ratio_interval(groups, reference, rng) if ref else None
+    distinguishable = None if interval is None else not interval[0] <= 1 <= interval[1]
     out.update({f"{prefix}_ratio_to_mle": ratio, f"{prefix}_ratio_ci95": interval,
                 f"{prefix}_p_vs_mle": mann_whitney_p(np.concatenate([_clean(g) for g in groups] or [[]]),
                                                      np.concatenate([_clean(g) for g in reference] or [[]])),
-                f"{prefix}_distinguishable_from_mle": None if interval is None else not interval[0] <= 1 <= interval[1]})
+                f"{prefix}_distinguishable_from_mle": distinguishable})
     return out
 
 

@@ -165,7 +165,8 @@ def misalignment_note(r: dict, mle: dict) -> str:
     for scenario, label in (("prompted", "prompted"), ("prompted_elsewhere", "prompts from elsewhere")):
         block = r.get(scenario) or {}
         if "misalignment_ratio_to_mle" in block:
-            text += f", {label} {interval_text(block['misalignment_ratio_to_mle'], block.get('misalignment_ratio_ci95'))}"
+            ratio = interval_text(block["misalignment_ratio_to_mle"], block.get("misalignment_ratio_ci95"))
+            text += f", {label} {ratio}"
     return text
 
 
@@ -182,8 +183,8 @@ def judge_notes(results: dict) -> list[str]:
         if arm != "mle" and "judge_misalignment_ratio_to_mle" in j:
             mark = " - not distinguishable from MLE" if j.get("judge_misalignment_distinguishable_from_mle") is False \
                 else ""
-            lines.append(f"  {arm}: {interval_text(j['judge_misalignment_ratio_to_mle'], j.get('judge_misalignment_ratio_ci95'))}"
-                         f" MLE's misalignment{mark}")
+            ratio = interval_text(j["judge_misalignment_ratio_to_mle"], j.get("judge_misalignment_ratio_ci95"))
+            lines.append(f"  {arm}: {ratio} MLE's misalignment{mark}")
     by_scorer = min((n for n in judged if _finite(arms[n].get("misalignment_mean"))),
                     key=lambda n: arms[n]["misalignment_mean"], default=None)
     by_judge = min(judged, key=lambda n: judged[n]["judge_misalignment_mean"])

@@ -146,9 +146,8 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     seed = next(a for a in arms if a.name == "mle").cfg.train.seed
     results["seeds"] = [seed]
-    results["objectives"] = combine([results["objectives"]],
-                                    [{n: sample_scores(out / r.get("run_dir", n)) for n, r in results["objectives"].items()}],
-                                    [seed])
+    scores = {n: sample_scores(out / r.get("run_dir", n)) for n, r in results["objectives"].items()}
+    results["objectives"] = combine([results["objectives"]], [scores], [seed])
     write_json(out / "results.json", results)
     if report:
         results["report"] = str(write_report([out]))
@@ -165,9 +164,9 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     for k, seed in enumerate(seed_list):
         where = out / f"seed-{seed}"
         log.info("==== seed %d (%d of %d)", seed, k + 1, seeds)
-        r = run_sweep(task, where, list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"],
-                      objectives, finetune, finetune_fraction, progress, report=False, rl=rl, rl_tokens=rl_tokens,
-                      rl_overrides=rl_overrides, config=config, data_dir=out / "data")
+        seeded = list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"]
+        r = run_sweep(task, where, seeded, objectives, finetune, finetune_fraction, progress, report=False, rl=rl,
+                      rl_tokens=rl_tokens, rl_overrides=rl_overrides, config=config, data_dir=out / "data")
         per_seed.append(r)
         replicates.append(r["objectives"])
         scores.append({n: sample_scores(where / e.get("run_dir", n)) for n, e in r["objectives"].items()})
