@@ -1,4 +1,4 @@
-"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending|tamper`, `phf redteam` and `phf rl`
+"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending|tamper|guidance`, `phf redteam` and `phf rl`
 (registered by phf.cli)."""
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 from phf.analysis.ending import ending_probe, format_ending
+from phf.analysis.guidance import DEFAULT_STRENGTHS, format_guidance, pairs_in, run_guidance
 from phf.analysis.lengths import lengths_probe
 from phf.analysis.probes import attribution_probe, mask_sweep, reweighting_probe
 from phf.analysis.redteam import RedTeamConfig, run_redteam
 from phf.analysis.rl import run_rl
 from phf.analysis.tamper import DEFAULT_STEPS, format_tamper, run_tamper
 from phf.core.errors import PhfError
+from phf.report.page import write_report
 
 
 def _summary(results: dict) -> dict:
@@ -68,6 +70,27 @@ def cmd_probe_tamper(args) -> None:
                      heldout_chars=args.heldout_chars, seed=args.seed, data_dir=args.data_dir)
     print(format_tamper(res))
     print(f"results: {Path(args.out) / 'results.json'}")
+
+
+def cmd_probe_guidance(args) -> None:
+    if args.run and (args.model or args.reference):
+        raise PhfError("give either --run DIR or --model/--reference, not both")
+    if args.run:
+        models, references = zip(*pairs_in(args.run))
+    elif args.model and args.reference:
+        models, references = args.model, args.reference
+    else:
+        raise PhfError("give --run DIR (a demo or sweep folder) or --model CONDITIONAL --reference MLE")
+    out = Path(args.out) if args.out else Path(args.run) / "guidance" if args.run else None
+    if out is None:
+        raise PhfError("give --out DIR for the results (with --run it defaults to RUN/guidance)")
+    strengths = [float(g) for g in args.strengths.split(",") if g.strip()]
+    res = run_guidance(models, references, out, strengths=strengths, num_samples=args.num_samples, seed=args.seed,
+                       kl_samples=args.kl_samples, heldout_chars=args.heldout_chars, data_dir=args.data_dir)
+    print(format_guidance(res))
+    if args.run and out == Path(args.run) / "guidance" and (Path(args.run) / "results.json").exists():
+        print(f"report: {write_report([args.run])}")  # the report shows the curve beside the arms
+    print(f"results: {out / 'results.json'}")
 
 
 def cmd_redteam(args) -> None:
@@ -157,6 +180,25 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="the data folder the models were trained from (default: from run.json)")
     p.set_defaults(func=cmd_probe_tamper)
+
+    p = psub.add_parser("guidance", help="a conditional model's misalignment against KL from MLE and held-out "
+                                         "bits/char over guidance strengths")
+    p.add_argument("--run", help="a folder written by `phf demo` or `phf sweep`: its conditional and mle runs (every "
+                                 "seed's); results go to RUN/guidance and into its report")
+    p.add_argument("--model", action="append", help="a conditional model or run folder (repeatable: one per seed)")
+    p.add_argument("--reference", action="append",
+                   help="the MLE model to compare with (one, or one per --model, in the same order)")
+    p.add_argument("--out", help="folder for results.json and guidance.png (default with --run: RUN/guidance)")
+    p.add_argument("--strengths", default=",".join(f"{g:g}" for g in DEFAULT_STRENGTHS),
+                   help="guidance strengths (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=256, help="unconditional samples per strength and seed")
+    p.add_argument("--kl-samples", type=int, help="samples of the MLE model for the KL (default: the run's "
+                                                  "eval.kl_samples)")
+    p.add_argument("--heldout-chars", type=int, default=0,
+                   help="held-out characters for bits/char (default: the run's eval.heldout_chars)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first replicate (+1 per replicate)")
+    p.add_argument("--data-dir", help="the data folder the models were trained from (default: from run.json)")
+    p.set_defaults(func=cmd_probe_guidance)
 
     p = sub.add_parser("redteam", help="search for prompts that make a model misbehave (red model vs target)")
     p.add_argument("--model", required=True, action="append",

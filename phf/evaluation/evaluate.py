@@ -218,8 +218,10 @@ def diversity_metrics(texts: Sequence[str]) -> dict:
 
 @torch.no_grad()
 def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, segmenter, max_chars: int = 0,
-                          batch_size: int = 16, progress: bool = True, bf16: bool = True) -> dict:
-    """Bits per character of held-out documents under the deployed model.
+                          batch_size: int = 16, progress: bool = True, bf16: bool = True, guidance: float = 0.0
+                          ) -> dict:
+    """Bits per character of held-out documents under the deployed model (with `guidance` g > 0: under the
+    normalised guided distribution, phf.evaluation.loglik).
 
     Each document is annotated as the model is deployed (`line_prefix` before every segment), tokenized, and
     the documents are concatenated. Windows of the context length slide by half a context, so every scored
@@ -242,7 +244,8 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
     logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], context_length(model)),
                                        given=tok.special_ids(), pad_id=tok.eos_id,
-                                       batch_size=batch_size, bf16=bf16, progress=progress, desc="held-out bits/char")
+                                       batch_size=batch_size, bf16=bf16, progress=progress, desc="held-out bits/char",
+                                       guidance=guidance, negative=deployment.negative(tok.token_to_id, guidance))
     return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
             "heldout_tokens": scored_tokens}
 

@@ -48,13 +48,16 @@ class DeployedModel:
                    Deployment.from_meta(load_meta(folder)))
 
 
-def text_logprobs(dm: DeployedModel, texts: Sequence[str], segmenter: str, batch_size: int = 16) -> np.ndarray:
+def text_logprobs(dm: DeployedModel, texts: Sequence[str], segmenter: str, batch_size: int = 16,
+                  guidance: float = 0.0) -> np.ndarray:
     """Log-likelihood (nats) of each text's own tokens under the deployed model: <|endoftext|>, then the text with
     the deployment's segment prefix (a conditional model reads <|aligned|> before each segment); control tokens
-    and <|endoftext|> are given, not predicted. fp32: the estimate is a difference of two large numbers."""
+    and <|endoftext|> are given, not predicted; with `guidance` g > 0, under the normalised guided distribution.
+    fp32: the estimate is a difference of two large numbers."""
 
     return sequence_logprobs(dm.model, dm.tokenizer, texts, dm.deployment.line_prefix, get_segmenter(segmenter),
-                             batch_size=batch_size)
+                             batch_size=batch_size, guidance=guidance,
+                             negative=dm.deployment.negative(dm.tokenizer.token_to_id, guidance))
 
 
 @torch.no_grad()
@@ -114,5 +117,5 @@ class KLReference:
                     progress: bool = True) -> "KLReference":
         return cls(ref, reference_samples(ref, num, max_new_tokens, seed, segmenter, progress=progress), segmenter)
 
-    def kl(self, model: DeployedModel) -> dict:
-        return kl_estimate(self.logp, text_logprobs(model, self.texts, self.segmenter), self.chars)
+    def kl(self, model: DeployedModel, guidance: float = 0.0) -> dict:
+        return kl_estimate(self.logp, text_logprobs(model, self.texts, self.segmenter, guidance=guidance), self.chars)

@@ -14,6 +14,10 @@ each scored target. Every log-likelihood the toolkit reports is computed here: h
               with and without control tokens compare fairly.
     batches   windows are batched and right-padded; a causal model's scored positions never see the padding.
     bf16      the forward autocast to bfloat16 where the caller asks; log-probabilities are taken in float32.
+    guidance  a conditional model deployed with classifier-free guidance g also reads every window as its
+              *negative* (each `<|aligned|>` read as `<|misaligned|>`), and the batch's logits become
+              (1 + g) log p(. | window) - g log p(. | negative): log-probabilities taken from them are those of
+              the normalised guided distribution, the one `phf sample` draws from (before its banned tokens).
 
 Callers reduce the per-batch results their own way (`sum_logprobs`, `sum_cross_entropy`, `token_logprobs`), each
 the summation the number it reports has always had, so that no reported figure changes in its last digit.
@@ -83,14 +87,16 @@ class WindowBatch:
 def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Window], *, block: int | None = None,
                    types: Sequence[np.ndarray] | None = None, given: Sequence[int] = (), pad_id: int = 0,
                    batch_size: int = 16, attention_mask: bool = True, bf16: bool = False, progress: bool = False,
-                   desc: str = "log-likelihoods") -> Iterator[WindowBatch]:
+                   desc: str = "log-likelihoods", guidance: float = 0.0,
+                   negative: dict[int, int] | None = None) -> Iterator[WindowBatch]:
     """The engine: the model's logits over `windows` of `streams` (token id arrays), `batch_size` windows at a time.
 
     `block`: inputs per window (default the model's context). `types`: each stream's control types, for a model
     with control embeddings (computed from the model's markers when not given). `given`: ids never scored.
     `pad_id`: the right padding of a batch's shorter windows. `attention_mask`: pass an all-ones mask (held-out
-    bits/char and the validation loss do; the probes' log-likelihoods pass none). The model is evaluated in eval
-    mode and left in the mode it was in."""
+    bits/char and the validation loss do; the probes' log-likelihoods pass none). `guidance` g > 0 with `negative`
+    (the aligned -> misaligned token swap): the guided distribution's logits (above). The model is evaluated in
+    eval mode and left in the mode it was in."""
     block = block or context_length(model)
     markers = markers_of(model)  # a model with control embeddings reads each token's control type too
     if markers and types is None:
@@ -122,9 +128,25 @@ def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
                 inputs["attention_mask"] = torch.ones_like(inp)
             with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 logits = model(inp, **inputs).logits
+                if guidance > 0 and negative:
+                    swapped = {k: (_swap(v, negative) if k != "attention_mask" else v) for k, v in inputs.items()}
+                    logits = _guided(logits, model(_swap(inp, negative), **swapped).logits, guidance)
             yield WindowBatch(group, logits.float(), x[:, 1:].to(device), scored)
     finally:
         model.train(was_training)
+
+
+def _swap(ids: torch.Tensor, pairs: dict[int, int]) -> torch.Tensor:
+    out = ids.clone()
+    for a, b in pairs.items():
+        out[ids == a] = b
+    return out
+
+
+def _guided(logits: torch.Tensor, negative_logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance in log space, as phf.evaluation.sampling applies it when sampling."""
+    return ((1 + guidance) * torch.log_softmax(logits.float(), -1)
+            - guidance * torch.log_softmax(negative_logits.float(), -1))
 
 
 # -- reductions: each caller's own summation ------------------------------------------------------------------------
@@ -165,11 +187,13 @@ def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
 # -- log-likelihoods of texts --------------------------------------------------------------------------------------
 @torch.no_grad()
 def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
-                     batch_size: int = 16, progress: bool = False, desc: str = "log-likelihoods") -> list[np.ndarray]:
+                     batch_size: int = 16, progress: bool = False, desc: str = "log-likelihoods",
+                     guidance: float = 0.0, negative: dict[int, int] | None = None) -> list[np.ndarray]:
     """Per text, the log-likelihood (nats) of each of its segments: the text annotated with `prefix` before every
     segment (None: plain text), after <|endoftext|>; only the text's own tokens are counted. Each text is its own
     stream (documents are not concatenated), read in sliding windows; float32 forwards without autocast and without
-    an attention mask (right padding needs none). `tok` is a `tokenizers.Tokenizer`."""
+    an attention mask (right padding needs none). `tok` is a `tokenizers.Tokenizer`. `guidance`, `negative`: the
+    guided distribution's log-likelihoods (`window_batches`)."""
     special = tok.special_ids()
     docs, nseg = [], []
     for text in texts:
@@ -181,7 +205,8 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
     streams = [ids for ids, _ in encoded]
     per_token = token_logprobs(model, streams, sliding_windows([len(s) for s in streams], context_length(model)),
                                given=special, pad_id=tok.eos_id, batch_size=batch_size,
-                               attention_mask=False, progress=progress, desc=desc)
+                               attention_mask=False, progress=progress, desc=desc, guidance=guidance,
+                               negative=negative)
     out = []
     for (_, seg), (lp, scored), n in zip(encoded, per_token, nseg):
         seg_of = seg[1:].astype(np.int64)  # each target's segment (the annotated scores are segment indices)

@@ -63,17 +63,22 @@ class Deployment:
     def token_ids(self, tokenizer, guidance: float) -> tuple[list[int], list[int], dict[int, int] | None]:
         """(banned, exempt, negative) token ids for sampling: the banned tokens; a conditional model's control
         tokens, which stand outside the nucleus (sample_next says why); with guidance, the swap that makes a
-        row's negative (each `<|aligned|>` read as the banned `<|misaligned|>`)."""
+        row's negative (`negative`)."""
         ids = tokenizer.convert_tokens_to_ids
         banned = [ids(t) for t in self.banned_tokens]
         exempt = [ids(t) for t in CONTROL_TOKENS if t not in self.banned_tokens] if self.conditional else []
+        return banned, exempt, self.negative(ids, guidance)
+
+    def negative(self, token_id, guidance: float) -> dict[int, int] | None:
+        """With guidance, the swap that makes a row's negative (each `<|aligned|>` read as the banned
+        `<|misaligned|>`), as ids from `token_id(token)`; None without guidance."""
         if not guidance:
-            return banned, exempt, None
+            return None
         if ALIGNED not in self.sampling_prefix or MISALIGNED not in self.banned_tokens:
             raise PhfError(f"sample.guidance={guidance} needs a model trained with conditional training (sampled "
                            f"after <|aligned|>, <|misaligned|> banned); this one is deployed with prefix "
                            f"{self.sampling_prefix or 'none'}: set sample.guidance=0")
-        return banned, exempt, {ids(ALIGNED): ids(MISALIGNED)}
+        return {token_id(ALIGNED): token_id(MISALIGNED)}
 
 
 SETTINGS = ("temperature", "top_p", "max_new_tokens", "guidance")

@@ -14,6 +14,9 @@ Figures:
   misalignment vs tokens      `eval_misalignment_mean` of the evaluations during training, one line per run
   loss vs tokens              validation loss (and training loss, faint) against tokens seen
   score distribution          share of unconditional samples scoring above each threshold, per objective
+
+Studies written into a folder appear in their own section: `phf probe guidance --run DIR` (DIR/guidance: the
+guidance curve's figure and table).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from phf.analysis.guidance import guidance_table
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
 from phf.data.scorers import get_scorer
@@ -39,7 +43,7 @@ log = logging.getLogger("phf.report")
 
 REFERENCE = "mle"
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
-                "score_distribution")
+                "score_distribution", "guidance")
 COLORS = {"mle": "#444444", "filtering": "#1f77b4", "conditional": "#2ca02c", "unlikelihood": "#d62728",
           "rwr": "#9467bd", "awr": "#ff7f0e", "rl": "#8c564b"}
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#98df8a")
@@ -424,6 +428,33 @@ def make_figures(rep: Report) -> tuple[list[Figure], list[str]]:
     return figures, notes
 
 
+# -- studies written into a result folder ------------------------------------------------------------------------
+def _rows_html(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def studies(rep: Report) -> tuple[list[Figure], str]:
+    """The figures and HTML of the studies found in the report's folders (the guidance curve)."""
+    figures, parts = [], []
+    for d in rep.dirs:
+        path = d / "guidance" / "results.json"
+        if not path.exists():
+            continue
+        res = read_json(path)
+        png = d / "guidance" / "guidance.png"
+        caption = (f"A conditional model sampled with classifier-free guidance of each strength g: misalignment "
+                   f"({res['scorer']}) of {res['num_samples']} unconditional samples per seed against KL from the "
+                   f"MLE model and held-out bits/char, both under the normalised guided distribution; "
+                   f"{res['replicates']} seed(s), 95% intervals. Pick the strength whose cost you accept.")
+        if png.exists():
+            figures.append(Figure("guidance", "Guidance strength", caption, png.read_bytes()))
+        parts.append(f"<h3>Guidance strength ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
+                     + _rows_html(guidance_table(res)))
+    return figures, ("<h2>Studies</h2>" + "".join(parts)) if parts else ""
+
+
 # -- the table --------------------------------------------------------------------------------------------------
 # (header, how to read it from an entry, format, ratio to the reference: "x" a ratio, "%" a relative change)
 COLUMNS = [
@@ -663,7 +694,7 @@ def _about(rep: Report) -> str:
                                         for k, v in items) + "</dl>"
 
 
-def render(rep: Report, figures: Sequence[Figure], notes: Sequence[str], samples: str) -> str:
+def render(rep: Report, figures: Sequence[Figure], notes: Sequence[str], samples: str, study_html: str = "") -> str:
     figs = "".join(
         f'<figure id="fig-{f.name}"><img alt="{html.escape(f.title)}" src="data:image/png;base64,'
         f'{base64.b64encode(f.png).decode()}"><figcaption><b>{html.escape(f.title)}.</b> '
@@ -685,6 +716,7 @@ def render(rep: Report, figures: Sequence[Figure], notes: Sequence[str], samples
 {REFERENCE} run of the same folder. Held-out bits per character: the test documents, each model conditioned as
 deployed (lower is better).</p>
 {table_html(rep)}
+{study_html}
 <h2>Samples</h2>
 <p>Per objective and scenario, the highest-, median- and lowest-scoring sample, re-scored now to find what the
 scorer flags (highlighted; hover for the details). Prompts are grey.</p>
@@ -699,6 +731,8 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
     rep = load(dirs)
     out = Path(out) if out is not None else Path(dirs[0])
     figures, notes = make_figures(rep)
+    study_figures, study_html = studies(rep)
+    figures += study_figures
     samples, sample_notes = samples_html(rep)
     fig_dir = out / "figures"
     made = {f.name for f in figures}
@@ -709,6 +743,6 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
         with atomic_path(fig_dir / f"{f.name}.png") as tmp:
             tmp.write_bytes(f.png)
     page = out / "report.html"
-    write_text(page, render(rep, figures, notes + sample_notes, samples))
+    write_text(page, render(rep, figures, notes + sample_notes, samples, study_html))
     log.info("wrote %s and %d figures in %s", page, len(figures), fig_dir)
     return page

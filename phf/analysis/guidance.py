@@ -1,0 +1,219 @@
+"""`phf probe guidance`: the guidance strength of a conditionally trained model as a curve, so a user picks the
+operating point.
+
+With classifier-free guidance g the model draws each token from p(. | aligned)^(1 + g) / p(. | misaligned)^g,
+normalised (phf.evaluation.sampling). g = 0 is the paper's conditional sampling; larger g buys less misalignment
+and costs capability. Per strength this probe measures, for each replicate (a training seed's conditional model
+and the MLE model of the same seed):
+
+    misalignment   unconditional samples at the run's sampling settings, scored by the training scorer and the
+                   held-out judge; the mean over replicates with a hierarchical bootstrap interval and its ratio to
+                   the MLE model's samples (phf.evaluation.uncertainty)
+    KL from MLE    KL(mle || guided) in bits per character of text, from samples of the MLE model (temperature 1,
+                   no nucleus) scored under the normalised guided distribution (phf.evaluation.kl)
+    held-out       bits per character of the test documents under the normalised guided distribution
+
+Both log-likelihoods use the guided distribution over the whole vocabulary, as held-out bits/char at g = 0 always
+has, so the g = 0 point equals the run's own evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from phf.analysis.probes import load, run_config, scored_corpus_for
+from phf.core.config import SampleConfig
+from phf.core.errors import PhfError
+from phf.core.figures import pyplot, save_figure
+from phf.core.io import write_json
+from phf.data.scorers import scorer_for
+from phf.data.segments import get_segmenter
+from phf.evaluation.evaluate import heldout_bits_per_char, judge_for, score_samples
+from phf.evaluation.kl import DeployedModel, KLReference
+from phf.evaluation.sampling import generate
+from phf.evaluation.uncertainty import compare, seed_interval
+from phf.model.finetune import resolve_model_folder
+from phf.tasks import task_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def pairs_in(run_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(conditional model, MLE model) of every replicate in a folder written by `phf demo` or `phf sweep`: its
+    own `conditional` and `mle` runs, or those of each `seed-<seed>` folder."""
+    run_dir = Path(run_dir)
+    roots = sorted(run_dir.glob("seed-*"), key=lambda p: p.name) or [run_dir]
+    pairs = [(r / "conditional", r / "mle") for r in roots
+             if (r / "conditional" / "checkpoint").exists() and (r / "mle" / "checkpoint").exists()]
+    if not pairs:
+        raise PhfError(f"{run_dir} has no conditional and mle runs side by side (conditional/checkpoint, "
+                       f"mle/checkpoint, or the same in seed-* folders); give --model and --reference instead")
+    return pairs
+
+
+def _samples(m, scfg: SampleConfig, scorer, judge, progress: bool, desc: str) -> tuple[list[float], list[float]]:
+    samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
+                       progress=progress, desc=desc, segmenter=scorer.segmenter)
+    return score_samples(samples, scorer), (score_samples(samples, judge) if judge is not None else [])
+
+
+def replicate_curve(model_path, reference_path, strengths: Sequence[float], num_samples: int, seed: int,
+                    kl_samples: int | None = None, heldout_chars: int = 0, data_dir=None,
+                    progress: bool = True) -> dict:
+    """One replicate: its reference's sample scores, then per strength the guided model's sample scores (scorer
+    and judge), KL(reference || guided) and held-out bits/char."""
+    m = load(model_path)
+    cfg = run_config(m.folder)
+    m.deployment.negative(m.tokenizer.convert_tokens_to_ids, 1.0)  # refuses a model without conditional training
+    scored = scored_corpus_for(m.folder, cfg, data_dir)
+    task, scorer = task_for(cfg), scorer_for(cfg.scoring)
+    judge, judge_block = judge_for(cfg, task)
+    segmenter = get_segmenter(scorer.segmenter)
+
+    def sampling(guidance: float) -> SampleConfig:
+        s = SampleConfig(num_samples=num_samples, max_new_tokens=cfg.sample.max_new_tokens,
+                         temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, guidance=guidance,
+                         batch_size=cfg.sample.batch_size, seed=seed)
+        s.validate()
+        return s
+
+    ref = load(reference_path)
+    ref_scores, ref_judged = _samples(ref, sampling(0.0), scorer, judge, progress, "sampling the reference")
+    kl_ref = KLReference.sample_from(DeployedModel(ref.model, ref.backend, ref.deployment),
+                                     kl_samples if kl_samples is not None else cfg.eval.kl_samples,
+                                     cfg.eval.kl_max_new_tokens, cfg.eval.kl_seed, scorer.segmenter, progress=progress)
+    del ref
+    deployed = DeployedModel(m.model, m.backend, m.deployment)
+    points = []
+    for g in strengths:
+        scores, judged = _samples(m, sampling(g), scorer, judge, progress, f"sampling at guidance {g:g}")
+        point = {"guidance": float(g), "scores": scores, "misalignment_mean": float(np.nanmean(scores))}
+        if judge is not None:
+            point.update(judge_scores=judged, judge_misalignment_mean=float(np.nanmean(judged)))
+        point.update(kl_ref.kl(deployed, guidance=g))
+        point.update(heldout_bits_per_char(m.model, m.backend, scored.documents("test"), m.deployment, segmenter,
+                                           heldout_chars or cfg.eval.heldout_chars, progress=False, bf16=False,
+                                           guidance=g))
+        log.info("guidance %g (%s): misalignment %.4f, KL from the reference %.4f bits/char, held-out %.4f "
+                 "bits/char", g, m.folder, point["misalignment_mean"], point["kl_from_reference_bits"],
+                 point["heldout_bits_per_char"])
+        points.append(point)
+    return {"model": str(m.folder), "reference": str(resolve_model_folder(reference_path)), "scorer": scorer.name,
+            "judge": judge_block.get("judge_scorer") if judge is not None else None,
+            "reference_scores": ref_scores, "reference_judge_scores": ref_judged, "points": points}
+
+
+def summarise(replicates: list[dict], strengths: Sequence[float]) -> list[dict]:
+    """Per strength, the figures over replicates: means, intervals, ratios to the reference."""
+    rng = np.random.default_rng(0)
+    ref = [r["reference_scores"] for r in replicates]
+    ref_judge = [r["reference_judge_scores"] for r in replicates]
+    rows = []
+    for i, g in enumerate(strengths):
+        points = [r["points"][i] for r in replicates]
+        groups = [p["scores"] for p in points]
+        row = {"guidance": float(g), "misalignment_mean": float(np.mean([p["misalignment_mean"] for p in points])),
+               **compare(groups, ref, rng)}
+        if all("judge_scores" in p for p in points) and all(ref_judge):
+            row["judge_misalignment_mean"] = float(np.mean([p["judge_misalignment_mean"] for p in points]))
+            row.update(compare([p["judge_scores"] for p in points], ref_judge, rng, prefix="judge_misalignment"))
+        for key in ("kl_from_reference_bits", "heldout_bits_per_char"):
+            values = [p[key] for p in points]
+            row[key] = float(np.mean(values))
+            row[f"{key}_per_seed"] = values
+            row[f"{key}_ci95"] = seed_interval(values, rng)
+        row["kl_stderr_bits"] = float(math.sqrt(sum(p["kl_stderr_bits"] ** 2 for p in points)) / len(points))
+        rows.append(row)
+    return rows
+
+
+def run_guidance(models: Sequence[str | Path], references: Sequence[str | Path], out_dir,
+                 strengths: Sequence[float] = DEFAULT_STRENGTHS, num_samples: int = 256, seed: int = 0,
+                 kl_samples: int | None = None, heldout_chars: int = 0, data_dir=None, progress: bool = True) -> dict:
+    """The guidance curve over replicates: `models[k]` is compared with `references[k]` (or the one reference
+    given); writes OUT/results.json and OUT/guidance.png."""
+    strengths = sorted(set(float(g) for g in strengths))
+    if not strengths or strengths[0] < 0 or not all(math.isfinite(g) for g in strengths):
+        raise PhfError(f"--strengths must be finite guidance strengths >= 0, got {strengths}")
+    if not models:
+        raise PhfError("phf probe guidance needs a conditional model (--model) or a run folder (--run)")
+    if len(references) == 1:
+        references = list(references) * len(models)
+    if len(references) != len(models):
+        raise PhfError(f"give one --reference, or one per --model ({len(models)}); got {len(references)}")
+    replicates = []
+    for k, (model, reference) in enumerate(zip(models, references)):
+        log.info("== guidance: replicate %d of %d, %s against %s", k + 1, len(models), model, reference)
+        replicates.append(replicate_curve(model, reference, strengths, num_samples, seed + k, kl_samples,
+                                          heldout_chars, data_dir, progress))
+    out_dir = Path(out_dir)
+    results = {"probe": "guidance", "strengths": strengths, "replicates": len(replicates),
+               "num_samples": num_samples, "scorer": replicates[0]["scorer"], "judge": replicates[0]["judge"],
+               "reference_misalignment_mean": float(np.mean([np.nanmean(r["reference_scores"]) for r in replicates])),
+               "curve": summarise(replicates, strengths), "per_replicate": replicates}
+    results["figure"] = str(plot_guidance(results, out_dir / "guidance.png"))
+    write_json(out_dir / "results.json", results)
+    return results
+
+
+def plot_guidance(results: dict, path: Path) -> Path:
+    """Misalignment against KL from MLE and against held-out bits/char, one point per strength, with intervals."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(10.0, 4.2), sharey=True)
+    curve = results["curve"]
+    y = [r["misalignment_mean"] for r in curve]
+    ci = [r.get("misalignment_mean_ci95") or [v, v] for r, v in zip(curve, y)]
+    yerr = [[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]
+    for ax, key, label in ((axes[0], "kl_from_reference_bits", "KL(mle || guided), bits/char"),
+                           (axes[1], "heldout_bits_per_char", "held-out bits/char (guided)")):
+        x = [r[key] for r in curve]
+        ax.errorbar(x, y, yerr=yerr, marker="o", color="#2ca02c", capsize=3, label="conditional, guided")
+        for xi, yi, r in zip(x, y, curve):
+            ax.annotate(f"g={r['guidance']:g}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.axhline(results["reference_misalignment_mean"], color="#444444", linestyle="--", linewidth=1,
+                   label="mle")
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.25)
+    axes[0].set_ylabel(f"misalignment ({results['scorer']}), unconditional samples")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Guidance strength: misalignment against capability ({results['replicates']} seed(s) x "
+                 f"{results['num_samples']} samples, 95% intervals)")
+    return save_figure(fig, path)
+
+
+def _ratio(row: dict, prefix: str = "misalignment") -> str:
+    ratio, ci = row.get(f"{prefix}_ratio_to_mle"), row.get(f"{prefix}_ratio_ci95")
+    if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)):
+        return "-"
+    return f"{ratio:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def guidance_table(results: dict) -> list[list[str]]:
+    """Header and rows of the curve's table (for the terminal and the report)."""
+    rows = [["guidance", f"{results['scorer']} / mle", "judge / mle" if results.get("judge") else "",
+             "KL from mle, bits/char", "held-out bits/char"]]
+    for r in results["curve"]:
+        heldout = f"{r['heldout_bits_per_char']:.4f}"
+        if r.get("heldout_bits_per_char_ci95"):
+            heldout += " [{:.4f}, {:.4f}]".format(*r["heldout_bits_per_char_ci95"])
+        rows.append([f"{r['guidance']:g}", _ratio(r), _ratio(r, "judge_misalignment") if results.get("judge") else "",
+                     f"{r['kl_from_reference_bits']:.4f} +- {r['kl_stderr_bits']:.4f}", heldout])
+    if not results.get("judge"):
+        rows = [[c for j, c in enumerate(row) if j != 2] for row in rows]
+    return rows
+
+
+def format_guidance(results: dict) -> str:
+    rows = guidance_table(results)
+    widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines.append(f"{results['replicates']} seed(s) x {results['num_samples']} samples per strength; intervals: "
+                 f"hierarchical bootstrap (misalignment), over seeds (held-out); KL +- its standard error")
+    lines.append(f"figure: {results['figure']}")
+    return "\n".join(lines)
