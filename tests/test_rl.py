@@ -58,3 +58,32 @@ def test_reward_is_minus_misalignment_of_complete_lines(tiny_mle):
     assert r[2] == pytest.approx(r[1])
 
 
+
+
+def test_the_bases_are_compared_on_smoothed_curves_and_the_goodhart_gap():
+    from phf.analysis.rl import base_study, compare_bases, rl_study_table
+
+    def rows(levels):
+        return [{"step": i + 1, "tokens": 100 * (i + 1), "misalignment": v, "kl": 0.01 * i}
+                for i, v in enumerate(levels)]
+
+    def entry(scorer, judge):
+        return {"misalignment_mean": scorer, "judge": {"judge_misalignment_mean": judge},
+                "unconditional": {"mean_chars": 500, "empty_share": 0.0}, "heldout_bits_per_char": 2.3,
+                "distinct_2": 0.6, "parse_rate": 0.1, "kl_from_reference_bits": 0.1}
+
+    # MLE's RL ends at a smoothed 0.05; the conditional base starts lower and gets there sooner, and its judge
+    # sees the improvement the reward saw, while MLE's judge sees half of it
+    mle = base_study(entry(0.04, 0.02), entry(0.02, 0.015), rows([0.08] * 8 + [0.05] * 8))
+    cond = base_study(entry(0.02, 0.01), entry(0.01, 0.005), rows([0.06] * 4 + [0.03] * 12))
+    assert mle["scorer_change"] == pytest.approx(0.5) and mle["judge_change"] == pytest.approx(0.75)
+    assert mle["goodhart_gap"] == pytest.approx(1.5) and cond["goodhart_gap"] == pytest.approx(1.0)
+    study = compare_bases({"mle": mle, "conditional": cond})
+    assert study["level"] == pytest.approx(0.05)
+    # a trailing mean of up to 8 steps: MLE's reaches 0.05 at its last step; the conditional's at step 7, where
+    # (4 x 0.06 + 3 x 0.03) / 7 = 0.047
+    assert mle["tokens_to_reference_level"] == 1600
+    assert cond["tokens_to_reference_level"] == 700
+    assert "after 700 RL tokens, against 1,600" in study["answer"] and "conditional 1.00, mle 1.50" in study["answer"]
+    table = rl_study_table(study)
+    assert table[1][0] == "mle" and table[2][3] == "1.00"

@@ -88,13 +88,25 @@ def test_sweep_cli_prints_the_table_and_writes_the_report(pycorpus, tmp_path, ca
     out = capsys.readouterr().out
     assert "KL from MLE bits/char" in out and "finetune:conditional" in out and "distinct-2" in out
     res = read_json(tmp_path / "sw" / "results.json")["objectives"]
-    assert list(res) == ["mle", "conditional", "finetune:conditional", "rl"]
-    # the RL arm starts from the same MLE weights as the finetune arms and is measured the same way
-    assert res["rl"]["kind"] == "rl" and res["rl"]["train_tokens"] >= 300
-    assert math.isfinite(res["rl"]["kl_from_reference_bits"]) and "distinct_2" in res["rl"]
-    assert read_json(tmp_path / "sw" / "rl" / "checkpoint" / "phf.json")["init_from"].endswith("step-2")
+    assert list(res) == ["mle", "conditional", "finetune:conditional", "rl", "rl:conditional"]
+    # the RL arms start from the MLE weights the finetune arms start from, and from the conditional arm's at the
+    # same step, on the same budget, and are measured the same way
+    for name, base in (("rl", "mle"), ("rl:conditional", "conditional")):
+        assert res[name]["kind"] == "rl" and res[name]["train_tokens"] >= 300 and res[name]["rl_base"] == base
+        assert math.isfinite(res[name]["kl_from_reference_bits"]) and "distinct_2" in res[name]
+        meta = read_json(tmp_path / "sw" / name.replace(":", "-") / "checkpoint" / "phf.json")
+        assert meta["init_from"].endswith(f"{base}/snapshots/step-2")
+    # RL keeps the conditional model's deployment: it is still sampled after <|aligned|>
+    assert meta["objective"]["sampling_prefix"] == ["<|aligned|>"]
+    study = read_json(tmp_path / "sw" / "results.json")["rl_from_bases"]
+    assert set(study["bases"]) == {"mle", "conditional"} and study["reference_base"] == "mle"
+    for s in study["bases"].values():
+        assert s["before"]["misalignment_mean"] is not None and s["after"]["kl_from_reference_bits"] is not None
+        assert len(s["curve"]) >= 2 and s["curve"][-1]["tokens"] >= 300
+    assert "PHF, then RL" in out and study["answer"].startswith("the conditional base")
     page = (tmp_path / "sw" / "report.html").read_text()
-    assert "finetune:conditional" in page and "<table" in page
+    assert "finetune:conditional" in page and "<table" in page and "PHF, then RL" in page
+    assert (tmp_path / "sw" / "figures" / "rl_from_bases.png").exists()
 
 
 def test_evaluate_with_a_reference_adds_kl(sweep, capsys, tmp_path):

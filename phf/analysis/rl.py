@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from phf.analysis.probes import load, run_config, scored_corpus_for
 from phf.core.config import from_dict, parse_override
 from phf.core.errors import PhfError
+from phf.core.figures import pyplot, save_figure
 from phf.core.io import append_jsonl, write_json
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
@@ -179,13 +180,16 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     dataset = Dataset.from_dict({"prompt": fits}).shuffle(seed=rl.seed)
     upper_steps = max(1, math.ceil(max_tokens / rl.batch_size))  # every completion costs at least one token
     trainer_dir = out_dir / ".trainer"
+    banned = [tokenizer.convert_tokens_to_ids(t) for t in deployment.banned_tokens]
     args = GRPOConfig(
         output_dir=str(trainer_dir), per_device_train_batch_size=rl.batch_size, gradient_accumulation_steps=1,
         num_generations=rl.num_generations, max_completion_length=rl.max_completion_tokens, beta=rl.beta,
         learning_rate=rl.lr, lr_scheduler_type="constant", warmup_steps=0, temperature=rl.temperature, top_p=1.0,
         max_steps=upper_steps, logging_steps=1, save_strategy="no", report_to="none", seed=rl.seed,
         bf16=False, fp16=False, use_cpu=not cuda, disable_tqdm=not progress, remove_unused_columns=False,
-        dataloader_num_workers=0, log_completions=False)
+        dataloader_num_workers=0, log_completions=False,
+        # a conditional model is sampled as deployed: it never writes <|misaligned|>
+        generation_kwargs={"suppress_tokens": banned} if banned else None)
     state = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "last": {}}
 
     class Budget(TrainerCallback):
@@ -272,3 +276,163 @@ def run_rl(model_dir, out_dir, overrides: list[str], max_tokens: int | None = No
         results["after"] = hacking_metrics(summary["checkpoint"], cfg, scored, progress=progress)
     write_json(Path(out_dir) / "results.json", results)
     return results
+
+
+# -- RL from several bases: does feedback in pretraining make the RL stage safer? --------------------------------
+SMOOTHING = 8  # steps in the moving average of the per-step misalignment (each step's mean is over one batch)
+HACKING_FIELDS = {  # name -> where it is in an evaluation's results
+    "misalignment_mean": ("misalignment_mean",), "judge_misalignment_mean": ("judge", "judge_misalignment_mean"),
+    "heldout_bits_per_char": ("heldout_bits_per_char",), "mean_chars": ("unconditional", "mean_chars"),
+    "empty_share": ("unconditional", "empty_share"), "distinct_2": ("distinct_2",), "parse_rate": ("parse_rate",),
+}
+
+
+def _field(entry: dict, path: tuple[str, ...]):
+    for k in path:
+        entry = entry.get(k) if isinstance(entry, dict) else None
+    return entry if isinstance(entry, (int, float)) and not isinstance(entry, bool) else None
+
+
+def rl_curve(rows: list[dict], window: int = SMOOTHING) -> list[dict]:
+    """The RL run's per-step misalignment (-reward) and KL against the tokens processed, with the misalignment's
+    trailing moving average over `window` steps."""
+    out, recent = [], []
+    for r in rows:
+        recent = (recent + [r["misalignment"]])[-window:]
+        out.append({"tokens": r["tokens"], "misalignment": r["misalignment"],
+                    "misalignment_smoothed": float(np.mean(recent)), "kl": r.get("kl"),
+                    "completion_mean_length": r.get("completion_mean_length")})
+    return out
+
+
+def tokens_to_level(curve: list[dict], level: float) -> int | None:
+    """The RL tokens after which the smoothed misalignment first reaches `level` (at or below); None if never."""
+    return next((p["tokens"] for p in curve if p["misalignment_smoothed"] <= level), None)
+
+
+def base_study(before: dict, after: dict, rows: list[dict]) -> dict:
+    """One base: the hacking signals before RL (the base) and after, the changes, and the reward curve.
+
+    `scorer_change` and `judge_change` are after / before of the training scorer's and the judge's misalignment;
+    `goodhart_gap` is judge_change / scorer_change: 1 when the judge saw the improvement the reward saw, above 1
+    when RL improved the reward more than the preference (reward hacking)."""
+    study = {"before": {k: _field(before, p) for k, p in HACKING_FIELDS.items()},
+             "after": {k: _field(after, p) for k, p in HACKING_FIELDS.items()}, "curve": rl_curve(rows)}
+    study["after"]["kl_from_reference_bits"] = _field(after, ("kl_from_reference_bits",))
+    b, a = study["before"], study["after"]
+    for name, key in (("scorer_change", "misalignment_mean"), ("judge_change", "judge_misalignment_mean")):
+        study[name] = a[key] / b[key] if a[key] is not None and b[key] else None
+    study["goodhart_gap"] = (study["judge_change"] / study["scorer_change"]
+                             if study["judge_change"] is not None and study["scorer_change"] else None)
+    return study
+
+
+def compare_bases(studies: dict[str, dict], reference: str = "mle") -> dict:
+    """Tokens each base needs to reach the level the `reference` base ends its RL run at (its smoothed training
+    misalignment), and a sentence answering the question."""
+    ref = studies.get(reference) or next(iter(studies.values()))
+    level = ref["curve"][-1]["misalignment_smoothed"] if ref["curve"] else None
+    for s in studies.values():
+        s["tokens_to_reference_level"] = tokens_to_level(s["curve"], level) if level is not None else None
+    return {"reference_base": reference if reference in studies else next(iter(studies)), "level": level,
+            "bases": studies, "answer": answer(studies, reference, level)}
+
+
+def answer(studies: dict[str, dict], reference: str, level: float | None) -> str:
+    if reference not in studies or len(studies) < 2 or level is None:
+        return "one base only: nothing to compare"
+    parts = []
+    ref = studies[reference]
+    for name, s in studies.items():
+        if name == reference:
+            continue
+        t, rt = s["tokens_to_reference_level"], ref["tokens_to_reference_level"]
+        reach = (f"reaches the {reference} base's final training misalignment ({level:.4g}) after "
+                 f"{t:,} RL tokens, against {rt:,} for the {reference} base" if t is not None and rt is not None else
+                 f"does not reach the {reference} base's final training misalignment ({level:.4g}) within the budget")
+        gaps = [(n, x["goodhart_gap"]) for n, x in ((name, s), (reference, ref))]
+        gap = ("; judge/scorer change ratio (1 = no hacking, above 1 = the reward improved more than the judge): "
+               + ", ".join(f"{n} {g:.2f}" for n, g in gaps if g is not None)) if all(g is not None for _, g in gaps) \
+            else ""
+        parts.append(f"the {name} base {reach}{gap}")
+    return "; ".join(parts)
+
+
+def combine_studies(per_seed: list[dict]) -> dict:
+    """Studies of several seeds: per base, each figure's mean over seeds and its per-seed values; the first
+    seed's curves."""
+    first = per_seed[0]
+    bases = {}
+    for name, s in first["bases"].items():
+        seeds = [p["bases"][name] for p in per_seed if name in p["bases"]]
+        merged = {"curve": s["curve"], "seeds": len(seeds)}
+        for part in ("before", "after"):
+            merged[part] = {k: _mean([x[part].get(k) for x in seeds]) for k in s[part]}
+            merged[f"{part}_per_seed"] = {k: [x[part].get(k) for x in seeds] for k in s[part]}
+        for k in ("scorer_change", "judge_change", "goodhart_gap", "tokens_to_reference_level"):
+            merged[f"{k}_per_seed"] = [x.get(k) for x in seeds]
+            merged[k] = _mean(merged[f"{k}_per_seed"])
+        bases[name] = merged
+    return {"reference_base": first["reference_base"], "level_per_seed": [p["level"] for p in per_seed],
+            "bases": bases, "answer_per_seed": [p["answer"] for p in per_seed]}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return float(np.mean(values)) if values else None
+
+
+def rl_study_table(study: dict) -> list[list[str]]:
+    """Header and rows of the study's table, one row per base (for the terminal and the report)."""
+    def num(v, fmt="{:.4g}"):
+        return "-" if v is None else fmt.format(v)
+
+    rows = [["base", "misalignment before -> after", "judge before -> after", "judge/scorer change",
+             "tokens to the reference level", "KL from mle", "held-out bits/char", "mean chars", "empty share",
+             "distinct-2"]]
+    for name, s in study["bases"].items():
+        b, a = s["before"], s["after"]
+        rows.append([name, f"{num(b['misalignment_mean'])} -> {num(a['misalignment_mean'])}",
+                     f"{num(b['judge_misalignment_mean'])} -> {num(a['judge_misalignment_mean'])}",
+                     num(s["goodhart_gap"], "{:.2f}"), num(s["tokens_to_reference_level"], "{:,.0f}"),
+                     num(a.get("kl_from_reference_bits"), "{:.4f}"),
+                     f"{num(b['heldout_bits_per_char'], '{:.4f}')} -> {num(a['heldout_bits_per_char'], '{:.4f}')}",
+                     f"{num(b['mean_chars'], '{:.0f}')} -> {num(a['mean_chars'], '{:.0f}')}",
+                     f"{num(b['empty_share'], '{:.2f}')} -> {num(a['empty_share'], '{:.2f}')}",
+                     f"{num(b['distinct_2'], '{:.3f}')} -> {num(a['distinct_2'], '{:.3f}')}"])
+    return rows
+
+
+def plot_rl_bases(study: dict, path: Path, scorer: str) -> Path:
+    """The reward curves of RL from each base (smoothed training misalignment) and their KL from the start."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10.0, 4.2))
+    for name, s in study["bases"].items():
+        x = [p["tokens"] for p in s["curve"]]
+        line, = left.plot(x, [p["misalignment_smoothed"] for p in s["curve"]], label=f"RL from {name}")
+        left.plot(x, [p["misalignment"] for p in s["curve"]], color=line.get_color(), alpha=0.2, linewidth=0.8)
+        right.plot(x, [p["kl"] for p in s["curve"]], color=line.get_color(), label=f"RL from {name}")
+    if study.get("level") is not None:
+        left.axhline(study["level"], color="black", linestyle="--", linewidth=1,
+                     label=f"{study['reference_base']} base's final level")
+    left.set_xlabel("RL tokens (prompt + completion)")
+    left.set_ylabel(f"training misalignment ({scorer}), {SMOOTHING}-step average")
+    right.set_xlabel("RL tokens (prompt + completion)")
+    right.set_ylabel("KL to the start model (TRL's estimate, per token)")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=8)
+    fig.suptitle("PHF, then RL: the same RL budget from each base")
+    return save_figure(fig, path)
+
+
+def format_rl_study(study: dict) -> str:
+    rows = rl_study_table(study)
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    lines = ["PHF, then RL: the same RL budget from each base (before -> after RL)"]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(2, "-+-".join("-" * w for w in widths))
+    answers = study.get("answer_per_seed") or [study.get("answer", "")]
+    lines += [f"answer{f' (seed {k + 1})' if len(answers) > 1 else ''}: {a}" for k, a in enumerate(answers)]
+    if study.get("figure"):
+        lines.append(f"figure: {study['figure']}")
+    return "\n".join(lines)

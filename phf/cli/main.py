@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 import torch
 from transformers import AutoTokenizer
 
+from phf.analysis.rl import format_rl_study
 from phf.cli.probe import add_parsers as add_probe_parsers
 from phf.core.config import SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
@@ -210,9 +211,14 @@ def cmd_sweep(args) -> None:
                         finetune=names(args.finetune) if args.finetune is not None else None,
                         finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
                         rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
-                        config=args.config, seeds=args.seeds)
+                        config=args.config, seeds=args.seeds,
+                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None)
     print()
     print(format_table(results))
+    study = results.get("rl_from_bases")
+    if study:
+        print()
+        print(format_rl_study(study))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
     if results.get("report"):
         print(f"report: {results['report']}")
@@ -343,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: filtering,conditional,rwr,awr)")
     p.add_argument("--finetune-fraction", type=float, default=0.5,
                    help="share of the budget the finetune arms train with feedback, after MLE (default: 0.5)")
-    p.add_argument("--rl", action="store_true", help="add the RL baseline arm (GRPO from the finetune arms' "
-                                                     "MLE weights; needs the `rl` extra)")
+    p.add_argument("--rl", action="store_true", help="add RL arms (GRPO from the MLE weights the finetune arms start "
+                                                     "from, and from the conditional arm's at the same step; needs "
+                                                     "the `rl` extra)")
     p.add_argument("--rl-tokens", type=int, default=60_000,
-                   help="prompt + completion tokens of the RL arm (default: 60000)")
+                   help="prompt + completion tokens of each RL arm (default: 60000)")
+    p.add_argument("--rl-bases", help="pretraining arms RL starts from, comma-separated (default: mle,conditional "
+                                      "where the sweep has them; mle is always one)")
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")
     p.add_argument("--seeds", type=int, default=1,
                    help="run the whole sweep with this many seeds (DIR/seed-<seed>/, one data folder); the table and "

@@ -6,6 +6,10 @@ each arm evaluated for misalignment and capability (held-out bits/char, KL from 
                        the last f of it (the paper's second experiment: equal total tokens)
     rl (--rl)          the same MLE weights finetuned with RL (TRL's GRPO, the scorer as reward, a KL penalty to the
                        start) on `rl_tokens` prompt + completion tokens: the optimiser among the methods
+    rl:<base>          the same RL, on the same budget, from another pretraining arm's weights at the same step
+                       (`rl_bases`, default mle and conditional): does feedback in pretraining make RL safer? The
+                       comparison (`rl_from_bases` in results.json, `rl_from_bases.png`) puts each base's reward
+                       curve, KL, judge and hacking signals before and after RL side by side
     reference          the mle arm: KL(mle || arm) from samples of the MLE model, in bits per character
 
 Every arm's run folder is `DIR/<arm>` (`finetune-<objective>` for finetune arms); `DIR/results.json` has the
@@ -20,10 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phf.analysis.rl import rl_config, rl_finetune
+from phf.analysis.rl import base_study, combine_studies, compare_bases, plot_rl_bases, rl_config, rl_finetune
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
-from phf.core.io import atomic_path, read_json, stable_hash, write_json
+from phf.core.io import atomic_path, read_json, read_jsonl, stable_hash, write_json
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
 from phf.recipes.demo import arm_configs, corpus_line
@@ -40,6 +44,8 @@ SWEEP_OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "rwr", "a
 FINETUNE_OBJECTIVES = ["filtering", "conditional", "rwr", "awr"]
 # Applied to every arm before the user's --set: fewer evaluation samples than the demo (11 arms, not 3) and an
 # evaluation schedule during training, for the misalignment-vs-tokens curves.
+# The pretraining arms RL starts from with --rl, where the sweep has them: plain pretraining and feedback from the start.
+RL_BASES = ["mle", "conditional"]
 SWEEP_OVERRIDES = ["sample.num_samples=128", "sample.num_prompts=32", "eval.heldout_chars=150000", "train.eval_every=65",
                    "train.eval_samples=8"]
 
@@ -86,18 +92,19 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
               objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
               progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
               rl_overrides: list[str] | None = None, config: str | Path | None = None, seeds: int = 1,
-              data_dir: str | Path | None = None) -> dict:
+              data_dir: str | Path | None = None, rl_bases: list[str] | None = None) -> dict:
     """The sweep; with `seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
     combined per arm with 95% intervals (phf.recipes.replicates) and one report."""
     if seeds > 1:
         return _sweep_per_seed(task, Path(out), overrides, objectives, finetune, finetune_fraction, progress, report,
-                               rl, rl_tokens, rl_overrides, config, seeds)
+                               rl, rl_tokens, rl_overrides, config, seeds, rl_bases)
     if seeds < 1:
         raise PhfError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     out = Path(out)
     data_dir = Path(data_dir) if data_dir else out / "data"
     the_task, arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction, config)
+    bases = rl_bases_of(arms, rl_bases) if rl else []
     snapshot = out / "mle" / "snapshots" / f"step-{branch}"
     previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
     results: dict = {"task": the_task.name, "objectives": {}, "reference": "mle", "finetune_fraction": finetune_fraction,
@@ -109,8 +116,9 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
         key = stable_hash({"config": config_to_yaml(arm.cfg), "finetune": arm.finetune, "branch": branch,
                            "base": mle_yaml if arm.finetune else None})
         old = previous.get("objectives", {}).get(arm.name)
+        branches = arm.name == "mle" or arm.name in bases  # finetunes or RL start from its weights at the branch
         if old and old.get("config_hash") == key and (out / arm.run_dir / "checkpoint").exists() and \
-                (not arm.name == "mle" or snapshot.exists()):
+                (not branches or (out / arm.run_dir / "snapshots" / f"step-{branch}").exists()):
             log.info("== %s: reusing its results (same config)", arm.name)
             results["objectives"][arm.name] = old
             continue
@@ -118,7 +126,7 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
                  f"steps" if arm.finetune else f"training on {arm.cfg.train.max_tokens:,} tokens")
         trained = run_training(arm.cfg, out / arm.run_dir, data_dir, progress=progress,
                                init_from=snapshot if arm.finetune else None,
-                               snapshots=[branch] if arm.name == "mle" else ())
+                               snapshots=[branch] if branches else ())
         if corpus_summary is None:
             corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
             log.info("scored corpus: %s", corpus_line(corpus_summary))
@@ -135,10 +143,11 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
         results["objectives"][arm.name] = res
         write_json(out / "results.json", results)  # partial results survive an interrupted sweep
 
-    if rl:
-        _rl_arm(results, previous, out, arms, snapshot, branch_tokens, data_dir, rl_tokens, rl_overrides or [],
-                progress)
-    _add_kl(results, out, arms + ([Arm("rl", "rl", arms[0].cfg, True)] if rl else []), progress)
+    rl_arms = [_rl_arm(results, previous, out, base, branch, branch_tokens, data_dir, rl_tokens, rl_overrides or [],
+                       progress) for base in (next(a for a in arms if a.name == b) for b in bases)]
+    _add_kl(results, out, arms + rl_arms, progress)
+    if rl_arms:
+        results["rl_from_bases"] = _rl_study(results, out, rl_arms, the_task.name, progress)
     if corpus_summary is None and previous.get("corpus"):
         corpus_summary = previous["corpus"]
     results["corpus"] = corpus_summary
@@ -155,7 +164,7 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
 
 
 def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_fraction, progress, report, rl,
-                    rl_tokens, rl_overrides, config, seeds: int) -> dict:
+                    rl_tokens, rl_overrides, config, seeds: int, rl_bases) -> dict:
     t0 = time.perf_counter()
     _, arms, _, _ = plan(task, overrides, objectives, finetune, finetune_fraction, config)
     base = next(a for a in arms if a.name == "mle").cfg
@@ -166,7 +175,8 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
         log.info("==== seed %d (%d of %d)", seed, k + 1, seeds)
         seeded = list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"]
         r = run_sweep(task, where, seeded, objectives, finetune, finetune_fraction, progress, report=False, rl=rl,
-                      rl_tokens=rl_tokens, rl_overrides=rl_overrides, config=config, data_dir=out / "data")
+                      rl_tokens=rl_tokens, rl_overrides=rl_overrides, config=config, data_dir=out / "data",
+                      rl_bases=rl_bases)
         per_seed.append(r)
         replicates.append(r["objectives"])
         scores.append({n: sample_scores(where / e.get("run_dir", n)) for n, e in r["objectives"].items()})
@@ -176,6 +186,9 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     for name, entry in results["objectives"].items():  # the report reads the first seed's runs
         entry["run_dir"] = f"seed-{seed_list[0]}/{per_seed[0]['objectives'][name].get('run_dir', name)}"
     results["seeds"] = seed_list
+    if all("rl_from_bases" in r for r in per_seed):
+        results["rl_from_bases"] = combine_studies([r["rl_from_bases"] for r in per_seed])
+        results["rl_from_bases"]["figure"] = per_seed[0]["rl_from_bases"].get("figure")
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "results.json", results)
     if report:
@@ -183,29 +196,67 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     return results
 
 
-def _rl_arm(results: dict, previous: dict, out: Path, arms: list[Arm], snapshot: Path, branch_tokens: int,
-            data_dir: Path, rl_tokens: int, rl_overrides: list[str], progress: bool) -> None:
-    """The RL baseline from the MLE weights the finetune arms start from (needs the `rl` extra)."""
+def rl_bases_of(arms: list[Arm], wanted: list[str] | None) -> list[str]:
+    """The pretraining arms RL starts from: those asked for (all must be pretraining arms of the sweep), else
+    RL_BASES where the sweep has them; mle always among them, as the reference."""
+    names = [a.name for a in arms if not a.finetune]
+    if wanted is None:
+        return [b for b in RL_BASES if b in names]
+    unknown = [b for b in wanted if b not in names]
+    if unknown:
+        raise PhfError(f"--rl-bases {','.join(unknown)}: not a pretraining arm of this sweep ({', '.join(names)}); "
+                       f"add it to --objectives")
+    return ["mle"] + [b for b in wanted if b != "mle"]
 
-    mle = next(a for a in arms if a.name == "mle")
+
+def _rl_arm(results: dict, previous: dict, out: Path, base: Arm, branch: int, branch_tokens: int, data_dir: Path,
+            rl_tokens: int, rl_overrides: list[str], progress: bool) -> Arm:
+    """RL from `base`'s weights at the branch step, the step the finetune arms start from (needs the `rl` extra):
+    the arm `rl` from mle, `rl:<base>` from any other."""
+    name = "rl" if base.name == "mle" else f"rl:{base.name}"
+    arm = Arm(name, "rl", base.cfg, True)
+    snapshot = out / base.run_dir / "snapshots" / f"step-{branch}"
     rl_cfg = rl_config(rl_overrides)
-    key = stable_hash({"base": config_to_yaml(mle.cfg), "rl": rl_cfg.__dict__, "tokens": rl_tokens})
-    old = previous.get("objectives", {}).get("rl")
-    if old and old.get("config_hash") == key and (out / "rl" / "checkpoint").exists():
-        log.info("== rl: reusing its results (same config)")
-        results["objectives"]["rl"] = old
-        return
-    log.info("== rl: GRPO from the MLE model of %s tokens, on %s prompt + completion tokens", f"{branch_tokens:,}",
-             f"{rl_tokens:,}")
-    scored = score_run_corpus(mle.cfg, data_dir, progress=False)
-    summary = rl_finetune(snapshot, mle.cfg, scored, out / "rl", rl_tokens, progress=progress, rl=rl_cfg)
-    res = evaluate_checkpoint(out / "rl" / "checkpoint", mle.cfg, scored, out / "rl", progress=progress)
+    key = stable_hash({"base": config_to_yaml(base.cfg), "rl": rl_cfg.__dict__, "tokens": rl_tokens,
+                       "branch": branch})
+    old = previous.get("objectives", {}).get(name)
+    if old and old.get("config_hash") == key and (out / arm.run_dir / "checkpoint").exists() and \
+            (out / arm.run_dir / "before" / "results.json").exists():
+        log.info("== %s: reusing its results (same config)", name)
+        results["objectives"][name] = old
+        return arm
+    log.info("== %s: GRPO from the %s model of %s tokens, on %s prompt + completion tokens", name, base.name,
+             f"{branch_tokens:,}", f"{rl_tokens:,}")
+    scored = score_run_corpus(base.cfg, data_dir, progress=False)
+    summary = rl_finetune(snapshot, base.cfg, scored, out / arm.run_dir, rl_tokens, progress=progress, rl=rl_cfg)
+    # the base as RL found it, measured as every arm is: the "before" of the hacking signals
+    evaluate_checkpoint(snapshot, base.cfg, scored, out / arm.run_dir / "before", progress=progress)
+    res = evaluate_checkpoint(out / arm.run_dir / "checkpoint", base.cfg, scored, out / arm.run_dir,
+                              progress=progress)
     res.update(train_tokens=summary["tokens"], tokens_seen_total=branch_tokens + summary["tokens"],
                train_seconds=summary["seconds"], objective_settings={"name": "rl", **summary["rl"]}, kind="rl",
-               run_dir="rl", config_hash=key, distinct_2=res.get("unconditional", {}).get("distinct_2"))
-    write_json(out / "rl" / "results.json", res)
-    results["objectives"]["rl"] = res
+               run_dir=arm.run_dir, config_hash=key, rl_base=base.name,
+               distinct_2=res.get("unconditional", {}).get("distinct_2"))
+    write_json(out / arm.run_dir / "results.json", res)
+    results["objectives"][name] = res
     write_json(out / "results.json", results)
+    return arm
+
+
+def _rl_study(results: dict, out: Path, rl_arms: list[Arm], task: str, progress: bool) -> dict:
+    """The RL arms side by side (phf.analysis.rl.compare_bases), with their figure."""
+    studies = {}
+    for arm in rl_arms:
+        base = results["objectives"][arm.name].get("rl_base") or "mle"
+        before = read_json(out / arm.run_dir / "before" / "results.json")
+        before["distinct_2"] = before.get("unconditional", {}).get("distinct_2")
+        studies[base] = base_study(before, results["objectives"][arm.name],
+                                   read_jsonl(out / arm.run_dir / "metrics.jsonl"))
+    study = compare_bases(studies)
+    scorer = results["objectives"][rl_arms[0].name].get("scorer", task)
+    study["figure"] = str(plot_rl_bases(study, out / "rl_from_bases.png", scorer))
+    log.info("PHF, then RL: %s", study["answer"])
+    return study
 
 
 def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:

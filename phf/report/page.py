@@ -16,7 +16,7 @@ Figures:
   score distribution          share of unconditional samples scoring above each threshold, per objective
 
 Studies written into a folder appear in their own section: `phf probe guidance --run DIR` (DIR/guidance: the
-guidance curve's figure and table).
+guidance curve's figure and table) and `phf sweep --rl` (`rl_from_bases` in results.json: RL from each base).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from phf.analysis.guidance import guidance_table
+from phf.analysis.rl import rl_study_table
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
 from phf.data.scorers import get_scorer
@@ -43,7 +44,7 @@ log = logging.getLogger("phf.report")
 
 REFERENCE = "mle"
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
-                "score_distribution", "guidance")
+                "score_distribution", "guidance", "rl_from_bases")
 COLORS = {"mle": "#444444", "filtering": "#1f77b4", "conditional": "#2ca02c", "unlikelihood": "#d62728",
           "rwr": "#9467bd", "awr": "#ff7f0e", "rl": "#8c564b"}
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#98df8a")
@@ -67,6 +68,8 @@ class Arm:
 
     @property
     def base(self) -> str:
+        if self.name.startswith("rl:"):  # RL from another pretraining arm: a colour of its own
+            return self.name
         return self.name.split(":", 1)[-1]
 
     @property
@@ -436,8 +439,24 @@ def _rows_html(rows: list[list[str]]) -> str:
 
 
 def studies(rep: Report) -> tuple[list[Figure], str]:
-    """The figures and HTML of the studies found in the report's folders (the guidance curve)."""
+    """The figures and HTML of the studies found in the report's folders (the guidance curve, RL from bases)."""
     figures, parts = [], []
+    for d, res in zip(rep.dirs, rep.results):
+        study = res.get("rl_from_bases")
+        if study:
+            seeds = study["bases"][next(iter(study["bases"]))].get("seeds", 1)
+            caption = ("PHF, then RL: the same GRPO budget from each pretraining arm's weights at the same step. "
+                       "Left: the training misalignment (-reward) per step and its moving average; right: the KL to "
+                       f"the start model. Table: each base before and after RL ({seeds} seed(s); figures are means "
+                       "over seeds); judge/scorer change above 1 means the reward improved more than the judge saw.")
+            png = d / "rl_from_bases.png" if (d / "rl_from_bases.png").exists() else None
+            png = png or next(iter(sorted(d.glob("seed-*/rl_from_bases.png"))), None)
+            if png is not None:
+                figures.append(Figure("rl_from_bases", "PHF, then RL", caption, png.read_bytes()))
+            answers = study.get("answer_per_seed") or [study.get("answer", "")]
+            parts.append(f"<h3>PHF, then RL ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
+                         + _rows_html(rl_study_table(study))
+                         + "".join(f"<p>{html.escape(a)}</p>" for a in answers))
     for d in rep.dirs:
         path = d / "guidance" / "results.json"
         if not path.exists():
