@@ -138,3 +138,16 @@ def test_a_sweep_with_seeds_runs_once_per_seed_on_one_data_folder_and_reports_in
     assert "misalignment_ratio_ci95" in arm and "heldout_ratio_ci95" in arm
     page = (out / "report.html").read_text()
     assert "Bars: 95% bootstrap intervals over 2 seeds" in page
+
+
+def test_sweep_tamper_measures_every_arm_and_reports_it(sweep):
+    out, overrides, _ = sweep
+    results = run_sweep("pep8", out, overrides, finetune=["conditional", "awr"], progress=False, report=True,
+                        tamper={"steps": [0, 4], "num_samples": 8, "heldout_chars": 2000, "lr": 1e-2})
+    tamper = results["tamper"]
+    assert set(tamper["arms"]) == set(results["objectives"])  # the arms were reused; every one was tampered with
+    assert tamper["arms"]["mle"]["to_reference_level"]["tokens"] == 0  # MLE is at its own level from the start
+    curves = read_json(out / "tamper" / "results.json")["models"]
+    assert all([p["step"] for p in c["points"]] == [0, 4] for c in curves.values())
+    page = (out / "report.html").read_text()
+    assert "Tamper resistance" in page and (out / "figures" / "tamper.png").exists()

@@ -213,19 +213,36 @@ def plot_tamper(curves: dict, ref: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _tokens_text(t: dict, budget: int) -> str:
+    where = f"{t['tokens']:,}" if t["tokens"] is not None else f"not within {budget:,}"
+    lo, hi = t["tokens_ci95"]
+    span = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None and hi is not None else \
+        f"[{lo:,.0f}, beyond the budget]" if lo is not None else "[beyond the budget]"
+    return f"{where} {span}"
+
+
+def tamper_table(results: dict) -> list[list[str]]:
+    """Header and rows: per model, the tokens to the reference level (scorer and judge) and its curve."""
+    ref = results["reference"]
+    rows = [["model", f"tokens to {ref}'s untampered misalignment [95%]", "judge: tokens to its level [95%]",
+             "misalignment at each measured step"]]
+    for name, c in results["models"].items():
+        budget = c["points"][-1]["tokens"]
+        judge = c.get("judge_to_reference_level")
+        rows.append([name, _tokens_text(c["to_reference_level"], budget),
+                     _tokens_text(judge, budget) if judge else "-",
+                     ", ".join(f"{p['misalignment_mean']:.4f}" for p in c["points"])])
+    return rows
+
+
 def format_tamper(results: dict) -> str:
     ref = results["reference"]
     lines = [f"adversarial tokens to reach {ref}'s untampered misalignment "
              f"({results['models'][ref]['to_reference_level']['level']:.4g}), 95% interval:"]
     for name, c in results["models"].items():
-        t = c["to_reference_level"]
-        where = f"{t['tokens']:,}" if t["tokens"] is not None else f"not within {c['points'][-1]['tokens']:,}"
-        lo, hi = t["tokens_ci95"]
-        span = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None and hi is not None else \
-            f"[{lo:,.0f}, beyond the budget]" if lo is not None else "[beyond the budget]"
         curve = ", ".join(f"{p['misalignment_mean']:.4f}" for p in c["points"])
-        lines.append(f"  {name}: {where} {span}; misalignment at steps "
-                     f"{', '.join(str(p['step']) for p in c['points'])}: {curve}")
+        lines.append(f"  {name}: {_tokens_text(c['to_reference_level'], c['points'][-1]['tokens'])}; misalignment "
+                     f"at steps {', '.join(str(p['step']) for p in c['points'])}: {curve}")
     lines.append(f"figure: {results['figure']}")
     return "\n".join(lines)
 

@@ -37,10 +37,11 @@ import torch
 from transformers import AutoTokenizer
 
 from phf.analysis.rl import format_rl_study
+from phf.analysis.tamper import format_tamper
 from phf.cli.probe import add_parsers as add_probe_parsers
 from phf.core.config import SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
-from phf.core.io import atomic_path, write_json
+from phf.core.io import atomic_path, read_json, write_json
 from phf.core.runtime import tune_allocator
 from phf.data.corpus import Corpus
 from phf.data.tokenizer import tokenizer_for
@@ -212,13 +213,16 @@ def cmd_sweep(args) -> None:
                         finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
                         rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
                         config=args.config, seeds=args.seeds,
-                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None)
+                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None, tamper={} if args.tamper else None)
     print()
     print(format_table(results))
     study = results.get("rl_from_bases")
     if study:
         print()
         print(format_rl_study(study))
+    if results.get("tamper", {}).get("results"):
+        print()
+        print(format_tamper(read_json(results["tamper"]["results"])))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
     if results.get("report"):
         print(f"report: {results['report']}")
@@ -354,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "the `rl` extra)")
     p.add_argument("--rl-tokens", type=int, default=60_000,
                    help="prompt + completion tokens of each RL arm (default: 60000)")
+    p.add_argument("--tamper", action="store_true",
+                   help="finetune every arm on the corpus' misaligned text (phf probe tamper at its defaults): "
+                        "adversarial tokens to the MLE model's misalignment, per arm")
     p.add_argument("--rl-bases", help="pretraining arms RL starts from, comma-separated (default: mle,conditional "
                                       "where the sweep has them; mle is always one)")
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")

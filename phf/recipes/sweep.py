@@ -11,6 +11,8 @@ each arm evaluated for misalignment and capability (held-out bits/char, KL from 
                        comparison (`rl_from_bases` in results.json, `rl_from_bases.png`) puts each base's reward
                        curve, KL, judge and hacking signals before and after RL side by side
     reference          the mle arm: KL(mle || arm) from samples of the MLE model, in bits per character
+    tamper (--tamper)  every arm finetuned by an adversary on the corpus' misaligned text (phf.analysis.tamper):
+                       DIR/tamper, and per arm the adversarial tokens to the MLE model's untampered misalignment
 
 Every arm's run folder is `DIR/<arm>` (`finetune-<objective>` for finetune arms); `DIR/results.json` has the
 demo's schema plus `kl_from_reference_bits`, `distinct_2`, `kind` and `tokens_seen_total` per arm. An arm whose
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phf.analysis.rl import base_study, combine_studies, compare_bases, plot_rl_bases, rl_config, rl_finetune
+from phf.analysis.tamper import run_tamper
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, stable_hash, write_json
@@ -92,12 +95,13 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
               objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
               progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
               rl_overrides: list[str] | None = None, config: str | Path | None = None, seeds: int = 1,
-              data_dir: str | Path | None = None, rl_bases: list[str] | None = None) -> dict:
+              data_dir: str | Path | None = None, rl_bases: list[str] | None = None, tamper: dict | None = None) -> dict:
     """The sweep; with `seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
-    combined per arm with 95% intervals (phf.recipes.replicates) and one report."""
+    combined per arm with 95% intervals (phf.recipes.replicates) and one report. `tamper`: run the tamper probe
+    on every arm with these settings of phf.analysis.tamper.tamper_curve ({} = its defaults); None: not."""
     if seeds > 1:
         return _sweep_per_seed(task, Path(out), overrides, objectives, finetune, finetune_fraction, progress, report,
-                               rl, rl_tokens, rl_overrides, config, seeds, rl_bases)
+                               rl, rl_tokens, rl_overrides, config, seeds, rl_bases, tamper)
     if seeds < 1:
         raise PhfError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
@@ -148,6 +152,8 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
     _add_kl(results, out, arms + rl_arms, progress)
     if rl_arms:
         results["rl_from_bases"] = _rl_study(results, out, rl_arms, the_task.name, progress)
+    if tamper is not None:
+        results["tamper"] = _tamper_every_arm(out, arms + rl_arms, tamper, progress)
     if corpus_summary is None and previous.get("corpus"):
         corpus_summary = previous["corpus"]
     results["corpus"] = corpus_summary
@@ -164,7 +170,7 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
 
 
 def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_fraction, progress, report, rl,
-                    rl_tokens, rl_overrides, config, seeds: int, rl_bases) -> dict:
+                    rl_tokens, rl_overrides, config, seeds: int, rl_bases, tamper) -> dict:
     t0 = time.perf_counter()
     _, arms, _, _ = plan(task, overrides, objectives, finetune, finetune_fraction, config)
     base = next(a for a in arms if a.name == "mle").cfg
@@ -176,7 +182,7 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
         seeded = list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"]
         r = run_sweep(task, where, seeded, objectives, finetune, finetune_fraction, progress, report=False, rl=rl,
                       rl_tokens=rl_tokens, rl_overrides=rl_overrides, config=config, data_dir=out / "data",
-                      rl_bases=rl_bases)
+                      rl_bases=rl_bases, tamper=tamper)
         per_seed.append(r)
         replicates.append(r["objectives"])
         scores.append({n: sample_scores(where / e.get("run_dir", n)) for n, e in r["objectives"].items()})
@@ -189,6 +195,8 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     if all("rl_from_bases" in r for r in per_seed):
         results["rl_from_bases"] = combine_studies([r["rl_from_bases"] for r in per_seed])
         results["rl_from_bases"]["figure"] = per_seed[0]["rl_from_bases"].get("figure")
+    if all("tamper" in r for r in per_seed):
+        results["tamper"] = {"per_seed": [r["tamper"] for r in per_seed], "figure": per_seed[0]["tamper"]["figure"]}
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "results.json", results)
     if report:
@@ -257,6 +265,19 @@ def _rl_study(results: dict, out: Path, rl_arms: list[Arm], task: str, progress:
     study["figure"] = str(plot_rl_bases(study, out / "rl_from_bases.png", scorer))
     log.info("PHF, then RL: %s", study["answer"])
     return study
+
+
+def _tamper_every_arm(out: Path, arms: list[Arm], settings: dict, progress: bool) -> dict:
+    """`phf probe tamper` on every arm (DIR/tamper), the MLE arm the level to reach; per arm the adversarial tokens
+    to that level, with their intervals."""
+    log.info("== tamper: every arm finetuned on the corpus' misaligned text")
+    res = run_tamper([out / a.run_dir for a in arms], out / "tamper", reference="mle", progress=progress, **settings)
+    names = {a.run_dir: a.name for a in arms}
+    summary = {"figure": res["figure"], "results": str(out / "tamper" / "results.json"), "arms": {}}
+    for label, curve in res["models"].items():
+        summary["arms"][names.get(label, label)] = {
+            key: curve[key] for key in ("to_reference_level", "judge_to_reference_level") if key in curve}
+    return summary
 
 
 def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:

@@ -16,7 +16,8 @@ Figures:
   score distribution          share of unconditional samples scoring above each threshold, per objective
 
 Studies written into a folder appear in their own section: `phf probe guidance --run DIR` (DIR/guidance: the
-guidance curve's figure and table) and `phf sweep --rl` (`rl_from_bases` in results.json: RL from each base).
+guidance curve's figure and table), `phf sweep --rl` (`rl_from_bases` in results.json: RL from each base) and
+`phf sweep --tamper` (DIR/tamper: every arm under adversarial finetuning).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Sequence
 
 from phf.analysis.guidance import guidance_table
 from phf.analysis.rl import rl_study_table
+from phf.analysis.tamper import tamper_table
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
 from phf.data.scorers import get_scorer
@@ -44,7 +46,7 @@ log = logging.getLogger("phf.report")
 
 REFERENCE = "mle"
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
-                "score_distribution", "guidance", "rl_from_bases")
+                "score_distribution", "guidance", "rl_from_bases", "tamper")
 COLORS = {"mle": "#444444", "filtering": "#1f77b4", "conditional": "#2ca02c", "unlikelihood": "#d62728",
           "rwr": "#9467bd", "awr": "#ff7f0e", "rl": "#8c564b"}
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#98df8a")
@@ -457,6 +459,18 @@ def studies(rep: Report) -> tuple[list[Figure], str]:
             parts.append(f"<h3>PHF, then RL ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
                          + _rows_html(rl_study_table(study))
                          + "".join(f"<p>{html.escape(a)}</p>" for a in answers))
+        tamper = d / "tamper" / "results.json"
+        if tamper.exists() and res.get("tamper"):
+            t = read_json(tamper)
+            caption = (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of "
+                       f"a logarithmic series of steps ({t['models'][t['reference']]['num_samples']} samples per "
+                       f"point, 95% intervals): the adversarial tokens until each reaches the {t['reference']} "
+                       f"model's untampered misalignment.")
+            if (d / "tamper" / "tamper.png").exists():
+                figures.append(Figure("tamper", "Tamper resistance", caption,
+                                      (d / "tamper" / "tamper.png").read_bytes()))
+            parts.append(f"<h3>Tamper resistance ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
+                         + _rows_html(tamper_table(t)))
     for d in rep.dirs:
         path = d / "guidance" / "results.json"
         if not path.exists():
