@@ -8,11 +8,13 @@
     phf evaluate   model -> samples, scores, held-out bits/char -> results.json
     phf demo       all of the above for MLE, filtering and conditional training, and a table
     phf sweep      all six objectives, pretraining vs. finetuning with feedback, KL from MLE, table + report
+    phf scaling    an objective's misalignment ratio to MLE over a grid of token budgets and model sizes, with seeds
     phf judge      a demo or sweep folder's samples scored by a held-out judge, results recombined with intervals
     phf bench      throughput figures of scoring, training and sampling
     phf config     show the resolved config of a task or file, each field with its documentation
     phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
-    phf probe      masks | reweighting | attribution | lengths | ending: what a model simulates, with numbers
+    phf probe      masks | reweighting | attribution | lengths | ending | tamper | guidance: what a model does
+                   and simulates, with numbers
     phf redteam    automated adversarial prompt search against a model, per round
     phf rl         RL finetuning baseline (GRPO with a KL penalty, the scorer as reward)
 """
@@ -53,6 +55,7 @@ from phf.model.lm import load_meta, load_model
 from phf.recipes import bench
 from phf.recipes.demo import format_table, run_demo
 from phf.recipes.replicates import rejudge
+from phf.recipes.scaling import format_scaling, run_scaling
 from phf.recipes.sweep import run_sweep
 from phf.report.page import write_report
 from phf.tasks import all_sources, get_task, score_run_corpus, task_for
@@ -228,6 +231,14 @@ def cmd_sweep(args) -> None:
         print(f"report: {results['report']}")
 
 
+def cmd_scaling(args) -> None:
+    results = run_scaling(args.task, args.out, [int(float(t)) for t in args.tokens.split(",") if t.strip()],
+                          [z.strip() for z in args.sizes.split(",") if z.strip()], seeds=args.seeds,
+                          objective=args.objective, overrides=args.overrides)
+    print(format_scaling(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}")
+
+
 def cmd_bench(args) -> None:
     if args.threads:
 
@@ -342,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", default="", help="a scorer name or module:callable (default: each run's eval.judge, "
                                                "else its task's)")
     p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("scaling", help="an objective's misalignment ratio to MLE against training tokens and model "
+                                       "size, over seeds, with the slope")
+    p.add_argument("--task", default="toxicity", help="a shipped task (default: toxicity)")
+    p.add_argument("--tokens", required=True, help="token budgets, comma-separated (e.g. 350000,700000,1400000)")
+    p.add_argument("--sizes", default="4x128", help="model sizes LAYERSxWIDTH, comma-separated (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per grid point (default: %(default)s)")
+    p.add_argument("--objective", default="conditional", help="the objective compared with MLE (default: "
+                                                              "%(default)s)")
+    p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every run's config (e.g. objective.control_embedding=false sample.guidance=0 for "
+                        "the paper's form of conditional training)")
+    p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "
                                      "a table and a report")

@@ -47,16 +47,17 @@ def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives
 
 def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[str] | None = None,
              objectives: list[str] | None = None, progress: bool = True, config: str | Path | None = None,
-             init_from: str | Path | None = None, seeds: int = 1) -> dict:
+             init_from: str | Path | None = None, seeds: int = 1, data_dir: str | Path | None = None) -> dict:
     """Train each objective's arm (from scratch, or finetuned from the model folder `init_from` with its own
     tokenizer), evaluate it, and write `results.json`. With `seeds` > 1 every arm is trained and sampled once per
     seed (`DIR/seed-<seed>/<objective>`, one shared data folder) and the results carry the mean over seeds with
-    95% intervals; one seed keeps `DIR/<objective>` and its intervals cover the samples only."""
+    95% intervals; one seed keeps `DIR/<objective>` and its intervals cover the samples only. The scored corpus and
+    tokenizer live in `data_dir` (default DIR/data)."""
     if seeds < 1:
         raise PhfError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     out = Path(out)
-    data_dir = out / "data"
+    data_dir = Path(data_dir) if data_dir else out / "data"
     the_task, configs = arm_configs(task, config, objectives, overrides)
     first_seed = next(iter(configs.values())).train.seed
     seed_list = [first_seed + k for k in range(seeds)]
