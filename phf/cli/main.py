@@ -216,7 +216,8 @@ def cmd_sweep(args) -> None:
                         finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
                         rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
                         config=args.config, seeds=args.seeds,
-                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None, tamper={} if args.tamper else None)
+                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None,
+                        tamper={} if args.tamper else None)
     print()
     print(format_table(results))
     study = results.get("rl_from_bases")

@@ -45,10 +45,10 @@ SWEEP_OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "rwr", "a
 # The finetune arms of the default sweep. unlikelihood is left out (add it with --finetune) to keep the default
 # sweep within 30 minutes on 2 cores: at PEP8's alpha 0.01 its pretraining arm is indistinguishable from MLE.
 FINETUNE_OBJECTIVES = ["filtering", "conditional", "rwr", "awr"]
+# The pretraining arms RL starts from with --rl, where the sweep has them: without feedback and with it from the start.
+RL_BASES = ["mle", "conditional"]
 # Applied to every arm before the user's --set: fewer evaluation samples than the demo (11 arms, not 3) and an
 # evaluation schedule during training, for the misalignment-vs-tokens curves.
-# The pretraining arms RL starts from with --rl, where the sweep has them: plain pretraining and feedback from the start.
-RL_BASES = ["mle", "conditional"]
 SWEEP_OVERRIDES = ["sample.num_samples=128", "sample.num_prompts=32", "eval.heldout_chars=150000", "train.eval_every=65",
                    "train.eval_samples=8"]
 
@@ -95,7 +95,8 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
               objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
               progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
               rl_overrides: list[str] | None = None, config: str | Path | None = None, seeds: int = 1,
-              data_dir: str | Path | None = None, rl_bases: list[str] | None = None, tamper: dict | None = None) -> dict:
+              data_dir: str | Path | None = None, rl_bases: list[str] | None = None,
+              tamper: dict | None = None) -> dict:
     """The sweep; with `seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
     combined per arm with 95% intervals (phf.recipes.replicates) and one report. `tamper`: run the tamper probe
     on every arm with these settings of phf.analysis.tamper.tamper_curve ({} = its defaults); None: not."""
@@ -151,7 +152,7 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
                        progress) for base in (next(a for a in arms if a.name == b) for b in bases)]
     _add_kl(results, out, arms + rl_arms, progress)
     if rl_arms:
-        results["rl_from_bases"] = _rl_study(results, out, rl_arms, the_task.name, progress)
+        results["rl_from_bases"] = _rl_study(results, out, rl_arms, the_task.name)
     if tamper is not None:
         results["tamper"] = _tamper_every_arm(out, arms + rl_arms, tamper, progress)
     if corpus_summary is None and previous.get("corpus"):
@@ -251,7 +252,7 @@ def _rl_arm(results: dict, previous: dict, out: Path, base: Arm, branch: int, br
     return arm
 
 
-def _rl_study(results: dict, out: Path, rl_arms: list[Arm], task: str, progress: bool) -> dict:
+def _rl_study(results: dict, out: Path, rl_arms: list[Arm], task: str) -> dict:
     """The RL arms side by side (phf.analysis.rl.compare_bases), with their figure."""
     studies = {}
     for arm in rl_arms:

@@ -459,16 +459,18 @@ def studies(rep: Report) -> tuple[list[Figure], str]:
             parts.append(f"<h3>PHF, then RL ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
                          + _rows_html(rl_study_table(study))
                          + "".join(f"<p>{html.escape(a)}</p>" for a in answers))
-        tamper = d / "tamper" / "results.json"
-        if tamper.exists() and res.get("tamper"):
+        # a sweep over seeds shows its first seed's tamper curves
+        tamper = next((p for p in [d / "tamper" / "results.json", *sorted(d.glob("seed-*/tamper/results.json"))]
+                       if p.exists()), None)
+        if tamper is not None and res.get("tamper"):
             t = read_json(tamper)
             caption = (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of "
                        f"a logarithmic series of steps ({t['models'][t['reference']]['num_samples']} samples per "
                        f"point, 95% intervals): the adversarial tokens until each reaches the {t['reference']} "
                        f"model's untampered misalignment.")
-            if (d / "tamper" / "tamper.png").exists():
+            if (tamper.parent / "tamper.png").exists():
                 figures.append(Figure("tamper", "Tamper resistance", caption,
-                                      (d / "tamper" / "tamper.png").read_bytes()))
+                                      (tamper.parent / "tamper.png").read_bytes()))
             parts.append(f"<h3>Tamper resistance ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
                          + _rows_html(tamper_table(t)))
     for d in rep.dirs:
