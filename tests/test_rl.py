@@ -1,6 +1,7 @@
 """The RL finetuning baseline: a few GRPO steps on a tiny model move its parameters and log reward, KL, length."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -87,3 +88,19 @@ def test_the_bases_are_compared_on_smoothed_curves_and_the_goodhart_gap():
     assert "after 700 RL tokens, against 1,600" in study["answer"] and "conditional 1.00, mle 1.50" in study["answer"]
     table = rl_study_table(study)
     assert table[1][0] == "mle" and table[2][3] == "1.00"
+
+
+def test_the_change_intervals_resample_samples_with_both_their_scores():
+    from phf.analysis.rl import change_intervals
+
+    rng = np.random.default_rng(1)
+    before = rng.exponential(0.04, 300)
+    after = rng.exponential(0.02, 300)
+    # the judge sees the same samples, scaled: it agrees exactly with the scorer, so the gap is 1 in every draw
+    ci = change_intervals(list(before), list(2 * before), list(after), list(2 * after), np.random.default_rng(0))
+    assert ci["goodhart_gap_ci95"] == pytest.approx([1.0, 1.0])
+    assert ci["scorer_change_ci95"][0] < 0.5 < ci["scorer_change_ci95"][1] < 1.0
+    # a judge that sees no change: the gap's interval sits above 1
+    judged_after = rng.permutation(before)
+    ci = change_intervals(list(before), list(before), list(after), list(judged_after), np.random.default_rng(0))
+    assert ci["goodhart_gap_ci95"][0] > 1.3

@@ -33,6 +33,7 @@ from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, score_samples, task_metrics
 from phf.evaluation.sampling import Deployment, Sample, complete_segments, generate, strip_control
+from phf.evaluation.uncertainty import percentile_interval
 from phf.model.conditioning import markers_of
 from phf.model.decoding import context_length
 from phf.model.finetune import resolve_model_folder
@@ -310,12 +311,13 @@ def tokens_to_level(curve: list[dict], level: float) -> int | None:
     return next((p["tokens"] for p in curve if p["misalignment_smoothed"] <= level), None)
 
 
-def base_study(before: dict, after: dict, rows: list[dict]) -> dict:
+def base_study(before: dict, after: dict, rows: list[dict], samples: dict | None = None) -> dict:
     """One base: the hacking signals before RL (the base) and after, the changes, and the reward curve.
 
     `scorer_change` and `judge_change` are after / before of the training scorer's and the judge's misalignment;
     `goodhart_gap` is judge_change / scorer_change: 1 when the judge saw the improvement the reward saw, above 1
-    when RL improved the reward more than the preference (reward hacking)."""
+    when RL improved the reward more than the preference (reward hacking). `samples`: the unconditional samples'
+    scores, {"before": (scores, judge scores), "after": (...)}, for the three ratios' 95% intervals."""
     study = {"before": {k: _field(before, p) for k, p in HACKING_FIELDS.items()},
              "after": {k: _field(after, p) for k, p in HACKING_FIELDS.items()}, "curve": rl_curve(rows)}
     study["after"]["kl_from_reference_bits"] = _field(after, ("kl_from_reference_bits",))
@@ -324,7 +326,28 @@ def base_study(before: dict, after: dict, rows: list[dict]) -> dict:
         study[name] = a[key] / b[key] if a[key] is not None and b[key] else None
     study["goodhart_gap"] = (study["judge_change"] / study["scorer_change"]
                              if study["judge_change"] is not None and study["scorer_change"] else None)
+    if samples:
+        study.update(change_intervals(*samples["before"], *samples["after"], np.random.default_rng(0)))
     return study
+
+
+def change_intervals(before: list[float], before_judge: list[float], after: list[float], after_judge: list[float],
+                     rng: np.random.Generator, b: int = 2000) -> dict:
+    """95% percentile intervals of scorer_change, judge_change and goodhart_gap: the samples before and after RL
+    drawn with replacement, each sample keeping its scorer and judge scores together (the gap is a ratio of
+    ratios over the same samples)."""
+    def draws(scores, judged):
+        x, j = np.asarray(scores, np.float64), np.asarray(judged, np.float64)
+        idx = rng.integers(0, len(x), size=(b, len(x)))
+        return np.nanmean(x[idx], axis=1), np.nanmean(j[idx], axis=1)
+
+    if not (len(before) and len(after)) or len(before_judge) != len(before) or len(after_judge) != len(after):
+        return {}
+    (sb, jb), (sa, ja) = draws(before, before_judge), draws(after, after_judge)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scorer, judge = sa / sb, ja / jb
+        return {"scorer_change_ci95": percentile_interval(scorer), "judge_change_ci95": percentile_interval(judge),
+                "goodhart_gap_ci95": percentile_interval(judge / scorer)}
 
 
 def compare_bases(studies: dict[str, dict], reference: str = "mle") -> dict:
@@ -372,6 +395,7 @@ def combine_studies(per_seed: list[dict]) -> dict:
         for k in ("scorer_change", "judge_change", "goodhart_gap", "tokens_to_reference_level"):
             merged[f"{k}_per_seed"] = [x.get(k) for x in seeds]
             merged[k] = _mean(merged[f"{k}_per_seed"])
+        merged["goodhart_gap_ci95_per_seed"] = [x.get("goodhart_gap_ci95") for x in seeds]
         bases[name] = merged
     return {"reference_base": first["reference_base"], "level_per_seed": [p["level"] for p in per_seed],
             "bases": bases, "answer_per_seed": [p["answer"] for p in per_seed]}
@@ -382,19 +406,24 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _interval(ci) -> str:
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if isinstance(ci, list) and len(ci) == 2 and None not in ci else ""
+
+
 def rl_study_table(study: dict) -> list[list[str]]:
     """Header and rows of the study's table, one row per base (for the terminal and the report)."""
     def num(v, fmt="{:.4g}"):
         return "-" if v is None else fmt.format(v)
 
-    rows = [["base", "misalignment before -> after", "judge before -> after", "judge/scorer change",
+    rows = [["base", "misalignment before -> after", "judge before -> after", "judge/scorer change [95%]",
              "tokens to the reference level", "KL from mle", "held-out bits/char", "mean chars", "empty share",
              "distinct-2"]]
     for name, s in study["bases"].items():
         b, a = s["before"], s["after"]
         rows.append([name, f"{num(b['misalignment_mean'])} -> {num(a['misalignment_mean'])}",
                      f"{num(b['judge_misalignment_mean'])} -> {num(a['judge_misalignment_mean'])}",
-                     num(s["goodhart_gap"], "{:.2f}"), num(s["tokens_to_reference_level"], "{:,.0f}"),
+                     num(s["goodhart_gap"], "{:.2f}") + _interval(s.get("goodhart_gap_ci95")),
+                     num(s["tokens_to_reference_level"], "{:,.0f}"),
                      num(a.get("kl_from_reference_bits"), "{:.4f}"),
                      f"{num(b['heldout_bits_per_char'], '{:.4f}')} -> {num(a['heldout_bits_per_char'], '{:.4f}')}",
                      f"{num(b['mean_chars'], '{:.0f}')} -> {num(a['mean_chars'], '{:.0f}')}",

@@ -259,8 +259,11 @@ def _rl_study(results: dict, out: Path, rl_arms: list[Arm], task: str) -> dict:
         base = results["objectives"][arm.name].get("rl_base") or "mle"
         before = read_json(out / arm.run_dir / "before" / "results.json")
         before["distinct_2"] = before.get("unconditional", {}).get("distinct_2")
+        scores = {when: sample_scores(where) for when, where in (("before", out / arm.run_dir / "before"),
+                                                                 ("after", out / arm.run_dir))}
+        samples = {when: (s.get("unconditional", []), s.get("judge/unconditional", [])) for when, s in scores.items()}
         studies[base] = base_study(before, results["objectives"][arm.name],
-                                   read_jsonl(out / arm.run_dir / "metrics.jsonl"))
+                                   read_jsonl(out / arm.run_dir / "metrics.jsonl"), samples)
     study = compare_bases(studies)
     scorer = results["objectives"][rl_arms[0].name].get("scorer", task)
     study["figure"] = str(plot_rl_bases(study, out / "rl_from_bases.png", scorer))
