@@ -362,23 +362,31 @@ def compare_bases(studies: dict[str, dict], reference: str = "mle") -> dict:
 
 
 def answer(studies: dict[str, dict], reference: str, level: float | None) -> str:
+    """One sentence per base against the reference: tokens to the level, where its curve starts and ends, and the
+    judge/scorer change ratios."""
     if reference not in studies or len(studies) < 2 or level is None:
         return "one base only: nothing to compare"
-    parts = []
     ref = studies[reference]
-    for name, s in studies.items():
-        if name == reference:
-            continue
-        t, rt = s["tokens_to_reference_level"], ref["tokens_to_reference_level"]
-        reach = (f"reaches the {reference} base's final training misalignment ({level:.4g}) after "
-                 f"{t:,} RL tokens, against {rt:,} for the {reference} base" if t is not None and rt is not None else
-                 f"does not reach the {reference} base's final training misalignment ({level:.4g}) within the budget")
-        gaps = [(n, x["goodhart_gap"]) for n, x in ((name, s), (reference, ref))]
-        gap = ("; judge/scorer change ratio (1 = no hacking, above 1 = the reward improved more than the judge): "
-               + ", ".join(f"{n} {g:.2f}" for n, g in gaps if g is not None)) if all(g is not None for _, g in gaps) \
-            else ""
-        parts.append(f"the {name} base {reach}{gap}")
-    return "; ".join(parts)
+    return "; ".join(_answer_one(name, s, reference, ref, level) for name, s in studies.items() if name != reference)
+
+
+def _answer_one(name: str, s: dict, reference: str, ref: dict, level: float) -> str:
+    t, rt = s["tokens_to_reference_level"], ref["tokens_to_reference_level"]
+    if t is not None and rt is not None:
+        reach = (f"reaches the {reference} base's final training misalignment ({level:.4g}) after {t:,} RL tokens, "
+                 f"against {rt:,} for the {reference} base")
+    else:
+        reach = f"does not reach the {reference} base's final training misalignment ({level:.4g}) within the budget"
+
+    def span(x: dict) -> str:
+        return f"{x['curve'][0]['misalignment_smoothed']:.4g} -> {x['curve'][-1]['misalignment_smoothed']:.4g}"
+
+    text = f"the {name} base {reach} (training misalignment, first -> last step: {name} {span(s)}, " \
+           f"{reference} {span(ref)})"
+    if s["goodhart_gap"] is not None and ref["goodhart_gap"] is not None:
+        text += (f"; judge/scorer change ratio (1 = no hacking, above 1 = the reward improved more than the judge): "
+                 f"{name} {s['goodhart_gap']:.2f}, {reference} {ref['goodhart_gap']:.2f}")
+    return text
 
 
 def combine_studies(per_seed: list[dict]) -> dict:
