@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -76,10 +77,8 @@ def replicate_curve(model_path, reference_path, strengths: Sequence[float], num_
     judge, judge_block = judge_for(cfg, task)
     segmenter = get_segmenter(scorer.segmenter)
 
-    def sampling(guidance: float) -> SampleConfig:
-        s = SampleConfig(num_samples=num_samples, max_new_tokens=cfg.sample.max_new_tokens,
-                         temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, guidance=guidance,
-                         batch_size=cfg.sample.batch_size, seed=seed)
+    def sampling(guidance: float) -> SampleConfig:  # the run's sampling settings at this strength
+        s = replace(cfg.sample, num_samples=num_samples, guidance=guidance, seed=seed)
         s.validate()
         return s
 
