@@ -20,6 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.data.segments import get_segmenter
+from phf.evaluation.loglik import swap_tokens
 from phf.evaluation.sampling import SETTINGS, Deployment, deployed_sampling, nucleus_mask
 from phf.model.conditioning import markers_of
 from phf.model.decoding import context_length, make_decoder
@@ -46,10 +47,7 @@ class DeployedLogitsProcessor(LogitsProcessor):
         self.decoder = None
 
     def _swap(self, ids: torch.Tensor) -> torch.Tensor:
-        out = ids.clone()
-        for a, b in self.negative.items():
-            out[ids == a] = b
-        return out
+        return swap_tokens(ids, self.negative)
 
     def _negative_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:  # first step: the prompts, their left padding dropped

@@ -129,14 +129,15 @@ def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
             with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 logits = model(inp, **inputs).logits
                 if guidance > 0 and negative:
-                    swapped = {k: (_swap(v, negative) if k != "attention_mask" else v) for k, v in inputs.items()}
-                    logits = _guided(logits, model(_swap(inp, negative), **swapped).logits, guidance)
+                    swapped = {k: (swap_tokens(v, negative) if k != "attention_mask" else v) for k, v in inputs.items()}
+                    logits = _guided(logits, model(swap_tokens(inp, negative), **swapped).logits, guidance)
             yield WindowBatch(group, logits.float(), x[:, 1:].to(device), scored)
     finally:
         model.train(was_training)
 
 
-def _swap(ids: torch.Tensor, pairs: dict[int, int]) -> torch.Tensor:
+def swap_tokens(ids: torch.Tensor, pairs: dict[int, int]) -> torch.Tensor:
+    """ids with each `a` of `pairs` replaced by its `b` (a guided row's negative: <|aligned|> -> <|misaligned|>)."""
     out = ids.clone()
     for a, b in pairs.items():
         out[ids == a] = b
