@@ -69,3 +69,11 @@ def test_a_model_without_conditional_training_and_an_empty_folder_are_refused(de
         pairs_in(tmp_path)
     with pytest.raises(PhfError, match="one per --model"):
         run_guidance([demo_like / "conditional"] * 2, [demo_like / "mle"] * 3, tmp_path / "g")
+
+
+def test_negative_or_missing_strengths_are_refused(demo_like, tmp_path):
+    from phf.analysis.guidance import run_guidance
+
+    for strengths in ([-1.0, 1.0], [], [float("inf")]):
+        with pytest.raises(PhfError, match="--strengths"):
+            run_guidance([demo_like / "conditional"], [demo_like / "mle"], tmp_path / "g", strengths=strengths)

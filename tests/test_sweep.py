@@ -151,3 +151,13 @@ def test_sweep_tamper_measures_every_arm_and_reports_it(sweep):
     assert all([p["step"] for p in c["points"]] == [0, 4] for c in curves.values())
     page = (out / "report.html").read_text()
     assert "Tamper resistance" in page and (out / "figures" / "tamper.png").exists()
+
+
+def test_rl_bases_must_be_pretraining_arms_of_the_sweep():
+    from phf.recipes.sweep import rl_bases_of
+
+    _, arms, _, _ = plan("pep8", objectives=["mle", "conditional"], finetune=["filtering"])
+    assert rl_bases_of(arms, None) == ["mle", "conditional"]
+    assert rl_bases_of(arms, ["conditional"]) == ["mle", "conditional"]  # mle is always the reference
+    with pytest.raises(PhfError, match="not a pretraining arm of this sweep"):
+        rl_bases_of(arms, ["filtering"])  # only a finetune arm here
