@@ -11,6 +11,7 @@ The prompts themselves come from the task (phf.tasks).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -191,28 +192,47 @@ def nucleus_mask(probs: torch.Tensor, top_p: float, exempt: list[int]) -> torch.
     """(B, V) -> (B, V) bool: the tokens nucleus sampling may draw, found by sorting: the non-exempt tokens while
     the mass of the more likely ones is below `top_p` of theirs (tokens of equal mass share that "ahead" mass, so
     ties at the edge are all in), and the exempt tokens. `sample_next` draws from the same set without sorting."""
-    text = probs.clone()
-    if exempt:
-        text[:, exempt] = 0.0
+    is_exempt = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
+    is_exempt[exempt] = True
+    return _nucleus_keep(probs, top_p, is_exempt if exempt else None)
+
+
+def _nucleus_keep(probs: torch.Tensor, top_p: float, is_exempt: torch.Tensor | None) -> torch.Tensor:
+    """`nucleus_mask` with the exempt tokens as a (V,) bool mask on the device (None: none), which reads no host
+    value: the form a CUDA graph can hold."""
+    text = probs if is_exempt is None else probs.masked_fill(is_exempt, 0.0)
     target = top_p * text.sum(-1, keepdim=True)
     top, idx = torch.sort(text, descending=True, dim=-1)
     ahead = (top.cumsum(-1) - top).gather(-1, torch.searchsorted(-top, -top))  # searchsorted: a tie's first token
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, (ahead < target) & (top > 0))
-    if exempt:
-        keep[:, exempt] = probs[:, exempt] > 0
-    return keep
+    return keep if is_exempt is None else torch.where(is_exempt, probs > 0, keep)
+
+
+def sample_static(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor,
+                  is_exempt: torch.Tensor | None = None) -> torch.Tensor:
+    """`sample_next`'s distribution with fixed shapes and no host value, for a CUDA graph: the nucleus by sorting
+    (`nucleus_mask`, the exempt tokens as a (V,) bool mask), then an inverse-CDF draw with the uniforms `u` (B,)
+    drawn beforehand. `sample_next`'s rejection sampler is faster on a CPU but settles a data-dependent subset of
+    rows each round, which a graph cannot hold."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = probs * _nucleus_keep(probs, top_p, is_exempt)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, banned_ids: list[int],
                  temperature: float, top_p: float, generator: torch.Generator, guidance: float = 0.0,
                  negative: dict[int, int] | None = None, exempt: list[int] | None = None,
-                 decoder: str = "auto") -> list[list[int]]:
+                 decoder: str = "auto", check_every: int = 64, cuda_graph: bool = True) -> list[list[int]]:
     """Sample continuations of token-id prompts, all in one batch; a row stops at <|endoftext|> (padded with it).
 
-    `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens. `decoder`: auto,
-    gpt2 or hf (phf.model.decoding.make_decoder). Finished rows are dropped from the batch once carrying them
-    costs more than copying the cache of the others (`_worth_dropping`).
+    `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens. `decoder`
+    (phf.model.decoding.make_decoder): auto (on a GPU `static`; elsewhere the fast GPT-2 decoder where it applies,
+    else `hf`), gpt2, hf, or static, static-gpt2, static-hf (`_generate_static`, on any device; `check_every` and
+    `cuda_graph` are its knobs). On the dynamic decoders, finished rows are dropped from the batch once carrying
+    them costs more than copying the cache of the others (`_worth_dropping`).
 
     With `guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same tokens with
     `negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
@@ -226,6 +246,10 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
     out = torch.full((B, max(max_new_tokens, 0)), eos_id, dtype=torch.long)
     if max_new_tokens <= 0:
         return out.tolist()
+    if decoder.startswith("static") or (decoder == "auto" and device.type == "cuda"):
+        static = StaticSampling(model, prompts, max_new_tokens, eos_id, banned_ids, temperature, top_p, generator,
+                                guidance if guided else 0.0, negative, exempt, decoder)
+        return static.run(check_every, cuda_graph).tolist()
     if guided:
         swap = torch.arange(unwrap(model).config.vocab_size, device=device)  # the negative rows' tokens
         swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
@@ -263,6 +287,128 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
             types = next_types(types, feed, markers)
         logits = dec.step(feed, types)
     return out.tolist()
+
+
+class StaticSampling:
+    """`generate_ids` with fixed shapes: a step (sample, record, the decoder's forward) is the same operations on
+    the same tensors every time and reads no host value, so on a GPU it is captured once as a CUDA graph and
+    replayed (`run`). The distribution is `generate_ids`'s: guidance, banned tokens, the nucleus with the exempt
+    tokens outside it (`sample_static`), control types; finished rows are padded with <|endoftext|> and stay in
+    the batch (masked, not dropped).
+
+    Why the dynamic path stalls on a GPU (its kernels are small, so a step costs what the host takes to launch
+    them, ~200 for a 12-layer GPT-2): the host waits for the GPU several times a step, so launches never run ahead
+    of the GPU. Counted on the CPU (tests/test_static_decoding.py) at 256 rows: `sample_next`'s rejection rounds
+    read each round's unsettled rows (a boolean index and `len`), the step copies the tokens to the host
+    (`tok.cpu()`) and counts finished rows (`int(done.sum())`); dropping finished rows (`keep`) allocates and
+    copies the whole cache, and the attention span and row count change shapes from step to step, which a graph
+    cannot hold. Here: the uniforms are drawn before the loop, the nucleus is found by sorting (no subsets),
+    tokens stay on the device until the end, and finished rows are counted every `check_every` steps only."""
+
+    def __init__(self, model, prompts, max_new_tokens, eos_id, banned_ids, temperature, top_p, generator,
+                 guidance, negative, exempt, decoder):
+        self.device = device = next(model.parameters()).device
+        self.guidance, self.temperature, self.top_p, self.eos_id = guidance, temperature, top_p, eos_id
+        self.steps = max_new_tokens
+        B = self.batch = len(prompts)
+        if guidance:
+            vocab = unwrap(model).config.vocab_size
+            self.swap = torch.arange(vocab, device=device)  # the negative rows' tokens
+            self.swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
+            prompts = prompts + [[negative.get(t, t) for t in p] for p in prompts]
+        kind = "static" if decoder == "auto" else decoder
+        length = max(len(p) for p in prompts) + max_new_tokens - 1  # the last token is drawn, never read
+        self.dec = make_decoder(model, len(prompts), length, kind, _autocast_dtype(device))
+        self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device) if banned_ids else None
+        self.markers = markers_of(model)
+        self.marker_ids = None if not self.markers else torch.tensor(self.markers, device=device)
+        self.exempt = None
+        if exempt:
+            self.exempt = torch.zeros(unwrap(model).config.vocab_size, dtype=torch.bool, device=device)
+            self.exempt[exempt] = True
+        self.u = torch.rand((max_new_tokens, B), generator=generator, device=device)  # every draw's uniform
+        self.out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.prompts = prompts
+
+    def _prefill(self) -> None:
+        typed, self.types = None, None
+        if self.markers:
+            typed = [control_types(torch.tensor([p]), self.markers)[0].tolist() for p in self.prompts]
+            self.types = torch.tensor([t[-1] for t in typed], device=self.device)
+        self.logits = self.dec.prefill(self.prompts, typed)  # the buffer every step's logits are copied into
+
+    def _sample(self) -> torch.Tensor:
+        """Draw this step's token of every row into `out`; the tokens (B,)."""
+        logits = self.logits
+        if self.guidance:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            logits = (1 + self.guidance) * logp[:self.batch] - self.guidance * logp[self.batch:]
+        if self.banned is not None:
+            logits = logits.index_fill(-1, self.banned, -float("inf"))
+        u = self.u.index_select(0, self.step_index)[0]
+        tok = sample_static(logits, self.temperature, self.top_p, u, self.exempt)
+        tok = torch.where(self.done, self.eos_id, tok)
+        self.out.index_copy_(1, self.step_index, tok[:, None])
+        self.done |= tok == self.eos_id
+        self.step_index += 1
+        return tok
+
+    def _step(self) -> None:
+        """Draw a token per row and read it: the logits of the next step into `logits`."""
+        tok = self._sample()
+        feed = torch.cat([tok, self.swap[tok]]) if self.guidance else tok
+        if self.markers:
+            self.types.copy_(torch.where(torch.isin(feed, self.marker_ids), feed, self.types))
+        self.logits.copy_(self.dec.step(feed, self.types))
+
+    @torch.no_grad()
+    def run(self, check_every: int = 64, cuda_graph: bool = True) -> torch.Tensor:
+        """All the steps (B, max_new_tokens) on the host. Every `check_every` steps (0: never) the host reads
+        whether all rows have ended, and stops if so. On CUDA with `cuda_graph`, the first step runs as is (it
+        also warms up the kernels) and the others replay it as a CUDA graph."""
+        with _graph_safe_autocast(self.device):
+            self._prefill()
+            replay = self._step
+            for step in range(self.steps - 1):
+                if step == 0 and cuda_graph and self.device.type == "cuda":
+                    replay = _run_and_capture(self._step, self.device)
+                else:
+                    replay()
+                if check_every and (step + 1) % check_every == 0 and bool(self.done.all()):
+                    return self.out.cpu()
+            self._sample()
+        return self.out.cpu()
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device` (the static GPT-2 cache is kept in it, so that attention does
+    not cast the whole cache every step), None without autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _graph_safe_autocast(device: torch.device):
+    """The autocast in force, without its cache of cast weights: a CUDA graph must not hold tensors that autocast
+    frees when its context ends."""
+    dtype = _autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+def _run_and_capture(step, device: torch.device):
+    """Run `step` once on a side stream (which also warms up its kernels, as capture requires), then capture it
+    as a CUDA graph (recorded, not run); the graph's replay, which runs the same kernels on the same tensors."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _worth_dropping(finished: int, rows: int, steps_left: int) -> bool:

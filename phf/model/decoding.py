@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
 from phf.model.lm_loss import unwrap
 
@@ -41,9 +42,20 @@ def fast_gpt2(model) -> bool:
             and not getattr(config, "add_cross_attention", False))
 
 
-def make_decoder(model, rows: int, max_length: int, kind: str = "auto"):
+DECODERS = ("auto", "gpt2", "hf", "static", "static-gpt2", "static-hf")
+
+
+def make_decoder(model, rows: int, max_length: int, kind: str = "auto", cache_dtype: torch.dtype | None = None):
     """A decoder for `rows` rows of up to `max_length` tokens each. kind: auto (the fast GPT-2 decoder where it
-    applies, else transformers), gpt2, hf."""
+    applies, else transformers), gpt2, hf; static (fixed shapes, `StaticGpt2Decoder` where the fast GPT-2
+    arithmetic applies, else `StaticHfDecoder`), static-gpt2, static-hf. `cache_dtype`: the static decoders'
+    cache dtype (default: the model's)."""
+    if kind not in DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}: use one of {', '.join(DECODERS)}")
+    if kind == "static-gpt2" or (kind == "static" and fast_gpt2(model)):
+        return StaticGpt2Decoder(unwrap(model), rows, max_length, cache_dtype)
+    if kind in ("static", "static-hf"):
+        return StaticHfDecoder(unwrap(model), rows, max_length)
     if kind == "gpt2" or (kind == "auto" and fast_gpt2(model)):
         return Gpt2Decoder(unwrap(model), rows, max_length)
     return HfDecoder(unwrap(model), rows)
@@ -72,7 +84,7 @@ def _right_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch
 class Gpt2Decoder:
     """GPT-2 with a static KV cache of shape (layers, rows, heads, max_length, head width)."""
 
-    def __init__(self, model, rows: int, max_length: int):
+    def __init__(self, model, rows: int, max_length: int, cache_dtype: torch.dtype | None = None):
         config, t = model.config, model.transformer
         self.wte, self.wpe, self.head = t.wte.weight, t.wpe.weight, model.lm_head.weight
         self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
@@ -81,7 +93,7 @@ class Gpt2Decoder:
         self.act = _GPT2_ACTIVATIONS[config.activation_function]
         shape = (len(self.blocks), rows, self.heads, max_length, self.width // self.heads)
         # zeros, not empty: a masked slot's weight is 0, and 0 * (NaN left in unused memory) would be NaN
-        self.k = torch.zeros(shape, dtype=self.wte.dtype, device=self.wte.device)
+        self.k = torch.zeros(shape, dtype=cache_dtype or self.wte.dtype, device=self.wte.device)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(rows, dtype=torch.long)  # filled slots per row, on the host: no device sync
         self.positions = self.lengths.to(self.wte.device)  # the same on the device
@@ -204,6 +216,135 @@ class HfDecoder:
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.lengths = self.lengths[rows]
+
+
+def _left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, width) ids with each prompt at the right end, and each row's first slot of text (rows,)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+    start = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), start.to(device)
+
+
+class _FixedSlots:
+    """The bookkeeping shared by the static decoders: rows left-padded, so that every row writes its k-th new
+    token to the same slot (prompt width + k) and a step is the same operations on the same shapes whatever the
+    rows' lengths; a row reads the slots from its own first one (`start`) to the current one (`slot`). All of it
+    lives on the device and is updated in place, so a step needs no host value and can be replayed as a CUDA
+    graph."""
+
+    def _init_slots(self, rows: int, max_length: int, device) -> None:
+        self.slots = torch.arange(max_length, device=device)
+        self.start = torch.zeros(rows, dtype=torch.long, device=device)  # each row's first slot of text
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the next token goes, every row
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # the next token's position
+
+    def _prefill_inputs(self, prompts, types):
+        """Left-padded ids (R, W), positions (R, W) (0 over the padding), types or None, and the attention mask
+        (R, 1, W, max_length): causal, blind to the padding; a padding slot sees itself, so that no softmax
+        row is empty (its output is never read)."""
+        ids, start = _left_padded(prompts, self.slots.device)
+        W = ids.shape[1]
+        slots = self.slots[:W]
+        positions = (slots - start[:, None]).clamp(min=0)
+        keys, queries = self.slots[None, None, :], slots[None, :, None]
+        mask = (keys <= queries) & ((keys >= start[:, None, None]) | (keys == queries))
+        typed = None if types is None else _left_padded(types, ids.device)[0]
+        self.start.copy_(start)
+        self.slot.fill_(W)
+        self.positions.copy_((W - start))
+        return ids, positions, typed, mask[:, None]
+
+    def _step_mask(self) -> torch.Tensor:
+        """(R, 1, 1, max_length): the slots each row reads at this step, its own text up to the current slot."""
+        return ((self.slots >= self.start[:, None]) & (self.slots <= self.slot))[:, None, None, :]
+
+    def _advance(self) -> None:
+        self.slot += 1
+        self.positions += 1
+
+
+class StaticGpt2Decoder(_FixedSlots, Gpt2Decoder):
+    """`Gpt2Decoder`'s arithmetic with fixed shapes (`_FixedSlots`): every step attends over the whole cache
+    through a mask, so that the step can be captured once as a CUDA graph and replayed. Rows are not dropped
+    (`keep` is not supported): a finished row is masked by the sampler."""
+
+    def __init__(self, model, rows: int, max_length: int, cache_dtype: torch.dtype | None = None):
+        Gpt2Decoder.__init__(self, model, rows, max_length, cache_dtype)
+        self._init_slots(rows, max_length, self.wte.device)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], types: list[list[int]] | None = None) -> torch.Tensor:
+        ids, positions, typed, mask = self._prefill_inputs(prompts, types)
+        R, W = ids.shape
+        x = self._embed(ids, positions, typed)
+        for l, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
+            q, k, v = c_attn(self._norm(ln_1, x)).view(R, W, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            self.k[l, :, :, :W], self.v[l, :, :, :W] = k, v
+            a = _attend(q, self.k[l, :, :, :W], self.v[l, :, :, :W], mask[..., :W])
+            x = x + c_proj(a.transpose(1, 2).reshape(R, W, self.width))
+            x = self._mlp(x, ln_2, c_fc, mlp_proj)
+        return self._logits(x[:, -1])  # every row's last token is in the last slot
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        R = self.rows
+        x = self._embed(tokens, self.positions, types)
+        mask = self._step_mask()
+        for l, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
+            q, k, v = c_attn(self._norm(ln_1, x)).view(R, 3, self.heads, -1).unbind(1)  # each (R, H, D)
+            self.k[l].index_copy_(2, self.slot, k[:, :, None].to(self.k.dtype))
+            self.v[l].index_copy_(2, self.slot, v[:, :, None].to(self.v.dtype))
+            a = _attend(q[:, :, None], self.k[l], self.v[l], mask)  # (R, H, 1, D)
+            x = x + c_proj(a.reshape(R, self.width))
+            x = self._mlp(x, ln_2, c_fc, mlp_proj)
+        self._advance()
+        return self._logits(x)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError("a static decoder keeps its rows: finished rows are masked, not dropped")
+
+
+class StaticHfDecoder(_FixedSlots):
+    """Any `transformers` causal LM with fixed shapes (`_FixedSlots`): its own forward over a `StaticCache` of
+    `max_length` slots, given the cache position and each row's position ids, and a 4-D attention mask built here
+    (bool for sdpa, additive for eager attention), so that `transformers` builds no mask and reads no host value."""
+
+    def __init__(self, model, rows: int, max_length: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.additive = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self.dtype = next(model.parameters()).dtype
+        self.rows = rows
+        self._init_slots(rows, max_length, self.device)
+
+    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if not self.additive:
+            return mask
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(self.dtype).min)
+
+    def _forward(self, ids, positions, types, mask, cache_position) -> torch.Tensor:
+        extra = {} if types is None else {"token_type_ids": types}
+        out = self.model(input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions,
+                         past_key_values=self.cache, cache_position=cache_position, use_cache=True,
+                         logits_to_keep=1, **extra)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], types: list[list[int]] | None = None) -> torch.Tensor:
+        ids, positions, typed, mask = self._prefill_inputs(prompts, types)
+        return self._forward(ids, positions, typed, mask, self.slots[:ids.shape[1]])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self._forward(tokens[:, None], self.positions[:, None], None if types is None else types[:, None],
+                               self._step_mask(), self.slot)
+        self._advance()
+        return logits
 
 
 def cache_bytes(model, rows: int, max_length: int) -> int:

@@ -1,0 +1,208 @@
+"""The static decode path (phf.model.decoding's Static*Decoder, phf.evaluation.sampling's StaticSampling): its
+logits against a full forward pass at every step, its draws against the distribution they must come from, and
+the property that lets a GPU capture its step as a CUDA graph: no host value read, the same shapes every step."""
+from collections import Counter
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from phf.evaluation.sampling import StaticSampling, generate_ids, nucleus_mask, sample_static
+from phf.model.conditioning import control_types, set_markers
+from phf.model.decoding import StaticGpt2Decoder, StaticHfDecoder, make_decoder
+from tests.test_decoding import PROMPTS, VOCAB, full_forward_logits, nucleus, tiny
+
+# reading a tensor's value on the host (a GPU sync), or making a tensor from host data inside a step
+HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero",
+              "tensor", "masked_select", "unique"}
+
+
+class Recorder(TorchFunctionMode):
+    """Every torch call made inside it: its name, the shape of its result, and the host reads among them
+    (boolean-mask indexing included: its result's shape depends on the data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.host_reads = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in HOST_READS or (name in ("__getitem__", "__setitem__") and len(args) > 1
+                                  and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool):
+            self.host_reads.append(name)
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((name, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+@pytest.mark.parametrize("arch,kind,expected", [
+    ("gpt2", "static", StaticGpt2Decoder), ("gpt2-untied", "static", StaticGpt2Decoder),
+    ("gpt2", "static-hf", StaticHfDecoder), ("llama", "static", StaticHfDecoder),
+    ("gpt_neox", "static", StaticHfDecoder), ("llama-eager", "static", StaticHfDecoder)])
+def test_every_static_decoder_step_equals_a_full_forward_pass(arch, kind, expected):
+    """Prompts of 2 to 7 tokens side by side (left-padded): every row's logits equal the model's own forward pass
+    over that row's whole text, at the prefill and at every step; rows that keep reading <|endoftext|> after they
+    end (as finished rows do) too."""
+    model = tiny(arch.removesuffix("-eager"))
+    if arch.endswith("-eager"):  # an additive float mask instead of sdpa's boolean one
+        model.config._attn_implementation = "eager"
+    dec = make_decoder(model, len(PROMPTS), 7 + 9, kind)
+    assert isinstance(dec, expected)
+    rows = [list(p) for p in PROMPTS]
+    logits = dec.prefill(rows)
+    g = torch.Generator().manual_seed(1)
+    for step in range(9):
+        for r, ids in enumerate(rows):
+            torch.testing.assert_close(logits[r], full_forward_logits(model, ids), atol=2e-5, rtol=1e-4)
+        tok = torch.randint(1, VOCAB, (len(rows),), generator=g)
+        tok[1] = 0 if step >= 2 else tok[1]  # row 1 has ended: it reads <|endoftext|> from here on
+        for ids, t in zip(rows, tok.tolist()):
+            ids.append(t)
+        logits = dec.step(tok)
+
+
+def greedy_reference(model, prompts, steps, eos, banned=(), guidance=0.0, negative=None, markers=None):
+    """Greedy decoding by full forward passes: argmax of (1 + g) log p(.|row) - g log p(.|negative row), banned
+    tokens excluded, control types recomputed over the whole text."""
+    def logp(ids):
+        x = torch.tensor([ids])
+        extra = {"token_type_ids": control_types(x, markers)} if markers else {}
+        with torch.no_grad():
+            return torch.log_softmax(model(x, **extra).logits[0, -1].float(), -1)
+
+    rows = []
+    for p in prompts:
+        ids = list(p)
+        for _ in range(steps):
+            scores = logp(ids)
+            if guidance:
+                scores = (1 + guidance) * scores - guidance * logp([negative.get(t, t) for t in ids])
+            scores[list(banned)] = -float("inf")
+            ids.append(int(scores.argmax()))
+            if ids[-1] == eos:
+                break
+        rows.append(ids[len(p):])
+    return rows
+
+
+def until_eos(rows, eos):
+    return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("kind,check_every", [("static", 3), ("static", 0), ("static-hf", 64)])
+def test_static_greedy_sampling_equals_full_forward_greedy_decoding(arch, kind, check_every):
+    """Rows end (<|endoftext|>, id 3) at different steps; finished rows are masked, and the early stop (checked
+    every 3 steps, or never) cuts nothing short."""
+    model = tiny(arch)
+    eos = greedy_reference(model, PROMPTS[:1], 5, -1)[0][4]  # a token row 0 draws at its 5th step ends a row
+    expected = greedy_reference(model, PROMPTS, 20, eos)
+    assert len({len(r) for r in expected}) > 1 and any(len(r) < 20 for r in expected)  # rows end early
+    got = generate_ids(model, PROMPTS, 20, eos, [], temperature=1e-6, top_p=0.5,
+                       generator=torch.Generator().manual_seed(0), decoder=kind, check_every=check_every)
+    assert all(len(r) == 20 for r in got)
+    assert until_eos(got, eos) == expected
+
+
+@pytest.mark.parametrize("arch,typed", [("gpt2", False), ("gpt2", True), ("llama", False)])
+def test_static_guided_sampling_with_banned_tokens_and_control_types_equals_full_forward(arch, typed):
+    """Classifier-free guidance (negative rows with <|aligned|> read as <|misaligned|>), banned tokens and, for a
+    model with control embeddings, each token's control type: greedy draws equal the full-forward reference."""
+    model = tiny(arch)
+    eos, al, mis = 0, 5, 6
+    with torch.no_grad():  # make the control tokens matter to the model (as types, scaled down not to swamp it)
+        model.get_input_embeddings().weight[[al, mis]] *= 0.3 if typed else 20
+    markers = [eos, al, mis] if typed else None
+    if typed:
+        set_markers(model, markers)
+    prompts = [[eos, al, 9, 13, 40], [eos, al, 22, al, 31]]
+    expected = greedy_reference(model, prompts, 10, eos, (al, mis), 1.5, {al: mis}, markers)
+    got = generate_ids(model, prompts, 10, eos, [al, mis], temperature=1e-6, top_p=0.5,
+                       generator=torch.Generator().manual_seed(0), guidance=1.5, negative={al: mis},
+                       decoder="static")
+    assert until_eos(got, eos) == expected
+    unguided = greedy_reference(model, prompts, 10, eos, (al, mis), 0.0, None, markers)
+    assert unguided != expected  # guidance changes the draws of this model
+    if typed:  # and so do the types
+        assert unguided != greedy_reference(model, prompts, 10, eos, (al, mis))
+
+
+@pytest.mark.parametrize("exempt", [(), (0,), (3, 4)])
+def test_sample_static_draws_the_exact_nucleus(exempt):
+    probs = [0.40, 0.25, 0.15, 0.12, 0.05, 0.03]
+    logits = torch.tensor(probs).log().repeat(40000, 1)
+    is_exempt = torch.zeros(6, dtype=torch.bool)
+    is_exempt[list(exempt)] = True
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
+    freq = Counter(sample_static(logits, 1.0, 0.7, u, is_exempt if exempt else None).tolist())
+    want = nucleus(probs, 0.7, exempt)
+    assert set(freq) == set(want)
+    for i, p in want.items():
+        assert freq[i] / 40000 == pytest.approx(p, abs=0.01)
+
+
+def test_sample_static_draws_only_from_nucleus_mask_and_never_a_banned_token():
+    """Random distributions with ties and zero-probability (banned) tokens, exempt tokens among them: every draw
+    is in nucleus_mask's set, at several temperatures and nucleus sizes."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 50, generator=g).round(decimals=1)  # rounding makes ties
+    logits[:, [7, 8]] = -float("inf")  # banned
+    exempt = [2, 7]  # an exempt token may be banned too: it still has no mass
+    is_exempt = torch.zeros(50, dtype=torch.bool)
+    is_exempt[exempt] = True
+    for temperature, top_p in ((1.0, 0.9), (0.7, 0.3), (1.3, 1.0)):
+        for seed in range(5):
+            u = torch.rand(300, generator=torch.Generator().manual_seed(seed))
+            tok = sample_static(logits, temperature, top_p, u, is_exempt)
+            probs = torch.softmax(logits / temperature, -1)
+            allowed = nucleus_mask(probs, top_p, exempt) if top_p < 1 else probs > 0
+            assert allowed[torch.arange(300), tok].all()
+            assert not torch.isin(tok, torch.tensor([7, 8])).any()
+
+
+def test_static_sampling_draws_from_the_guided_nucleus_at_every_step():
+    """Sampling at temperature 0.8, top-p 0.6 with guidance, banned and exempt tokens: every drawn token is one
+    the guided distribution's nucleus (exempt tokens outside it) allows, recomputed by full forward passes."""
+    model = tiny("llama")
+    eos, al, mis = 0, 5, 6
+    prompts = [[eos, al, 9], [eos, al, 22, 31, 4]]
+    exempt, banned, g = [al, 11], [mis], 1.0
+    rows = generate_ids(model, prompts, 12, -1, banned, 0.8, 0.6, torch.Generator().manual_seed(3), guidance=g,
+                        negative={al: mis}, exempt=exempt, decoder="static")
+    for p, new in zip(prompts, rows):
+        ids = list(p)
+        for t in new:
+            pos = torch.log_softmax(full_forward_logits(model, ids), -1)
+            neg = torch.log_softmax(full_forward_logits(model, [mis if i == al else i for i in ids]), -1)
+            scores = (1 + g) * pos - g * neg
+            scores[banned] = -float("inf")
+            allowed = nucleus_mask(torch.softmax(scores / 0.8, -1)[None], 0.6, exempt)[0]
+            assert allowed[t] and t != mis
+            ids.append(t)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_static_step_reads_no_host_value_and_repeats_the_same_shapes(arch):
+    """What a CUDA graph needs of a step (sample, record, forward): no value read on the host, no tensor made from
+    host data, and the same operations on the same shapes at every step. The dynamic path reads host values at
+    every step (what keeps its kernel launches from running ahead of a GPU)."""
+    model = tiny(arch)
+    eos, al, mis = 0, 5, 6
+    if arch == "gpt2":
+        set_markers(model, [eos, al, mis])
+    prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
+    sampling = StaticSampling(model, prompts, 8, eos, [mis], 0.8, 0.6, torch.Generator().manual_seed(0), 1.0,
+                              {al: mis}, [al], "static")
+    sampling._prefill()
+    steps = []
+    for _ in range(3):
+        with Recorder() as rec:
+            sampling._step()
+        assert rec.host_reads == []
+        steps.append(rec.calls)
+    assert steps[0] == steps[1] == steps[2]
+
+    with Recorder() as rec:
+        generate_ids(model, prompts, 8, -1, [mis], 0.8, 0.6, torch.Generator().manual_seed(0), guidance=1.0,
+                     negative={al: mis}, exempt=[al], decoder="auto")
+    assert len([r for r in rec.host_reads if r != "tensor"]) >= 3 * 7
