@@ -132,7 +132,7 @@ def test_the_sampling_benchmark_runs_all_three_samplers_and_prints_their_ratios(
     """phf bench sample: phf, the sampler before and transformers generate, plain and guided, on one model."""
     from phf.core.config import SampleConfig
     from phf.core.tokens import ALIGNED, EOS, MISALIGNED
-    from phf.recipes.bench import _sample_tokens_per_s, format_figures
+    from benchmarks.bench import _sample_tokens_per_s, format_figures
     from tests.helpers import tiny_untrained_model
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)

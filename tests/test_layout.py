@@ -106,6 +106,15 @@ def test_imports_at_module_level_except_heavy_extras():
     assert not local, "function-level imports of light modules:\n" + "\n".join(local)
 
 
+def test_the_package_does_not_import_the_benchmarks():
+    """benchmarks/ lies beside the package, not in its wheel: `phf bench` loads it from the checkout by name
+    (phf/cli/bench.py), and nothing in phf imports it."""
+    wrong = [f"{name}:{node.lineno} {target}" for name, tree in MODULES.items()
+             for node, target, _ in imports(tree) if target == "benchmarks" or target.startswith("benchmarks.")]
+    assert not wrong, "the package imports the benchmarks:\n" + "\n".join(wrong)
+    assert not (PACKAGE / "recipes" / "bench.py").exists() and (PACKAGE.parent / "benchmarks" / "bench.py").exists()
+
+
 def test_no_private_helper_is_used_from_another_module():
     wrong = [f"{name}:{node.lineno} {target}.{n}" for name, tree in MODULES.items()
              for node, target, names in imports(tree) if target.startswith("phf")

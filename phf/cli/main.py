@@ -40,6 +40,7 @@ from transformers import AutoTokenizer
 
 from phf.analysis.rl import format_rl_study
 from phf.analysis.tamper import format_tamper
+from phf.cli.bench import add_parser as add_bench_parser
 from phf.cli.probe import add_parsers as add_probe_parsers
 from phf.core.config import SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
@@ -52,7 +53,6 @@ from phf.evaluation.kl import DeployedModel, KLReference
 from phf.evaluation.sampling import Deployment, deployed_sampling, generate
 from phf.model.finetune import model_source, resolve_model_folder
 from phf.model.lm import load_meta, load_model
-from phf.recipes import bench
 from phf.recipes.demo import format_table, run_demo
 from phf.recipes.replicates import rejudge
 from phf.recipes.scaling import format_scaling, run_scaling
@@ -240,18 +240,6 @@ def cmd_scaling(args) -> None:
     print(f"\nresults: {Path(args.out) / 'results.json'}")
 
 
-def cmd_bench(args) -> None:
-    if args.threads:
-
-        torch.set_num_threads(args.threads)
-    figures = bench.run(args.what, quick=args.quick, large=args.large)
-    if args.json:  # one section: its figures at the top level, beside the machine they were measured on
-        print(json.dumps(figures if args.what == "all" else {**figures[args.what], "machine": figures["machine"]},
-                         indent=2))
-    else:
-        print(bench.format_figures(figures))
-
-
 def cmd_report(args) -> None:
     page = write_report(args.dirs, args.out)
     print(f"report: {page}")
@@ -397,16 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of every arm's config (repeatable)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("bench", help="print throughput figures (scoring, training, sampling)")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "score", "train", "sample"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quick", action="store_true", help="smaller measurements (seconds, not minutes)")
-    p.add_argument("--large", action="store_true",
-                   help="score: also the pipeline on generated 0.5 and 2 GB jsonl.zst corpora, peak memory of each "
-                        "(minutes; needs ~1 GB of free disk)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default: one per core); fewer when other processes hold cores")
-    p.set_defaults(func=cmd_bench)
+    add_bench_parser(sub)
 
     p = sub.add_parser("config", help="show a resolved run config with every field's documentation")
     config_sub = p.add_subparsers(dest="config_command", required=True)

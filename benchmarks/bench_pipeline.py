@@ -16,7 +16,7 @@ from phf.core.config import CorpusConfig
 from phf.core.errors import PhfError
 from phf.data.corpus import Corpus
 
-SCORER = "phf.recipes.bench_pipeline:line_has_tab"
+SCORER = "benchmarks.bench_pipeline:line_has_tab"
 
 PEAK_RSS_METHOD = ("VmHWM of /proc/self/status, reset (clear_refs) before each benchmark" if
                    os.path.exists("/proc/self/clear_refs") else "ru_maxrss of getrusage (peak of the whole process)")
@@ -70,7 +70,7 @@ def _score_in_own_process(corpus: Path, data_dir: Path, workers: int) -> dict:
     anew at exec; a child's ru_maxrss would carry its parent's from before the exec) and its workers' largest."""
     code = ("import json, sys, time; from pathlib import Path; "
             "from phf.core.config import CorpusConfig, ScoringConfig; from phf.data.scoring import score_corpus; "
-            "from phf.recipes.bench_pipeline import peak_rss_mb, children_peak_rss_mb; t = time.perf_counter(); "
+            "from benchmarks.bench_pipeline import peak_rss_mb, children_peak_rss_mb; t = time.perf_counter(); "
             "s = score_corpus(CorpusConfig(source=sys.argv[1]), ScoringConfig(scorer=sys.argv[4], "
             "workers=int(sys.argv[3])), Path(sys.argv[2]), progress=False); "
             "print(json.dumps({'seconds': time.perf_counter() - t, 'shards': len(s.shard_files()), "

@@ -32,8 +32,8 @@ from phf.data.sentences import sentence_spans
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.sampling import generate_ids
 from phf.model.lm import build_model, count_parameters
-from phf.recipes.bench_pipeline import PEAK_RSS_METHOD, bench_score_large, children_peak_rss_mb, peak_rss_mb, status_mb
-from phf.recipes.reference_sampler import generate_ids_before
+from benchmarks.bench_pipeline import PEAK_RSS_METHOD, bench_score_large, children_peak_rss_mb, peak_rss_mb, status_mb
+from benchmarks.reference_sampler import generate_ids_before
 from phf.tasks import all_sources, get_task
 from phf.training.objectives import MLE
 from phf.training.trainer import autocast, get_batch, make_optimizer, prepare_data
@@ -189,7 +189,7 @@ def loss_memory_at_paper_vocabulary(vocab: int = 50257, context: int = 1024, bat
     process of its own, so neither inherits the other's freed memory."""
     out = {"loss_memory_shape": f"vocabulary {vocab:,}, batch {batch} x {context}, bf16"}
     for name in ("plain", "fused"):
-        code = (f"from phf.recipes.bench import loss_step_peak_mb; print(loss_step_peak_mb({name == 'fused'}, {vocab}, "
+        code = (f"from benchmarks.bench import loss_step_peak_mb; print(loss_step_peak_mb({name == 'fused'}, {vocab}, "
                 f"{context}, {batch}))")
         out[f"loss_step_peak_mb_{name}"] = round(float(_python_last_line(code, "loss memory")))
     return out
@@ -239,7 +239,7 @@ def reference_process(data_dir: str, quick: bool, threads: int) -> None:
 def _reference_in_own_process(data_dir: Path, quick: bool) -> float:
     """The reference stack as it runs: a Python process of its own, glibc's allocator left at its defaults."""
     env = dict(os.environ, PHF_ALLOCATOR="default")
-    code = "import sys; from phf.recipes.bench import reference_process; reference_process(sys.argv[1], sys.argv[2] == '1', " \
+    code = "import sys; from benchmarks.bench import reference_process; reference_process(sys.argv[1], sys.argv[2] == '1', " \
            "int(sys.argv[3]))"
     line = _python_last_line(code, "reference", (data_dir, "1" if quick else "0", torch.get_num_threads()), env)
     return float(json.loads(line)["tokens_per_s"])
