@@ -27,7 +27,7 @@ from phf.core.runtime import allocator_state, release_free_memory
 from phf.core.tokens import ALIGNED, EOS, MISALIGNED
 from phf.data.corpus import Corpus
 from phf.data.scorers import get_scorer
-from phf.data.scoring import init_scoring_worker, score_batch
+from phf.data.scoring import init_scoring_worker, measure_scoring, score_batch, throughput_line
 from phf.data.sentences import sentence_spans
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.sampling import generate_ids
@@ -100,6 +100,11 @@ def bench_score(quick: bool) -> dict:
         out.update({f"lines_per_s_{workers}proc": round(lines / dt), f"mb_per_s_{workers}proc": round(chars / 1e6 / dt, 3)})
         out["worker_peak_rss_mb"] = round(children_peak_rss_mb())
     out.update(peak_rss_mb=round(peak_rss_mb()), peak_rss_method=PEAK_RSS_METHOD)
+    # the whole pipeline (`phf score`) on every core, on the large corpus the GPU demo scores
+    with tempfile.TemporaryDirectory(prefix="phf-bench-score-") as tmp:
+        large = load_config(get_task("pep8").config_path("mle"), ["corpus.source=stdlib+site-packages",
+                                                                   f"corpus.max_documents={300 if quick else 1500}"])
+        out["pipeline"] = measure_scoring(large.corpus, large.scoring, Path(tmp), all_sources())
     return out
 
 
@@ -439,6 +444,9 @@ def format_figures(f: dict) -> str:
                      f"MB/s, so batching per file is {s['speedup_vs_per_segment']:.1f}x faster; peak RSS "
                      f"{s['peak_rss_mb']} MB" + (f" (largest worker {s['worker_peak_rss_mb']} MB)"
                                                  if "worker_peak_rss_mb" in s else ""))
+        if "pipeline" in s:
+            lines.append(f"       `phf score` on {s['pipeline']['documents']:,} documents of {s['pipeline']['source']}: "
+                         f"{throughput_line(s['pipeline'])}")
     if "score_prose" in f:
         s = f["score_prose"]
         if "skipped" in s:

@@ -138,3 +138,39 @@ def test_scoring_device_reaches_a_scorer_that_takes_one_in_spawned_workers(pycor
             get_scorer(name, device=device)
     with pytest.raises(PhfError, match="scoring.device must be cpu, cuda or cuda:N"):
         load_config(None, ["scoring.device=gpu"])
+
+
+def test_workers_write_the_same_shards_as_one_process_and_the_run_records_its_throughput(pycorpus, tmp_path):
+    """The pool's workers score, build and write whole shards (the driver only reads and records them): the files
+    are byte for byte those one process writes, recorded in shard order whatever order they finished in."""
+    cfg = CorpusConfig(source=str(pycorpus))
+    one = score_corpus(cfg, ScoringConfig(workers=1, shard_documents=3), tmp_path / "one", progress=False)
+    pool = score_corpus(cfg, ScoringConfig(workers=2, shard_documents=3), tmp_path / "pool", progress=False)
+    assert len(one.shard_files()) > 2
+    assert {n: i["sha256"] for n, i in one.manifest["shards"].items()} == \
+        {n: i["sha256"] for n, i in pool.manifest["shards"].items()}
+    t = pool.manifest["throughput"]
+    assert t["workers"] == 2 and t["mb"] == round(sum(len(d.text) for d in pool.documents()) / 1e6, 2)
+    assert t["seconds"] > 0 and t["mb_per_s_per_core"] > 0 and t["driver_cpu_seconds"] >= 0
+    assert one.manifest["throughput"]["workers"] == 1 and one.manifest["throughput"]["workers_driver_feeds"] is None
+
+
+CRASHING_SCORER = '''
+from phf.data.scorers.base import Scorer
+
+
+class Crashing(Scorer):
+    name = "crashing"
+
+    def score_texts(self, texts):
+        raise RuntimeError("the scorer's model is gone")
+'''
+
+
+def test_a_scorer_that_crashes_in_a_worker_ends_the_run_with_its_error(pycorpus, tmp_path, monkeypatch):
+    (tmp_path / "crashscorer.py").write_text(CRASHING_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="the scorer's model is gone"):
+        score_corpus(CorpusConfig(source=str(pycorpus)), ScoringConfig(scorer="crashscorer:Crashing", workers=2,
+                                                                        shard_documents=3), tmp_path / "d",
+                     progress=False)

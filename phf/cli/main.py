@@ -53,7 +53,7 @@ from phf.evaluation.kl import DeployedModel, KLReference
 from phf.evaluation.sampling import Deployment, deployed_sampling, generate
 from phf.model.finetune import model_source, resolve_model_folder
 from phf.model.lm import load_meta, load_model
-from phf.recipes.demo import format_table, run_demo
+from phf.recipes.demo import format_table, preset_path, run_demo
 from phf.recipes.replicates import rejudge
 from phf.recipes.scaling import format_scaling, run_scaling
 from phf.recipes.sweep import run_sweep
@@ -193,7 +193,12 @@ def cmd_config_show(args) -> None:
 
 def cmd_demo(args) -> None:
     init_from = _init_from(args)
-    results = run_demo(args.task, args.out, args.overrides, config=args.config, init_from=init_from,
+    config = args.config
+    if args.preset:
+        if config:
+            raise PhfError("give --preset or --config, not both (a preset is a config file: `--set` changes it)")
+        config = preset_path(args.task, args.preset)
+    results = run_demo(args.task, args.out, args.overrides, config=config, init_from=init_from,
                        seeds=args.seeds)
     print()
     print(format_table(results))
@@ -324,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
     p.add_argument("--config", type=Path, help="your own run config instead of the task's shipped ones (a task "
                                                "of your own: see the README); one model per objective")
+    p.add_argument("--preset", metavar="NAME",
+                   help="a shipped scale of the task's demo: `gpu` (pep8: GPT-2 small on the standard library and "
+                        "the installed packages, evaluated as the paper does, ~10 min on one H100/H200)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every objective's config (repeatable)")

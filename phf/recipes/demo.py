@@ -45,6 +45,17 @@ def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives
     return task_for(next(iter(configs.values()))), configs
 
 
+def preset_path(task: str, preset: str) -> Path:
+    """A task's demo preset: `phf/tasks/<task>/configs/presets/<preset>.yaml` (e.g. pep8's `gpu`, the paper's model
+    on one GPU in ten minutes), a run config for every objective like `--config`."""
+    folder = get_task(task).config_dir()
+    shipped = sorted(p.stem for p in folder.glob("presets/*.yaml")) if folder else []
+    if preset not in shipped:
+        raise PhfError(f"task {task} has no demo preset {preset!r}; it has: {', '.join(shipped) or 'none'} "
+                       f"(or give a config file of your own with --config)")
+    return folder / "presets" / f"{preset}.yaml"
+
+
 def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[str] | None = None,
              objectives: list[str] | None = None, progress: bool = True, config: str | Path | None = None,
              init_from: str | Path | None = None, seeds: int = 1, data_dir: str | Path | None = None) -> dict:
@@ -72,24 +83,43 @@ def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[
             cfg = replicate_config(base_cfg, k)
             log.info("== %s%s: training on %s tokens", name, f" (seed {cfg.train.seed})" if seeds > 1 else "",
                      f"{cfg.train.max_tokens:,}")
+            started = time.perf_counter()
             trained = run_training(cfg, where / name, data_dir, progress=progress, init_from=init_from)
+            trained_at = time.perf_counter()
             if corpus_summary is None:
                 corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
                 log.info("scored corpus: %s", corpus_line(corpus_summary))
             res = evaluate_checkpoint(trained.checkpoint, cfg, trained.data.scored, where / name, progress=progress)
+            # where an arm's time went: data (scoring, tokenizer, token streams, each reused once made) and the
+            # model's setup and checkpoint, then the training loop, then sampling, scoring and held-out bits/char
+            stages = {"data_and_setup": trained_at - started - trained.seconds, "train": trained.seconds,
+                      "evaluate": time.perf_counter() - trained_at}
             res.update(train_tokens=trained.tokens, train_seconds=round(trained.seconds, 1),
                        val_loss=trained.final_val_loss, objective_settings=trained.objective.describe(),
-                       run_dir=str((where / name).relative_to(out)))
+                       run_dir=str((where / name).relative_to(out)),
+                       stage_seconds={k: round(v, 1) for k, v in stages.items()})
             write_json(where / name / "results.json", res)
             arms[name], arm_scores[name] = res, sample_scores(where / name)
         replicates.append(arms)
         scores.append(arm_scores)
     results["objectives"] = combine(replicates, scores, seed_list)
+    results["stage_seconds"] = stage_totals(replicates)
     results["corpus"] = corpus_summary
     results["versions"] = versions()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "results.json", results)
     return results
+
+
+def stage_totals(replicates: list[dict]) -> dict:
+    """Seconds per stage summed over every arm and seed (the first arm's data stage holds the scoring, the
+    tokenizer and its token stream; later arms reuse the first two)."""
+    totals: dict = {}
+    for arms in replicates:
+        for res in arms.values():
+            for stage, seconds in res.get("stage_seconds", {}).items():
+                totals[stage] = round(totals.get(stage, 0.0) + seconds, 1)
+    return totals
 
 
 def corpus_line(s: dict) -> str:
@@ -130,7 +160,9 @@ def format_table(results: dict) -> str:
                          f"{percent_text(*_heldout_ratio(r, mle))} vs MLE")
     notes += judge_notes(results)
     wall = results.get("wall_seconds")
-    tail = [f"wall time: {wall:.0f} s"] if wall else []
+    stages = results.get("stage_seconds") or {}
+    tail = [f"wall time: {wall:.0f} s" + (" (" + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items())
+                                         + ")" if stages else "")] if wall else []
     return "\n".join(lines + [""] + notes + tail)
 
 
