@@ -390,6 +390,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     while p.step < total_steps:
         for g in t.optimizer.param_groups:
             g["lr"] = lr_at(p.step, total_steps, tcfg)
+        if p.step == cooldown and d.main:
+            log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, total_steps - p.step)
         batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, p.step, m * d.world + d.rank, device,
                              train_types, control_ids if p.step >= cooldown else None)
                    for m in range(tcfg.grad_accum)]
