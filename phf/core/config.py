@@ -23,7 +23,7 @@ import yaml
 from phf.core.errors import PhfError, first_line
 
 # The training objectives (phf.training.objectives.OBJECTIVES holds their classes; a test checks the two agree).
-OBJECTIVE_NAMES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr")
+OBJECTIVE_NAMES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr", "masking", "masking-hidden")
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,16 @@ class ObjectiveConfig:
     (phf/tasks/<task>/__init__.py) lists them, with why each one carries over to our scorers (or how it was
     translated where it does not)."""
     name: str = "mle"
-    """The training objective: mle, filtering, conditional, unlikelihood, rwr or awr (phf.training.objectives)."""
+    """The training objective: mle, filtering, conditional, unlikelihood, rwr, awr, masking (flagged segments stay in
+    the context but bear no loss) or masking-hidden (their tokens are read as `<|hidden|>`); phf.training.objectives
+    says how each works."""
     threshold: float | None = None
-    """Filtering, conditional, unlikelihood: documents (filtering) or segments scoring above this are misaligned;
+    """Filtering, conditional, unlikelihood, masking: documents (filtering) or segments scoring above this are
+    misaligned;
     0 means any positive score is. None = `threshold_quantile` if set, else the task's default (filtering: the
     median training document score; conditional and unlikelihood: 0 for pep8 and pii; for toxicity, conditional
     0.5 (the classifier's own decision threshold, per sentence) and unlikelihood the median training document
-    score)."""
+    score; masking: conditional's)."""
     threshold_quantile: float | None = None
     """Set the threshold to this quantile (0 to 1) of the training split's document scores, for scorers whose
     absolute values mean nothing elsewhere; used only when `threshold` is None. None = the task's default."""
@@ -174,6 +177,14 @@ class ObjectiveConfig:
     """Conditional training: also add each segment's control-token embedding to the input of every token of the
     segment (GPT-2's `token_type_ids`; phf.model.conditioning), not only place the token before it. Off = the paper's
     method."""
+    cooldown_fraction: float = 0.0
+    """Conditional training: the last this fraction of the steps trains on the same windows with the control tokens
+    taken out (plain MLE text, as metadata conditioning's cooldown does), so the model also works unconditioned;
+    it is then evaluated both ways. 0 = no cooldown (the paper)."""
+    check_conditioning: bool = True
+    """Conditional and masking objectives: refuse to train when the token stream lacks the control tokens (or masked
+    tokens) the objective needs, or holds them at a rate far from the scored corpus' misaligned share (outside
+    half to twice it). false = train anyway, for a threshold chosen on purpose far from the task's."""
 
     def validate(self) -> None:
         if self.name not in OBJECTIVE_NAMES:
@@ -194,6 +205,13 @@ class ObjectiveConfig:
             raise PhfError(f"objective.beta must be a finite number > 0, got {self.beta}")
         if not self.max_weight > 0:
             raise PhfError(f"objective.max_weight must be > 0, got {self.max_weight}")
+        _check_fraction("objective.cooldown_fraction", self.cooldown_fraction)
+        if self.cooldown_fraction and self.name != "conditional":
+            raise PhfError(f"objective.cooldown_fraction applies to conditional training only, not {self.name!r}; "
+                           f"remove it or set objective.name=conditional")
+        if self.control_embedding and self.cooldown_fraction:
+            raise PhfError("objective.cooldown_fraction trains the last steps without control tokens, which "
+                           "objective.control_embedding would still feed; use one of the two")
         if self.control_embedding and self.name != "conditional":
             raise PhfError(f"objective.control_embedding applies to conditional training only, not {self.name!r}; "
                            f"remove it or set objective.name=conditional")

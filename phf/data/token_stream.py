@@ -1,25 +1,28 @@
 """Scored corpus -> token stream: the objective-specific training data, as flat memmaps.
 
 For each kept document: `<|endoftext|>`, then each segment preceded by the control token the objective chooses
-(if any). The result is two aligned flat arrays per split: `tokens` (uint16 or uint32) and `scores` (float32,
+(if any); under `masking-hidden`, each token of a flagged segment is written as `<|hidden|>`. The result is two
+aligned flat arrays per split: `tokens` (uint16 or uint32) and `scores` (float32,
 the score of the segment each token belongs to; 0 for separators). The training loop reads windows of them by
 offset and never touches a tokenizer. Written once per (scored corpus, tokenizer, objective), atomically.
 """
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
+import pyarrow.compute as pc
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, write_json
-from phf.core.tokens import CONTROL_TOKENS
+from phf.core.tokens import CONTROL_TOKENS, HIDDEN
 from phf.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class Annotated:
     seg_starts: list[int]
     seg_scores: list[float]
     kept: bool = True
+    hidden: list[bool] | None = None  # per segment: its tokens are written as <|hidden|> (masking-hidden)
 
 
 def annotate(segments: list[str], scores: list[float], prefixes: list[str | None]) -> Annotated:
@@ -68,7 +72,10 @@ def annotate_for_training(doc, objective: Objective, seed: int, keep_all: bool =
         return Annotated("", [], [], kept=False)
     rng = doc_rng(seed, doc.id)
     prefixes = [objective.segment_prefix(s, rng) for s in doc.scores]
-    return annotate(doc.segments(), doc.scores, prefixes)
+    out = annotate(doc.segments(), doc.scores, prefixes)
+    if getattr(objective, "hides_segments", False) and not keep_all:  # validation reads the real text
+        out.hidden = [objective.hide_segment(s) for s in doc.scores]
+    return out
 
 
 def annotate_for_deployment(segments: list[str], scores: list[float], objective: Objective) -> Annotated:
@@ -85,10 +92,21 @@ def encode_annotated(tok: TextTokenizer, docs: list[Annotated]) -> Iterator[tupl
         ids = np.asarray(enc.ids, dtype=np.int64)
         starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
         seg_index = np.searchsorted(np.asarray(d.seg_starts, dtype=np.int64), starts, side="right") - 1
+        seg_index = np.clip(seg_index, 0, max(len(d.seg_scores) - 1, 0))
         seg_scores = np.asarray(d.seg_scores, dtype=np.float32)
-        scores = seg_scores[np.clip(seg_index, 0, max(len(seg_scores) - 1, 0))] if len(seg_scores) else \
-            np.zeros(len(ids), np.float32)
+        scores = seg_scores[seg_index] if len(seg_scores) else np.zeros(len(ids), np.float32)
+        if d.hidden and any(d.hidden):
+            ids = np.where(np.asarray(d.hidden)[seg_index], hidden_id(tok), ids)
         yield np.concatenate([[eos], ids]), np.concatenate([[0.0], scores]).astype(np.float32)
+
+
+def hidden_id(tok) -> int:
+    """The id of `<|hidden|>` in a tokenizer that must have it (phf.data.tokenizer.with_hidden_token)."""
+    i = tok.token_to_id(HIDDEN)
+    if i is None:
+        raise PhfError(f"the tokenizer has no {HIDDEN} token, which masking-hidden writes in place of flagged "
+                       f"tokens; train through `phf train`, which appends it")
+    return i
 
 
 class TokenStream:
@@ -130,9 +148,10 @@ def write_stream(prefix: Path, annotated: Iterable[Annotated], tok: Tokenizer, m
                  total: int | None = None, progress: bool = True) -> TokenStream:
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 65536 else np.uint32
-    control_ids = {tok.token_to_id(t): t for t in CONTROL_TOKENS}
+    counted = [*CONTROL_TOKENS, *([HIDDEN] if tok.token_to_id(HIDDEN) is not None else [])]
+    control_ids = {tok.token_to_id(t): t for t in counted}
     counts = {"documents": 0, "documents_dropped": 0, "segments": 0, "chars": 0,
-              **{f"tokens_{t}": 0 for t in CONTROL_TOKENS}}
+              **{f"tokens_{t}": 0 for t in counted}}
     n = 0
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(f"{prefix}.tokens.bin")) as tmp_tok, atomic_path(Path(f"{prefix}.scores.bin")) as tmp_sc:
@@ -166,8 +185,9 @@ def write_stream(prefix: Path, annotated: Iterable[Annotated], tok: Tokenizer, m
 
 
 def build_streams(scored, tok: Tokenizer, objective: Objective, seed: int, out_dir: Path, meta: dict,
-                  progress: bool = True) -> dict[str, TokenStream]:
-    """Training and validation streams for an objective (reused if already written with the same meta)."""
+                  progress: bool = True, misaligned_above: float | None = None) -> dict[str, TokenStream]:
+    """Training and validation streams for an objective (reused if already written with the same meta); with
+    `misaligned_above` (the task's threshold), the conditioning check (`check_conditioning`) on the training one."""
     streams = {}
     for split in ("train", "validation"):
         prefix = Path(out_dir) / split
@@ -180,12 +200,15 @@ def build_streams(scored, tok: Tokenizer, objective: Objective, seed: int, out_d
                     continue
                 except PhfError:
                     pass
-        # validation keeps every document (filtering's validation loss is measured on the real distribution)
+        # validation keeps every document and hides nothing (filtering's and masking-hidden's validation loss is
+        # measured on the real text)
         docs = (annotate_for_training(d, objective, seed, keep_all=split != "train") for d in scored.documents(split))
         streams[split] = write_stream(prefix, docs, tok, dict(meta, split=split), progress=progress)
         if len(streams[split]) == 0:
             raise PhfError(f"the {split} token stream is empty (every document was dropped or the split is empty); "
                            f"check the corpus and the objective's threshold")
+    if misaligned_above is not None:
+        check_conditioning(objective, streams["train"], scored, misaligned_above)
     for token in objective.sampling_prefix:  # the model is deployed conditioned on it: it must have seen it
         if not streams["train"].meta.get(f"tokens_{token}"):
             raise PhfError(f"objective {objective.name} with threshold {objective.threshold} labels no training "
@@ -209,3 +232,114 @@ def stream_types(tokens: np.ndarray, markers: list[int]) -> np.ndarray:
         out[lo:lo + len(chunk)] = np.where(last >= 0, typed, current)
         current = out[lo + len(chunk) - 1] if len(chunk) else current
     return out
+
+
+# -- the conditioning check -----------------------------------------------------------------------------------------
+# A stream's rate of control tokens (or masked tokens) is "far" from the scored corpus' misaligned share when the
+# two differ by more than CHECK_SLACK plus two standard errors of a share over the corpus' segments (a tiny corpus,
+# the random drop of conditional's tokens) *and* their ratio lies outside CHECK_RATIO. The stream's labels come
+# from the same scores, so the rates agree up to the dropped tokens and token lengths unless something is wrong:
+# a threshold above every score, a tokenizer that split the control token, a stream written from other scores.
+CHECK_RATIO = (0.5, 2.0)
+CHECK_SLACK = 0.02
+
+
+@dataclass
+class CorpusShares:
+    segments: int  # training segments
+    segment_share: float  # of the scored ones, the share scoring above the misalignment threshold
+    char_share: float  # the share of training segment characters in segments above it or unscorable
+    max_score: float  # the highest segment score (NaN when none was scored)
+
+
+def corpus_shares(scored, misaligned_above: float, split: str = "train") -> CorpusShares:
+    """The scored corpus' misaligned share of one split, by segments and by characters."""
+    t = scored.table(["split", "seg_start", "seg_end", "seg_score"])
+    t = t.filter(pc.equal(t.column("split"), split))
+    scores = pc.list_flatten(t.column("seg_score")).to_numpy(zero_copy_only=False).astype(np.float64)
+    lengths = (pc.list_flatten(t.column("seg_end")).to_numpy(zero_copy_only=False)
+               - pc.list_flatten(t.column("seg_start")).to_numpy(zero_copy_only=False)).astype(np.float64)
+    valid = ~np.isnan(scores)
+    flagged = ~(scores <= misaligned_above)
+    return CorpusShares(len(scores), float(flagged[valid].mean()) if valid.any() else math.nan,
+                        float(lengths[flagged].sum() / max(lengths.sum(), 1)),
+                        float(scores[valid].max()) if valid.any() else math.nan)
+
+
+def is_far(observed: float, expected: float, n: int) -> bool:
+    """Whether a stream's rate is far from the corpus' share (above)."""
+    slack = CHECK_SLACK + 2 * math.sqrt(max(expected * (1 - expected), 0.0) / max(n, 1))
+    if abs(observed - expected) <= slack:
+        return False
+    return expected <= 0 or not CHECK_RATIO[0] <= observed / expected <= CHECK_RATIO[1]
+
+
+def flagged_share(stream: TokenStream, objective) -> float:
+    """The share of a stream's tokens whose segment the objective flags (`masking`), read in chunks."""
+    flagged = 0
+    for lo in range(0, len(stream), CONTROL_TYPE_CHUNK):
+        flagged += int(objective.flagged(np.asarray(stream.scores[lo:lo + CONTROL_TYPE_CHUNK])).sum())
+    return flagged / max(len(stream), 1)
+
+
+def check_conditioning(objective, stream: TokenStream, scored, misaligned_above: float) -> None:
+    """Refuse, in one line, a conditional or masking objective whose training stream lacks the control tokens or
+    masks it needs, or holds them at a rate far from the scored corpus' misaligned share: such a run would train MLE
+    under another name with nothing to show for it. `objective.check_conditioning=false` skips it."""
+    if not getattr(objective, "check_conditioning", True):
+        return
+    shares = corpus_shares(scored, misaligned_above)
+    meta = stream.meta
+    if objective.line_prefix:  # conditional: control tokens before segments
+        labelled = meta.get(f"tokens_{CONTROL_TOKENS[0]}", 0) + meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0)
+        observed, expected, what = (meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0) / labelled if labelled else 0.0,
+                                    shares.segment_share, f"of its control tokens are {CONTROL_TOKENS[1]}")
+        if not labelled and meta.get("segments"):
+            raise PhfError(f"objective {objective.name}: the training stream {stream.prefix} holds no control token "
+                           f"among {meta['segments']} segments: the tokenizer splits {CONTROL_TOKENS[0]} into "
+                           f"pieces; use a tokenizer with the control tokens as special tokens (phf appends them to "
+                           f"a tokenizer it is given) and delete {stream.prefix.parent}")
+    elif getattr(objective, "hides_segments", False):
+        observed, expected, what = (meta.get(f"tokens_{HIDDEN}", 0) / max(len(stream), 1), shares.char_share,
+                                    f"of its tokens are {HIDDEN}")
+    elif getattr(objective, "masks_segments", False):
+        observed, expected, what = flagged_share(stream, objective), shares.char_share, "of its tokens are masked"
+    else:
+        return
+    if math.isnan(expected) or not is_far(observed, expected, shares.segments):
+        return
+    problem = (f"objective {objective.name}: {100 * observed:.1f}% {what} in the training stream, but "
+               f"{100 * expected:.1f}% of the scored corpus' training {'segments' if objective.line_prefix else 'text'}"
+               f" scores above {misaligned_above:g} (the task's misalignment threshold)")
+    threshold = objective.threshold
+    if threshold is not None and shares.max_score <= threshold < float("inf") and observed < expected:
+        fix = (f"objective.threshold={threshold:g} is at or above every segment score (highest "
+               f"{shares.max_score:g}): lower it")
+    elif threshold is not None and threshold != misaligned_above:
+        fix = f"objective.threshold={threshold:g} is not the task's {misaligned_above:g}: bring it closer"
+    else:
+        fix = (f"the stream was written from other scores or by another tokenizer: delete {stream.prefix.parent} "
+               f"and run again")
+    raise PhfError(f"{problem}; {fix} (or set objective.check_conditioning=false if this is on purpose)")
+
+
+def plain_window(stream: TokenStream, start: int, length: int, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`length` tokens of the stream from `start` on, and their scores, with the `dropped` token ids left out
+    (conditional training's cooldown reads the stream as plain text): the window grows forward past the dropped
+    tokens, and backward where it meets the end of the stream."""
+    n = len(stream)
+    lo, hi = start, min(start + length, n)
+    while True:
+        keep = ~np.isin(stream.tokens[lo:hi], dropped)
+        deficit = length - int(keep.sum())
+        if deficit <= 0:
+            break
+        if hi < n:
+            hi = min(n, hi + deficit)
+        elif lo > 0:
+            lo = max(0, lo - deficit)
+        else:
+            raise PhfError(f"the training stream has fewer than {length} tokens besides its control tokens; use a "
+                           f"larger corpus or a smaller model.block_size")
+    at = lo + np.flatnonzero(keep)[:length]
+    return np.asarray(stream.tokens[at]), np.asarray(stream.scores[at])

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from phf.core.config import TokenizerConfig
 from phf.core.errors import PhfError, first_line
 from phf.core.io import atomic_path, read_json, stable_hash, write_json
-from phf.core.tokens import CONTROL_TOKENS, EOS, SPECIAL_TOKENS
+from phf.core.tokens import CONTROL_TOKENS, EOS, HIDDEN, SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 HF_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -39,9 +39,9 @@ class TextTokenizer:
         return self.tokenizer.token_to_id(self.eos)
 
     def special_ids(self) -> list[int]:
-        """Ids of the end-of-document token and of the control tokens the tokenizer has: tokens a model is given,
-        never scored on."""
-        ids = [self.tokenizer.token_to_id(t) for t in (self.eos, *CONTROL_TOKENS)]
+        """Ids of the end-of-document token, the control tokens and `<|hidden|>` that the tokenizer has: tokens a
+        model is given, never scored on."""
+        ids = [self.tokenizer.token_to_id(t) for t in (self.eos, *CONTROL_TOKENS, HIDDEN)]
         return [i for i in ids if i is not None]
 
     def __getattr__(self, name: str):
@@ -165,6 +165,25 @@ def brought_tokenizer(source: str | Path, data_dir: Path, control: bool) -> tupl
         save_tokenizer(tok, path, {"vocab_size": tok.get_vocab_size(), "source": str(source),
                                    "special_tokens": specials, "added": added})
     return TextTokenizer(tok, specials["eos_token"]), path
+
+
+def with_hidden_token(tok: TextTokenizer, path: Path) -> tuple[TextTokenizer, Path]:
+    """The run tokenizer at `path` with `<|hidden|>` appended as a special token after its last id (masking-hidden
+    writes it in place of flagged tokens), saved beside it in `<folder>-hidden/` with the same special tokens; the
+    tokenizer itself when it already has the token (a resumed run's)."""
+    if tok.token_to_id(HIDDEN) is not None:
+        return tok, path
+    out = path.parent.with_name(f"{path.parent.name}-hidden") / "tokenizer.json"
+    if out.exists() and out.with_suffix(".meta.json").exists():
+        return load_tokenizer(out), out
+    extended = Tokenizer.from_str(tok.to_str())
+    extended.add_special_tokens([AddedToken(HIDDEN, special=True, normalized=False)])
+    meta = read_json(path.with_suffix(".meta.json")) if path.with_suffix(".meta.json").exists() else {}
+    meta = dict(meta, vocab_size=extended.get_vocab_size(), special_tokens=special_tokens(path),
+                added=[*meta.get("added", []), HIDDEN], extends=str(path))
+    save_tokenizer(extended, out, meta)
+    log.info("appended %s to the tokenizer %s as id %d", HIDDEN, path, extended.token_to_id(HIDDEN))
+    return TextTokenizer(extended, tok.eos), out
 
 
 def _load_hf_tokenizer(source: Path) -> PreTrainedTokenizerFast:

@@ -30,12 +30,14 @@ from transformers import AutoTokenizer
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, write_json
 from phf.core.runtime import resolve_dtype
+from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scorers import Scorer, get_scorer, scorer_for
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
 from phf.data.tokenizer import of_transformers
 from phf.evaluation.loglik import sliding_windows, sum_logprobs
 from phf.evaluation.sampling import Deployment, Sample, generate
+from phf.evaluation.strength import conditioning_strength
 from phf.model.decoding import context_length
 from phf.model.lm import load_meta, load_model
 from phf.tasks import Task, task_for
@@ -326,9 +328,19 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
             judge_block[name] = judge_metrics(judged, task.misaligned_above)
         records += sample_records(samples, scores, judged)
     test_docs = scored.documents("test")
+    bf16 = resolve_dtype(cfg.train.dtype, next(model.parameters()).device) == "bf16"
     results.update(heldout_bits_per_char(model, of_transformers(hf_tok), test_docs, deployment, segmenter,
-                                         cfg.eval.heldout_chars, progress=progress,
-                                         bf16=resolve_dtype(cfg.train.dtype, next(model.parameters()).device) == "bf16"))
+                                         cfg.eval.heldout_chars, progress=progress, bf16=bf16))
+    objective = meta.get("objective", {})
+    if deployment.conditional:  # has the model learned to use its control tokens?
+        threshold = objective.get("threshold")
+        results["conditioning_strength"] = conditioning_strength(
+            model, of_transformers(hf_tok), scored.documents("test"),
+            task.misaligned_above if threshold is None else threshold, progress=progress)
+    if objective.get("cooldown_fraction"):  # trained last without control tokens: the model read without them too
+        results["unconditioned"], more = evaluate_unconditioned(model, hf_tok, cfg, scored, task, scorer, segmenter,
+                                                                judge, bf16, progress)
+        records += more
     # the headline numbers (unconditional samples), flat, in the demo's schema
     for key in ("misalignment_mean", "score_max_at_25", "misaligned_share", "num_samples", "parse_rate",
                 "length_weighted_misalignment", "window_misalignment_mean", "window_samples", "window_chars",
@@ -343,3 +355,24 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
                 f.write(json.dumps(r) + "\n")
     write_json(out_dir / "results.json", results)
     return results
+
+
+UNCONDITIONED = Deployment(sampling_prefix=[], banned_tokens=list(CONTROL_TOKENS), line_prefix=None)
+
+
+def evaluate_unconditioned(model, hf_tok, cfg, scored, task: Task, scorer: Scorer, segmenter, judge: Scorer | None,
+                           bf16: bool, progress: bool = True) -> tuple[dict, list[dict]]:
+    """A conditional model (trained with a cooldown) read as plain MLE's would be: sampled without any control token
+    (both banned, no guidance) and held-out text read without them. Its figures and its samples' records
+    (scenario `unconditioned`)."""
+    sample_cfg = replace(cfg.sample, guidance=0.0)
+    samples = generate(model, hf_tok, [""] * cfg.sample.num_samples, sample_cfg, UNCONDITIONED, "unconditioned",
+                       progress=progress, desc="sampling unconditioned", segmenter=scorer.segmenter)
+    scores = score_samples(samples, scorer)
+    block = task_metrics(samples, scores, task, scorer)
+    judged = score_samples(samples, judge) if judge is not None else None
+    if judged is not None:
+        block["judge"] = judge_metrics(judged, task.misaligned_above)
+    block.update(heldout_bits_per_char(model, of_transformers(hf_tok), scored.documents("test"), UNCONDITIONED,
+                                       segmenter, cfg.eval.heldout_chars, progress=progress, bf16=bf16))
+    return block, sample_records(samples, scores, judged)

@@ -136,6 +136,9 @@ def format_table(results: dict) -> str:
     sweep = any("kl_from_reference_bits" in r for r in results["objectives"].values())
     if sweep:  # `phf sweep` adds capability as KL from the MLE model, and diversity
         rows[0] += ("KL from MLE bits/char", "distinct-2")
+    conditioned = any("conditioning_strength" in r for r in results["objectives"].values())
+    if conditioned:  # a conditional model: how much its control token changes what it predicts
+        rows[0] += ("strength nats",)
     for name, r in results["objectives"].items():
         row = (name, _fmt(r.get("misalignment_mean"), ".5f"), _fmt(r.get("score_max_at_25"), ".4f"),
                _fmt(r.get("misaligned_share"), ".2f"), _fmt(r.get("heldout_bits_per_char"), ".4f"),
@@ -143,6 +146,8 @@ def format_table(results: dict) -> str:
                _fmt(r.get("unconditional", {}).get("mean_chars"), ".0f"))
         if sweep:
             row += (_fmt(r.get("kl_from_reference_bits"), ".4f"), _fmt(r.get("distinct_2"), ".3f"))
+        if conditioned:
+            row += (_strength_cell(r.get("conditioning_strength")),)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -158,12 +163,57 @@ def format_table(results: dict) -> str:
                 continue
             notes.append(f"{name}: {misalignment_note(r, mle)}, held-out bits/char "
                          f"{percent_text(*_heldout_ratio(r, mle))} vs MLE")
-    notes += judge_notes(results)
+    notes += judge_notes(results) + strength_notes(results)
     wall = results.get("wall_seconds")
     stages = results.get("stage_seconds") or {}
     tail = [f"wall time: {wall:.0f} s" + (" (" + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items())
                                          + ")" if stages else "")] if wall else []
     return "\n".join(lines + [""] + notes + tail)
+
+
+def _strength_cell(block: dict | None) -> str:
+    """The misaligned segments' conditioning strength, "~0" when the model has not learned to condition."""
+    if not block:
+        return "-"
+    value = _fmt(block.get("misaligned", {}).get("nats_per_segment"), "+.3f")
+    return f"{value} (~0)" if block.get("learned") is False else value
+
+
+def strength_notes(results: dict) -> list[str]:
+    """Per conditional arm: how many nats likelier each held-out segment is under its own control token than under
+    the other (phf.evaluation.strength), and a plain statement when that is near zero; a cooldown arm's figures
+    read without control tokens beside its conditioned ones."""
+    arms = {n: r for n, r in results["objectives"].items() if r.get("conditioning_strength")}
+    if not arms:
+        return []
+    lines = ["conditioning strength (nats per held-out segment likelier under its own control token than the other, "
+             "95% interval):"]
+    for name, r in arms.items():
+        c = r["conditioning_strength"]
+        parts = [f"{kind} {_nats_text(c[kind])} ({c[kind]['segments']} segments)"
+                 for kind in ("misaligned", "aligned") if c[kind]["segments"]]
+        line = f"  {name}: {', '.join(parts) or 'no held-out segment'}"
+        if c.get("learned") is False:
+            line += (" - the model has not learned to condition: <|aligned|> barely changes what it writes, so its "
+                     "samples are MLE's and a ratio near 1 is expected (train longer, or see "
+                     "objective.control_embedding)")
+        elif c.get("learned") is None:
+            line += " - no misaligned held-out segment to measure it on"
+        lines.append(line)
+        u = r.get("unconditioned")
+        if u:
+            lines.append(f"  {name} read without control tokens (cooldown): misalignment "
+                         f"{_fmt(u.get('misalignment_mean'), '.5f')} (conditioned "
+                         f"{_fmt(r.get('misalignment_mean'), '.5f')}), held-out bits/char "
+                         f"{_fmt(u.get('heldout_bits_per_char'), '.4f')} (conditioned "
+                         f"{_fmt(r.get('heldout_bits_per_char'), '.4f')})")
+    return lines
+
+
+def _nats_text(block: dict) -> str:
+    """`+0.412 [+0.305, +0.520]`"""
+    ci = block.get("ci95")
+    return _fmt(block.get("nats_per_segment"), "+.3f") + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 
 def _counts(mle: dict, seeds: int) -> str:

@@ -1,7 +1,8 @@
 """`phf sweep`: every objective of a task on one token budget, feedback from the start vs. only in a late finetune,
 each arm evaluated for misalignment and capability (held-out bits/char, KL from the MLE model), in one table.
 
-    pretraining arms   mle, filtering, conditional, unlikelihood, rwr, awr: each trained from scratch on the budget
+    pretraining arms   mle, filtering, conditional, unlikelihood, rwr, awr, masking, masking-hidden: each trained
+                       from scratch on the budget
     finetune arms      finetune:<objective>: the MLE run's weights after (1 - f) of the budget, then <objective> for
                        the last f of it (the paper's second experiment: equal total tokens)
     rl (--rl)          the same MLE weights finetuned with RL (TRL's GRPO, the scorer as reward, a KL penalty to the
@@ -41,9 +42,10 @@ from phf.training.trainer import run_training, versions
 
 log = logging.getLogger(__name__)
 
-SWEEP_OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "rwr", "awr"]
+SWEEP_OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "rwr", "awr", "masking", "masking-hidden"]
 # The finetune arms of the default sweep. unlikelihood is left out (add it with --finetune) to keep the default
-# sweep within 30 minutes on 2 cores: at PEP8's alpha 0.01 its pretraining arm is indistinguishable from MLE.
+# sweep within 30 minutes on 2 cores: at PEP8's alpha 0.01 its pretraining arm is indistinguishable from MLE; so are
+# masking and masking-hidden (`--finetune masking,masking-hidden` adds them).
 FINETUNE_OBJECTIVES = ["filtering", "conditional", "rwr", "awr"]
 # The pretraining arms RL starts from with --rl, where the sweep has them: without feedback and with it from the start.
 RL_BASES = ["mle", "conditional"]

@@ -48,7 +48,7 @@ REFERENCE = "mle"
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
                 "score_distribution", "guidance", "rl_from_bases", "tamper")
 COLORS = {"mle": "#444444", "filtering": "#1f77b4", "conditional": "#2ca02c", "unlikelihood": "#d62728",
-          "rwr": "#9467bd", "awr": "#ff7f0e", "rl": "#8c564b"}
+          "rwr": "#9467bd", "awr": "#ff7f0e", "rl": "#8c564b", "masking": "#393b79", "masking-hidden": "#9c9ede"}
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#98df8a")
 
 

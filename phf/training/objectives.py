@@ -22,7 +22,7 @@ import torch
 
 from phf.core.config import ObjectiveConfig, Quantile
 from phf.core.errors import PhfError
-from phf.core.tokens import ALIGNED, MISALIGNED
+from phf.core.tokens import ALIGNED, HIDDEN, MISALIGNED
 from phf.model.conditioning import type_inputs
 from phf.model.lm import VALUE_HEAD, ValueHead, load_value_head, save_value_head
 from phf.model.lm_loss import UNLIKELIHOOD_EPS, forward_hidden, weighted_token_loss
@@ -38,11 +38,16 @@ class Objective:
     line_prefix: ClassVar[str | None] = None  # control token before every segment of a prompt / held-out text
     uses_threshold: ClassVar[bool] = False  # whether `threshold` means anything to this objective
     control_embedding: bool = False  # whether the model also reads each token's control type (phf.model.conditioning)
+    masks_segments: ClassVar[bool] = False  # whether flagged segments bear no loss (the conditioning check reads it)
+    hides_segments: ClassVar[bool] = False  # whether flagged segments' tokens are written as <|hidden|>
+    cooldown_fraction: float = 0.0  # the last fraction of steps trained without control tokens (conditional)
+    defaults_of: ClassVar[str | None] = None  # another objective whose task defaults this one takes
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         """`defaults`: the task's values for the config fields left at None (`Task.defaults_for`)."""
         self.cfg = cfg
         self.defaults = dict(defaults or {})
+        self.check_conditioning = cfg.check_conditioning  # phf.data.token_stream.check_conditioning
         self.threshold = cfg.threshold if self.uses_threshold else None
         rule = self._threshold_rule()
         if self.threshold is None and rule is not None and not isinstance(rule, Quantile):
@@ -87,6 +92,11 @@ class Objective:
         if cls.keep_document is Objective.keep_document and cls.segment_prefix is Objective.segment_prefix:
             return {"documents": "all", "prefixes": None}
         return {"documents": {"objective": self.describe()}, "prefixes": {"objective": self.describe()}}
+
+    def cooldown_starts(self, total_steps: int) -> int:
+        """The first step of the cooldown (conditional training's last steps, read without control tokens);
+        total_steps when there is none."""
+        return total_steps - math.floor(self.cooldown_fraction * total_steps)
 
     # -- model -------------------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, checkpoint: str | Path | None = None,
@@ -161,6 +171,7 @@ class Conditional(Objective):
         super().__init__(cfg, defaults)
         self.drop_token_fraction = float(self.setting("drop_token_fraction"))
         self.control_embedding = bool(cfg.control_embedding)
+        self.cooldown_fraction = float(cfg.cooldown_fraction)
 
     def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None:
         assert self.threshold is not None, "call fit() first"
@@ -171,7 +182,8 @@ class Conditional(Objective):
 
     def describe(self) -> dict:
         return dict(super().describe(), drop_token_fraction=self.drop_token_fraction,
-                    control_embedding=self.control_embedding)
+                    control_embedding=self.control_embedding, cooldown_fraction=self.cooldown_fraction)
+
 
     def stream_settings(self) -> dict:
         return {"documents": "all", "prefixes": {"threshold": self.threshold, "drop": self.drop_token_fraction}}
@@ -308,6 +320,46 @@ class AWR(_TokenFeedback):
                     value_head="value_head.safetensors")
 
 
+class Masking(Objective):
+    """Token-level filtering by loss masking (Rathi & Radford 2026): every document and segment stays in the
+    context, but the tokens of a segment scoring above the threshold, or whose scoring failed, bear no loss. The
+    loss is the cross-entropy summed over the kept tokens; the trainer divides it by their global count, so it is
+    the mean over kept tokens as MLE's is over all. It reads MLE's token stream. Default threshold: conditional
+    training's (the task's misalignment threshold per segment)."""
+    name = "masking"
+    uses_threshold = True
+    masks_segments = True
+    defaults_of = "conditional"  # the threshold that labels a segment <|misaligned|> flags it here
+
+    def flagged(self, scores):
+        """Whether each score's segment is flagged (above the threshold, or NaN); numpy or torch."""
+        assert self.threshold is not None, "call fit() first"
+        return ~(scores <= self.threshold)  # NaN compares False: an unscorable segment is flagged
+
+    def loss_mask(self, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return ~self.flagged(scores)
+
+    def loss(self, output, targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return weighted_token_loss(output, targets, coef=self.loss_mask(targets, scores))
+
+
+class MaskingHidden(Masking):
+    """Loss masking with removal (Rathi & Radford's second variant): each token of a flagged segment is written
+    into the token stream as `<|hidden|>`, so the model never reads the flagged text either, and bears no loss.
+    One `<|hidden|>` per token, as they replace every forget token: the windows, positions and kept tokens are
+    exactly masking's, so the two arms differ only in what the forward pass reads, and the model still sees how much
+    was hidden. `<|hidden|>` is appended to the run's tokenizer and banned when sampling."""
+    name = "masking-hidden"
+    banned_tokens = [HIDDEN]
+    hides_segments = True
+
+    def hide_segment(self, score: float) -> bool:
+        return bool(self.flagged(np.float64(score)))
+
+    def stream_settings(self) -> dict:
+        return {"documents": "all", "prefixes": None, "hidden": {"threshold": self.threshold}}
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "mle": MLE,
     "filtering": Filtering,
@@ -315,6 +367,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "unlikelihood": Unlikelihood,
     "rwr": RWR,
     "awr": AWR,
+    "masking": Masking,
+    "masking-hidden": MaskingHidden,
 }
 
 
@@ -324,4 +378,4 @@ def get_objective(cfg: ObjectiveConfig, task: Task) -> Objective:
         cls = OBJECTIVES[cfg.name]
     except KeyError:
         raise PhfError(f"unknown objective {cfg.name!r}; choose one of {', '.join(OBJECTIVES)}") from None
-    return cls(cfg, task.defaults_for(cfg.name))
+    return cls(cfg, task.defaults_for(cls.defaults_of or cfg.name))

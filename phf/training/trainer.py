@@ -37,8 +37,15 @@ from phf.core.io import read_json, read_jsonl, stable_hash, write_json, write_te
 from phf.core.runtime import resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scoring import ScoredCorpus
-from phf.data.token_stream import TokenStream, build_streams
-from phf.data.tokenizer import TextTokenizer, bpe_path, brought_tokenizer, load_tokenizer, tokenizer_for
+from phf.data.token_stream import TokenStream, build_streams, plain_window
+from phf.data.tokenizer import (
+    TextTokenizer,
+    bpe_path,
+    brought_tokenizer,
+    load_tokenizer,
+    tokenizer_for,
+    with_hidden_token,
+)
 from phf.model.conditioning import check_control_embedding, set_markers
 from phf.model.decoding import context_length
 from phf.model.finetune import init_from_checkpoint, resolve_model_folder, uses_control_tokens
@@ -86,12 +93,15 @@ def prepare_data(cfg: RunConfig, data_dir: Path, progress: bool = True,
     objective.fit(scored.document_scores("train"))
     tok, tok_path = run_tokenizer(cfg, scored, data_dir, tokenizer_source or cfg.tokenizer.path or None,
                                   uses_control_tokens(objective.describe()), progress)
+    if objective.hides_segments:  # masking-hidden writes <|hidden|> in place of flagged tokens
+        tok, tok_path = with_hidden_token(tok, tok_path)
     meta = {"scored": scored.path.name, "tokenizer": str(tok_path.parent.name),
             "stream": objective.stream_settings(), "seed": cfg.train.seed}
     kind = "conditional" if meta["stream"]["prefixes"] else "filtered" if meta["stream"]["documents"] != "all" \
         else "plain"
     stream_dir = Path(data_dir) / "streams" / f"{kind}-{stable_hash(meta)}"
-    streams = build_streams(scored, tok, objective, cfg.train.seed, stream_dir, meta, progress=progress)
+    streams = build_streams(scored, tok, objective, cfg.train.seed, stream_dir, meta, progress=progress,
+                            misaligned_above=task_for(cfg).misaligned_above)
     return PreparedData(scored, tok_path, objective, streams)
 
 
@@ -141,18 +151,24 @@ def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: boo
 
 
 def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-              device: torch.device, types: np.ndarray | None = None
+              device: torch.device, types: np.ndarray | None = None, dropped: list[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro): inputs x,
-    targets y, each target's segment score s, and with `types` (the stream's control types) each input's type."""
+    targets y, each target's segment score s, and with `types` (the stream's control types) each input's type.
+    `dropped`: token ids left out of every window, which then reads on past them (conditional's cooldown)."""
     n = len(stream)
     if n < block + 2:
         raise PhfError(f"the training stream has {n} tokens, fewer than one window of {block + 1}; "
                        f"use a larger corpus or a smaller model.block_size")
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, n - block - 1, size=batch)
-    tok = np.stack([stream.tokens[s:s + block + 1] for s in starts]).astype(np.int64)
-    sc = np.stack([stream.scores[s + 1:s + block + 1] for s in starts]).astype(np.float32)
+    if dropped:
+        windows = [plain_window(stream, s, block + 1, np.asarray(dropped)) for s in starts]
+        tok = np.stack([w for w, _ in windows]).astype(np.int64)
+        sc = np.stack([w[1:] for _, w in windows]).astype(np.float32)
+    else:
+        tok = np.stack([stream.tokens[s:s + block + 1] for s in starts]).astype(np.int64)
+        sc = np.stack([stream.scores[s + 1:s + block + 1] for s in starts]).astype(np.float32)
     x = torch.from_numpy(tok[:, :-1]).to(device)  # (B, T)
     y = torch.from_numpy(tok[:, 1:]).to(device)  # (B, T)
     s = torch.from_numpy(sc).to(device)  # (B, T) score of each target token's segment
@@ -369,11 +385,16 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     bar = tqdm(total=total_steps, initial=p.step, desc=f"train {objective.name}", unit="step",
                disable=not (progress and d.main), dynamic_ncols=True)
     steps = StepLog(metrics, bar, p, ckpt.tokens_before)
+    cooldown = objective.cooldown_starts(total_steps)  # conditional's last steps read no control tokens
+    control_ids = [i for i in map(load_tokenizer(data.tokenizer_file).token_to_id, CONTROL_TOKENS) if i is not None]
     while p.step < total_steps:
         for g in t.optimizer.param_groups:
             g["lr"] = lr_at(p.step, total_steps, tcfg)
+        if p.step == cooldown and d.main:
+            log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, total_steps - p.step)
         batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, p.step, m * d.world + d.rank, device,
-                             train_types) for m in range(tcfg.grad_accum)]
+                             train_types, control_ids if p.step >= cooldown else None)
+                   for m in range(tcfg.grad_accum)]
         loss, grad_norm, updated = train_step(t, objective, batches, tcfg, d, device)
         skipped = 0 if updated else skipped + 1
         if not updated:
