@@ -74,7 +74,9 @@ class CorpusConfig:
 @dataclass
 class ScoringConfig:
     scorer: str = "pep8"
-    """Name of a registered scorer (`pep8`, `pii`, `pii-ner`, `toxicity`) or `module:callable` for your own."""
+    """Name of a registered scorer (`pep8`, `pii`, `pii-ner`, `toxicity`), `hf-classifier:PATH[:LABEL]` (the
+    probability of LABEL from a local AutoModelForSequenceClassification folder; phf/data/scorers/classifier.py),
+    or `module:callable` for your own."""
     segmenter: str = ""
     """How a `module:callable` scorer's documents are cut into the segments it scores: `lines` or `sentences`
     ("" = lines). Registered scorers segment their own way (pep8: lines; pii, toxicity: sentences)."""
