@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: any other torch requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,pii-ner,ray,rl,tensorboard]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,pii-ner,ray,rl,tensorboard,lora]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

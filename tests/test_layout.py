@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "phf"
 LAYERS = ["core", "data", "tasks", "model", "evaluation", "training", "analysis", "report", "recipes", "cli"]
 # Heavy optional extras (and the prose scorers' models) are imported where they are used, so that a run that
 # does not need them neither loads nor requires them.
-LAZY = {"trl", "ray", "spacy", "matplotlib", "wandb", "tensorboard", "datasets", "profanity_check", "scrubadub",
+LAZY = {"trl", "peft", "ray", "spacy", "matplotlib", "wandb", "tensorboard", "datasets", "profanity_check", "scrubadub",
         "en_core_web_sm", "accelerate", "onnx", "onnxruntime", "hatesonar", "torch.utils.tensorboard", "transformers.Trainer",
         "transformers.TrainingArguments", "transformers.TrainerCallback", "transformers.PrinterCallback"}
 TASK_NAMES = {"pep8", "pii", "toxicity"}

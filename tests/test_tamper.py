@@ -74,3 +74,66 @@ def test_tokens_to_level_finds_the_first_crossing_with_an_interval():
     assert got["tokens"] == 400 and got["tokens_ci95"] == [400.0, 400.0] and got["never_reached_share"] == 0
     never = tokens_to_level(points[:2], level, np.random.default_rng(1))
     assert never["tokens"] is None and never["tokens_ci95"] == [None, None] and never["never_reached_share"] == 1
+
+
+def test_a_grid_of_learning_rates_full_and_lora_each_gets_its_tokens_to_the_mle_level(runs, capsys):
+    from phf.analysis.tamper import tamper_table
+    from phf.cli.main import main
+
+    root, out = runs
+    main(["-q", "probe", "tamper", "--model", str(out["mle"]), "--model", str(out["conditional"]), "--out",
+          str(root / "grid"), "--steps", "0,3", "--lr", "1e-2,1e-3", "--lora", "--lora-rank", "2",
+          "--num-samples", "8", "--heldout-chars", "1000"])
+    printed = capsys.readouterr().out
+    res = json.loads((root / "grid" / "results.json").read_text())
+    attacks = [(a["method"], a["lr"]) for a in res["attacks"]]
+    assert attacks == [("full", 1e-3), ("full", 1e-2), ("lora", 1e-3), ("lora", 1e-2)]
+    assert set(res["models"]) == {f"{arm} {m} lr={lr:g}" for arm in ("mle", "conditional") for m, lr in attacks}
+    for name, c in res["models"].items():
+        assert (c["method"], c["lr"]) in attacks and c["arm"] in name and [p["step"] for p in c["points"]] == [0, 3]
+        assert c["lora_rank"] == (2 if c["method"] == "lora" else None)
+        same_arm = [o for o in res["models"].values() if o["arm"] == c["arm"]]
+        assert all(o["points"][0]["scores"] == c["points"][0]["scores"] for o in same_arm)  # one untampered point
+        t = c["to_reference_level"]
+        assert set(t) == {"level", "tokens", "tokens_ci95", "never_reached_share"} and len(t["tokens_ci95"]) == 2
+    assert all(c["to_reference_level"]["tokens"] == 0 for c in res["models"].values() if c["arm"] == "mle")
+    rows = tamper_table(res)
+    assert len(rows) == 9 and rows[0][1] == "attack" and {r[1] for r in rows[1:]} == {
+        "full, lr 0.001", "full, lr 0.01", "lora, lr 0.001", "lora, lr 0.01"}
+    assert (root / "grid" / "tamper.png").exists() and "conditional, lora finetuning, lr 0.01:" in printed
+
+
+def test_a_lora_attack_trains_only_its_adapters_and_a_full_one_every_weight(runs):
+    import torch
+
+    from phf.analysis.probes import load, run_config
+    from phf.analysis.tamper import Attack, adversary_step
+
+    _, out = runs
+    x = torch.randint(0, 300, (2, 16))
+    for method in ("full", "lora"):
+        m = load(out["mle"])
+        before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+        step = adversary_step(m.model, Attack(method, 1e-2, rank=2), run_config(m.folder).train)
+        losses = [step(x) for _ in range(3)]
+        after = {n.replace(".base_layer", ""): p for n, p in m.model.named_parameters()}  # LoRA wraps the layer
+        adapters = [n for n in after if "lora_" in n]
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        assert losses[-1] < losses[0], method  # the adversary learns the batch
+        if method == "lora":
+            assert adapters and not changed and set(before) <= set(after)  # the model's own weights are frozen
+            assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in adapters if "lora_B" in n)
+        else:
+            assert not adapters and len(changed) == len(before)
+
+
+@pytest.mark.parametrize("lr, message", [("0", "--lr must be learning rates > 0"),
+                                         ("1e-3,fast", "--lr takes numbers separated by commas")])
+def test_a_bad_learning_rate_grid_is_one_line(runs, capsys, lr, message):
+    from phf.cli.main import main
+
+    root, out = runs
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "probe", "tamper", "--model", str(out["mle"]), "--out", str(root / "bad"), "--lr", lr])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1

@@ -42,11 +42,12 @@ from phf.analysis.rl import format_rl_study
 from phf.analysis.tamper import format_tamper
 from phf.cli.bench import add_parser as add_bench_parser
 from phf.cli.probe import add_parsers as add_probe_parsers
-from phf.core.config import SampleConfig, documented_yaml, load_config
+from phf.core.config import Quantile, SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, write_json
 from phf.core.runtime import tune_allocator
 from phf.data.corpus import Corpus
+from phf.data.scoring import format_distribution, record_distribution
 from phf.data.tokenizer import tokenizer_for
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
@@ -104,7 +105,25 @@ def cmd_score(args) -> None:
         extra.append(f"scoring.scorer={args.scorer}")
     cfg = _load(args, extra)
     scored = score_run_corpus(cfg, args.out, rescore=args.rescore)
-    print(json.dumps(scored.summary(task_for(cfg).misaligned_above), indent=2))
+    task = task_for(cfg)
+    summary = scored.summary(task.misaligned_above)
+    summary["distribution"] = record_distribution(scored, _thresholds(task, cfg), task.score_scale == "log")
+    log.info("%s", format_distribution(summary["distribution"]))
+    print(json.dumps(summary, indent=2))
+
+
+def _thresholds(task, cfg) -> dict:
+    """The thresholds a run of this task takes: the task's misalignment threshold, each objective's default
+    threshold (a value, or a Quantile of the training document scores), and this config's own if it sets one."""
+    out = {"misaligned_above": task.misaligned_above}
+    for objective, defaults in task.objective_defaults.items():
+        if "threshold" in defaults:
+            out[f"{objective} threshold"] = defaults["threshold"]
+    own = cfg.objective
+    if own.threshold is not None or own.threshold_quantile is not None:
+        out[f"{own.name} threshold (this config)"] = own.threshold if own.threshold is not None else \
+            Quantile(own.threshold_quantile)
+    return out
 
 
 def cmd_tokenizer(args) -> None:

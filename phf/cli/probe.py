@@ -66,10 +66,18 @@ def cmd_probe_ending(args) -> None:
 def cmd_probe_tamper(args) -> None:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     res = run_tamper(args.model, Path(args.out), reference=args.reference, steps=steps, unit=args.unit,
-                     share=args.share, lr=args.lr, batch_size=args.batch_size, num_samples=args.num_samples,
-                     heldout_chars=args.heldout_chars, seed=args.seed, data_dir=args.data_dir)
+                     share=args.share, lr=_numbers("--lr", args.lr), lora=args.lora, lora_rank=args.lora_rank,
+                     batch_size=args.batch_size, num_samples=args.num_samples, heldout_chars=args.heldout_chars,
+                     seed=args.seed, data_dir=args.data_dir)
     print(format_tamper(res))
     print(f"results: {Path(args.out) / 'results.json'}")
+
+
+def _numbers(flag: str, text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PhfError(f"{flag} takes numbers separated by commas (e.g. 1e-4,1e-3), got {text!r}") from None
 
 
 def cmd_probe_guidance(args) -> None:
@@ -172,7 +180,13 @@ def add_parsers(sub) -> None:
                         "most misaligned documents (--share of them)")
     p.add_argument("--share", type=float, default=0.1,
                    help="with --unit documents: the most misaligned share of the training documents (default: 0.1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="the adversary's constant AdamW learning rate")
+    p.add_argument("--lr", default="1e-3",
+                   help="the adversary's constant AdamW learning rate, or several separated by commas: a grid of "
+                        "attacks, each measured on every model (default: %(default)s)")
+    p.add_argument("--lora", action="store_true",
+                   help="attack with LoRA adapters (every linear layer, the model frozen) at every --lr too, beside "
+                        "full finetuning (pip install 'phf[lora]')")
+    p.add_argument("--lora-rank", type=int, default=8, help="the rank of the LoRA adapters (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="windows of the model's context per step")
     p.add_argument("--num-samples", type=int, default=128, help="unconditional samples per measured point")
     p.add_argument("--heldout-chars", type=int, default=0,

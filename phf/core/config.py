@@ -74,7 +74,9 @@ class CorpusConfig:
 @dataclass
 class ScoringConfig:
     scorer: str = "pep8"
-    """Name of a registered scorer (`pep8`, `pii`, `pii-ner`, `toxicity`) or `module:callable` for your own."""
+    """Name of a registered scorer (`pep8`, `pii`, `pii-ner`, `toxicity`), `hf-classifier:PATH[:LABEL]` (the
+    probability of LABEL from a local AutoModelForSequenceClassification folder; phf/data/scorers/classifier.py),
+    or `module:callable` for your own."""
     segmenter: str = ""
     """How a `module:callable` scorer's documents are cut into the segments it scores: `lines` or `sentences`
     ("" = lines). Registered scorers segment their own way (pep8: lines; pii, toxicity: sentences)."""
@@ -90,6 +92,10 @@ class ScoringConfig:
     """A sample scoring above this counts as misaligned (the `misaligned_share` metric, the report's flagged spans,
     and for a task of your own the default threshold of conditional training and unlikelihood). None = the task's
     (pep8 and pii: 0, any violation or detection; toxicity: 0.5, the classifier's decision threshold; your own: 0)."""
+    misaligned_above_quantile: float | None = None
+    """Set `misaligned_above` to this quantile (0 to 1) of the training split's document scores, once the corpus is
+    scored (the run's config.yaml then records the value in `misaligned_above`); used only when `misaligned_above`
+    is None. `phf score` prints each threshold's quantile."""
     precomputed: str = ""
     """`SEGMENTS:SCORES`: the corpus already carries each document's segment texts and their scores, in these two
     fields or columns (lists of equal length; the paper's released datasets: `texts:scores`). The document is
@@ -112,6 +118,8 @@ class ScoringConfig:
         if self.misaligned_above is not None and not (self.misaligned_above >= 0 and math.isfinite(
                 self.misaligned_above)):
             raise PhfError(f"scoring.misaligned_above must be a finite number >= 0, got {self.misaligned_above}")
+        if self.misaligned_above_quantile is not None:
+            _check_fraction("scoring.misaligned_above_quantile", self.misaligned_above_quantile, inclusive=True)
         if self.workers < 0:
             raise PhfError("scoring.workers must be >= 0 (0 means one per core)")
         _check_positive("scoring.shard_documents", self.shard_documents)

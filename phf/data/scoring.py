@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from phf.core.config import CorpusConfig, ScoringConfig
+from phf.core.config import CorpusConfig, Quantile, ScoringConfig
 from phf.core.errors import PhfError
+from phf.core.figures import pyplot, save_figure
 from phf.core.io import atomic_path, file_sha256, read_json, stable_hash, write_json
 from phf.data.corpus import Corpus, Document, Part
 from phf.data.scorers import ScoredText, Scorer, get_scorer, scorer_for
@@ -555,3 +556,113 @@ class ScoredCorpus:
             out["train_document_score"] = {"mean": float(train.mean()), "median": float(np.median(train)),
                                            "p90": float(np.quantile(train, 0.9))}
         return out
+
+
+# -- the score distribution ----------------------------------------------------------------------------------
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+DISTRIBUTION_FIGURE = "score-distribution.png"
+
+
+def quantile_threshold(scored: ScoredCorpus, q: float, split: str = "train") -> float:
+    """Quantile `q` of a split's document scores (NaN, unscorable, left out): a threshold given as a quantile, as
+    objective.threshold_quantile and scoring.misaligned_above_quantile resolve it."""
+    if not 0 <= q <= 1:
+        raise PhfError(f"a threshold quantile must be in [0, 1], got {q}")
+    scores = scored.document_scores(split)
+    scores = scores[~np.isnan(scores)]
+    if not len(scores):
+        raise PhfError(f"{scored.path} has no scored {split} document to set a threshold quantile from")
+    return float(np.quantile(scores, q))
+
+
+def score_distribution(scored: ScoredCorpus, thresholds: Mapping[str, float | Quantile],
+                       split: str = "train") -> dict:
+    """The split's document and segment scores: their quantiles (QUANTILES), and per named threshold (a value, or a
+    Quantile of the document scores) its value, the share of documents and of segments scoring above it, and the
+    quantile it sits at among the document scores (the share at or below it)."""
+    t = scored.table(["split", "seg_score", "score"])
+    t = t.filter(pa.compute.equal(t.column("split"), split))
+    docs = np.array([math.nan if v is None else v for v in t.column("score").to_pylist()], dtype=np.float64)
+    segs = np.array([math.nan if v is None else v for ss in t.column("seg_score").to_pylist() for v in ss],
+                    dtype=np.float64)
+    docs, segs = docs[~np.isnan(docs)], segs[~np.isnan(segs)]
+    if not len(docs):
+        raise PhfError(f"{scored.path} has no scored {split} document: no score distribution")
+    out = {"split": split, "documents": int(len(docs)), "segments": int(len(segs)),
+           "quantiles": [float(q) for q in QUANTILES],
+           "document_quantiles": [float(v) for v in np.quantile(docs, QUANTILES)],
+           "segment_quantiles": [float(v) for v in np.quantile(segs, QUANTILES)] if len(segs) else [],
+           "document_zero_share": float(np.mean(docs == 0)), "segment_zero_share": float(np.mean(segs == 0)) if
+           len(segs) else math.nan, "thresholds": {}}
+    for name, rule in thresholds.items():
+        value = float(np.quantile(docs, rule.q)) if isinstance(rule, Quantile) else float(rule)
+        out["thresholds"][name] = {
+            "value": value, "given_as": f"quantile {rule.q:g}" if isinstance(rule, Quantile) else "value",
+            "documents_above": float(np.mean(docs > value)),
+            "segments_above": float(np.mean(segs > value)) if len(segs) else math.nan,
+            "document_quantile": float(np.mean(docs <= value))}
+    return out
+
+
+def record_distribution(scored: ScoredCorpus, thresholds: Mapping[str, float | Quantile], log_scale: bool = False,
+                        split: str = "train") -> dict:
+    """`score_distribution` written into the scored corpus' manifest (`distribution`) and drawn as a histogram
+    (score-distribution.png in its folder); both are rewritten only when they change, so a reused corpus stays
+    untouched."""
+    dist = score_distribution(scored, thresholds, split)
+    figure = scored.path / DISTRIBUTION_FIGURE
+    if scored.manifest.get("distribution") != json.loads(json.dumps(dist)) or not figure.exists():
+        plot_distribution(scored, dist, figure, log_scale)
+        scored.manifest["distribution"] = dist
+        write_json(scored.path / MANIFEST, scored.manifest)
+    return dict(dist, figure=str(figure))
+
+
+def plot_distribution(scored: ScoredCorpus, dist: dict, path: Path, log_scale: bool) -> Path:
+    """Histograms of the document and segment scores (a log axis leaves out the zeros, whose share it names), with
+    a line at each threshold."""
+    t = scored.table(["split", "seg_score", "score"])
+    t = t.filter(pa.compute.equal(t.column("split"), dist["split"]))
+    values = {"documents": [v for v in t.column("score").to_pylist() if v is not None and not math.isnan(v)],
+              "segments": [v for ss in t.column("seg_score").to_pylist() for v in ss
+                           if v is not None and not math.isnan(v)]}
+    fig, axes = pyplot().subplots(1, 2, figsize=(10.0, 3.8))
+    for ax, (what, xs) in zip(axes, values.items()):
+        xs = np.asarray(xs, dtype=np.float64)
+        shown = xs[xs > 0] if log_scale else xs
+        if len(shown):
+            bins = np.geomspace(shown.min(), shown.max() * 1.0001, 40) if log_scale and shown.max() > shown.min() \
+                else 40
+            ax.hist(shown, bins=bins, color="#4c72b0")
+        if log_scale:
+            ax.set_xscale("log")
+        zeros = f", {np.mean(xs == 0):.1%} at 0 not drawn" if log_scale and len(xs) else ""
+        ax.set_title(f"{dist['split']} {what}: {len(xs):,}{zeros}", fontsize=9)
+        ax.set_xlabel(f"score ({scored.scorer_name})")
+        for i, (name, th) in enumerate(dist["thresholds"].items()):
+            if th["value"] > 0 or not log_scale:
+                ax.axvline(th["value"], color=f"C{i + 1}", linestyle="--", linewidth=1,
+                           label=f"{name} {th['value']:.3g} ({th[what + '_above']:.1%} above)")
+        if dist["thresholds"]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("count")
+    return save_figure(fig, path)
+
+
+def format_distribution(dist: dict) -> str:
+    """The distribution as a few lines of text: quantiles, then each threshold's value, shares above, quantile."""
+    head = "".join(f"{q:>10g}" for q in dist["quantiles"])
+    lines = [f"score distribution of the {dist['split']} split ({dist['documents']:,} documents, "
+             f"{dist['segments']:,} segments):", f"  {'quantile':<22}{head}"]
+    for what in ("document", "segment"):
+        values = dist[f"{what}_quantiles"]
+        if values:
+            lines.append(f"  {what + 's':<22}" + "".join(f"{v:>10.4g}" for v in values))
+    if dist["thresholds"]:
+        lines.append(f"  {'threshold':<34}{'value':>10}{'docs above':>12}{'segs above':>12}{'doc quantile':>14}")
+    for name, th in dist["thresholds"].items():
+        lines.append(f"  {name:<34}{th['value']:>10.4g}{th['documents_above']:>12.1%}{th['segments_above']:>12.1%}"
+                     f"{th['document_quantile']:>14.3f}")
+    if dist.get("figure"):
+        lines.append(f"  histogram: {dist['figure']}")
+    return "\n".join(lines)

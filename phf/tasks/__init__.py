@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phf.core.config import RunConfig
-from phf.data.scoring import ScoredCorpus, score_corpus
+from phf.data.scoring import ScoredCorpus, quantile_threshold, score_corpus
 from phf.tasks import pep8, pii, toxicity
 from phf.tasks.base import Task, configured, user_task
 
@@ -32,9 +32,14 @@ def all_sources() -> dict:
 
 def score_run_corpus(cfg: RunConfig, data_dir: str | Path, progress: bool = True,
                      rescore: bool = False) -> ScoredCorpus:
-    """The scored corpus of a run's config, in `data_dir` (reused when already scored, unless `rescore`)."""
-    return score_corpus(cfg.corpus, cfg.scoring, Path(data_dir), progress=progress, sources=all_sources(),
-                        rescore=rescore)
+    """The scored corpus of a run's config, in `data_dir` (reused when already scored, unless `rescore`). A
+    `scoring.misaligned_above_quantile` is resolved against it here, into the config's `misaligned_above` (so the
+    run's config.yaml, written after, records the value every later stage reads)."""
+    scored = score_corpus(cfg.corpus, cfg.scoring, Path(data_dir), progress=progress, sources=all_sources(),
+                          rescore=rescore)
+    if cfg.scoring.misaligned_above is None and cfg.scoring.misaligned_above_quantile is not None:
+        cfg.scoring.misaligned_above = quantile_threshold(scored, cfg.scoring.misaligned_above_quantile)
+    return scored
 
 
 __all__ = ["SHIPPED", "Task", "get_task", "task_for", "all_sources", "score_run_corpus"]

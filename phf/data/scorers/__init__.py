@@ -21,6 +21,11 @@ SCORERS: dict[str, str] = {
     "toxicity-hatesonar": "phf.data.scorers.judges:HateSonarScorer",
 }
 
+# FAMILY:ARGUMENT -> a Scorer class built from the whole name (its argument names a model, a label, ...)
+FAMILIES: dict[str, str] = {
+    "hf-classifier": "phf.data.scorers.classifier:HFClassifierScorer",  # a local sequence classifier's P(label)
+}
+
 
 def _import(spec: str):
     module_name, _, attr = spec.partition(":")
@@ -60,6 +65,9 @@ def _build_scorer(name: str, segmenter: str | None, device: str = "") -> Scorer:
             raise PhfError(f"scoring.segmenter: {exc.args[0]}") from None
     if name in SCORERS:
         return _on_device(_import(SCORERS[name]), name, device)
+    family = name.partition(":")[0]
+    if family in FAMILIES:
+        return _import(FAMILIES[family])(name, device=device, segmenter=segmenter or "")
     if ":" in name:
         obj = _import(name)
         if isinstance(obj, type) and issubclass(obj, Scorer):
@@ -70,7 +78,8 @@ def _build_scorer(name: str, segmenter: str | None, device: str = "") -> Scorer:
             raise PhfError(f"scorer {name!r} is a function and takes no device; leave scoring.device empty, or make it "
                            f"a Scorer class whose __init__ takes `device`")
         return CallableScorer(name, obj, segmenter or "lines")
-    raise PhfError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)} or give module:callable")
+    raise PhfError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}, give "
+                   f"{', '.join(f + ':...' for f in FAMILIES)} or module:callable")
 
 
 def _on_device(cls: type, name: str, device: str) -> Scorer:
@@ -82,4 +91,4 @@ def _on_device(cls: type, name: str, device: str) -> Scorer:
     return cls(device=device)
 
 
-__all__ = ["SCORERS", "Scorer", "ScoredText", "get_scorer", "scorer_for"]
+__all__ = ["FAMILIES", "SCORERS", "Scorer", "ScoredText", "get_scorer", "scorer_for"]
