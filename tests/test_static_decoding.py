@@ -89,8 +89,9 @@ def until_eos(rows, eos):
     return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
-@pytest.mark.parametrize("kind,check_every", [("static", 3), ("static", 0), ("static-hf", 64)])
+@pytest.mark.parametrize("arch,kind,check_every", [
+    ("gpt2", "static", 3), ("gpt2", "static", 0), ("gpt2", "static-hf", 64), ("llama", "static", 3),
+    ("llama", "static", 0), ("gpt_neox", "static", 3), ("gpt_neox", "static", 0)])
 def test_static_greedy_sampling_equals_full_forward_greedy_decoding(arch, kind, check_every):
     """Rows end (<|endoftext|>, id 3) at different steps; finished rows are masked, and the early stop (checked
     every 3 steps, or never) cuts nothing short."""

@@ -9,6 +9,11 @@ Both hold rows right-padded: a row's prompt fills cache slots 0..n-1 and its k-t
 position is its length and no left padding shifts positions. Both can drop finished rows (`keep`), so the rows
 still being sampled stop paying for those already done. tests/test_decoding.py checks every decoder against a
 full forward pass of the model.
+
+The static decoders (`StaticGpt2Decoder`, `StaticHfDecoder`, on `_FixedSlots`) trade that for fixed shapes, which
+a GPU needs to replay a step as a CUDA graph: rows left-padded, a cache of the full length read through a mask,
+all bookkeeping on the device, nothing dropped (phf.evaluation.sampling.StaticSampling).
+tests/test_static_decoding.py checks them against a full forward pass too.
 """
 from __future__ import annotations
 
