@@ -340,6 +340,7 @@ class StaticSampling:
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.prompts = prompts
+        self.width = max(len(p) for p in prompts)  # the slot the first new token goes to
 
     def _prefill(self) -> None:
         typed, self.types = None, None
@@ -375,16 +376,24 @@ class StaticSampling:
     @torch.no_grad()
     def run(self, check_every: int = 64, cuda_graph: bool = True) -> torch.Tensor:
         """All the steps (B, max_new_tokens) on the host. Every `check_every` steps (0: never) the host reads
-        whether all rows have ended, and stops if so. On CUDA with `cuda_graph`, the first step runs as is (it
-        also warms up the kernels) and the others replay it as a CUDA graph."""
+        whether all rows have ended, and stops if so. On CUDA with `cuda_graph`, the first step of each bucket of
+        cache slots (`span_at`) runs as is (it also warms up the kernels) and the others replay it as a CUDA
+        graph."""
+        graphs = cuda_graph and self.device.type == "cuda"
         with _graph_safe_autocast(self.device):
             self._prefill()
-            replay = self._step
+            replay, span = self._step, -1
             for step in range(self.steps - 1):
-                if step == 0 and cuda_graph and self.device.type == "cuda":
-                    replay = _run_and_capture(self._step, self.device) or self._step
-                else:
+                if self.dec.span_at(self.width + step) == span:
                     replay()
+                else:  # a new bucket of cache slots: new shapes, a new graph
+                    span = self.dec.span = self.dec.span_at(self.width + step)
+                    if graphs:  # runs the step, then captures it
+                        replay = _run_and_capture(self._step, self.device)
+                        graphs, replay = replay is not None, replay or self._step
+                    else:
+                        replay = self._step
+                        replay()
                 if check_every and (step + 1) % check_every == 0 and bool(self.done.all()):
                     return self.out.cpu()
             self._sample()
