@@ -217,3 +217,34 @@ def test_a_static_step_reads_no_host_value_and_repeats_the_same_shapes(arch):
         generate_ids(model, prompts, 8, -1, [mis], 0.8, 0.6, torch.Generator().manual_seed(0), guidance=1.0,
                      negative={al: mis}, exempt=[al], decoder="auto")
     assert len([r for r in rec.host_reads if r != "tensor"]) >= 3 * 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_eager_step_draws(arch):
+    """The graph's draws equal the eager static path's with the same seed (guidance, banned and exempt tokens), and
+    replaying the graph makes the host wait for nothing (torch.cuda.set_sync_debug_mode raises on a sync)."""
+    from phf.evaluation.sampling import _run_and_capture
+
+    model = tiny(arch).cuda()
+    eos, al, mis = 0, 5, 6
+    prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
+    args = (model, prompts, 30, -1, [mis], 0.8, 0.6)
+    kwargs = dict(guidance=1.0, negative={al: mis}, exempt=[al], decoder="static")
+
+    def draws(cuda_graph: bool):
+        return generate_ids(*args, torch.Generator("cuda").manual_seed(0), cuda_graph=cuda_graph, **kwargs)
+
+    assert draws(True) == draws(False)
+    sampling = StaticSampling(*args, torch.Generator("cuda").manual_seed(0), 1.0, {al: mis}, [al], "static")
+    sampling._prefill()
+    sampling.dec.span = sampling.dec.span_at(sampling.width)
+    replay = _run_and_capture(sampling._step, torch.device("cuda"))
+    assert replay is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(sampling.step_index) == 6

@@ -335,7 +335,8 @@ class StaticSampling:
         if exempt:
             self.exempt = torch.zeros(unwrap(model).config.vocab_size, dtype=torch.bool, device=device)
             self.exempt[exempt] = True
-        self.u = torch.rand((max_new_tokens, B), generator=generator, device=device)  # every draw's uniform
+        # every draw's uniform, drawn where the generator is
+        self.u = torch.rand((max_new_tokens, B), generator=generator, device=generator.device).to(device)
         self.out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
