@@ -38,12 +38,15 @@ class Recorder(TorchFunctionMode):
 @pytest.mark.parametrize("arch,kind,expected", [
     ("gpt2", "static", StaticGpt2Decoder), ("gpt2-untied", "static", StaticGpt2Decoder),
     ("gpt2", "static-hf", StaticHfDecoder), ("llama", "static", StaticHfDecoder),
-    ("gpt_neox", "static", StaticHfDecoder), ("llama-eager", "static", StaticHfDecoder)])
-def test_every_static_decoder_step_equals_a_full_forward_pass(arch, kind, expected):
+    ("gpt_neox", "static", StaticHfDecoder), ("llama-eager", "static", StaticHfDecoder),
+    ("gpt2-buckets", "static", StaticGpt2Decoder)])
+def test_every_static_decoder_step_equals_a_full_forward_pass(arch, kind, expected, monkeypatch):
     """Prompts of 2 to 7 tokens side by side (left-padded): every row's logits equal the model's own forward pass
     over that row's whole text, at the prefill and at every step; rows that keep reading <|endoftext|> after they
-    end (as finished rows do) too."""
-    model = tiny(arch.removesuffix("-eager"))
+    end (as finished rows do) too. GPT-2's attention reads the cache in buckets of slots (of 4 here)."""
+    if arch == "gpt2-buckets":
+        monkeypatch.setattr(StaticGpt2Decoder, "SPAN_BUCKET", 4)
+    model = tiny(arch.removesuffix("-eager").removesuffix("-buckets"))
     if arch.endswith("-eager"):  # an additive float mask instead of sdpa's boolean one
         model.config._attn_implementation = "eager"
     dec = make_decoder(model, len(PROMPTS), 7 + 9, kind)
@@ -51,6 +54,7 @@ def test_every_static_decoder_step_equals_a_full_forward_pass(arch, kind, expect
     rows = [list(p) for p in PROMPTS]
     logits = dec.prefill(rows)
     g = torch.Generator().manual_seed(1)
+    spans = []
     for step in range(9):
         for r, ids in enumerate(rows):
             torch.testing.assert_close(logits[r], full_forward_logits(model, ids), atol=2e-5, rtol=1e-4)
@@ -58,7 +62,11 @@ def test_every_static_decoder_step_equals_a_full_forward_pass(arch, kind, expect
         tok[1] = 0 if step >= 2 else tok[1]  # row 1 has ended: it reads <|endoftext|> from here on
         for ids, t in zip(rows, tok.tolist()):
             ids.append(t)
+        dec.span = dec.span_at(7 + step)
+        spans.append(dec.span)
         logits = dec.step(tok)
+    if arch == "gpt2-buckets":
+        assert spans == [8] + [12] * 4 + [16] * 4
 
 
 def greedy_reference(model, prompts, steps, eos, banned=(), guidance=0.0, negative=None, markers=None):
@@ -89,12 +97,15 @@ def until_eos(rows, eos):
     return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
-@pytest.mark.parametrize("kind,check_every", [("static", 3), ("static", 0), ("static-hf", 64)])
-def test_static_greedy_sampling_equals_full_forward_greedy_decoding(arch, kind, check_every):
-    """Rows end (<|endoftext|>, id 3) at different steps; finished rows are masked, and the early stop (checked
-    every 3 steps, or never) cuts nothing short."""
-    model = tiny(arch)
+@pytest.mark.parametrize("arch,kind,check_every", [
+    ("gpt2", "static", 3), ("gpt2", "static", 0), ("gpt2", "static-hf", 64), ("llama", "static", 3),
+    ("llama", "static", 0), ("gpt_neox", "static", 3), ("gpt_neox", "static", 0), ("gpt2-buckets", "static", 3)])
+def test_static_greedy_sampling_equals_full_forward_greedy_decoding(arch, kind, check_every, monkeypatch):
+    """Rows end at different steps; finished rows are masked, and the early stop (checked every 3 steps, or never)
+    cuts nothing short; GPT-2 also with its attention reading the cache in buckets of 8 slots."""
+    if arch == "gpt2-buckets":
+        monkeypatch.setattr(StaticGpt2Decoder, "SPAN_BUCKET", 8)
+    model = tiny(arch.removesuffix("-buckets"))
     eos = greedy_reference(model, PROMPTS[:1], 5, -1)[0][4]  # a token row 0 draws at its 5th step ends a row
     expected = greedy_reference(model, PROMPTS, 20, eos)
     assert len({len(r) for r in expected}) > 1 and any(len(r) < 20 for r in expected)  # rows end early
@@ -206,3 +217,34 @@ def test_a_static_step_reads_no_host_value_and_repeats_the_same_shapes(arch):
         generate_ids(model, prompts, 8, -1, [mis], 0.8, 0.6, torch.Generator().manual_seed(0), guidance=1.0,
                      negative={al: mis}, exempt=[al], decoder="auto")
     assert len([r for r in rec.host_reads if r != "tensor"]) >= 3 * 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_eager_step_draws(arch):
+    """The graph's draws equal the eager static path's with the same seed (guidance, banned and exempt tokens), and
+    replaying the graph makes the host wait for nothing (torch.cuda.set_sync_debug_mode raises on a sync)."""
+    from phf.evaluation.sampling import _run_and_capture
+
+    model = tiny(arch).cuda()
+    eos, al, mis = 0, 5, 6
+    prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
+    args = (model, prompts, 30, -1, [mis], 0.8, 0.6)
+    kwargs = dict(guidance=1.0, negative={al: mis}, exempt=[al], decoder="static")
+
+    def draws(cuda_graph: bool):
+        return generate_ids(*args, torch.Generator("cuda").manual_seed(0), cuda_graph=cuda_graph, **kwargs)
+
+    assert draws(True) == draws(False)
+    sampling = StaticSampling(*args, torch.Generator("cuda").manual_seed(0), 1.0, {al: mis}, [al], "static")
+    sampling._prefill()
+    sampling.dec.span = sampling.dec.span_at(sampling.width)
+    replay = _run_and_capture(sampling._step, torch.device("cuda"))
+    assert replay is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(sampling.step_index) == 6

@@ -296,14 +296,23 @@ class StaticSampling:
     tokens outside it (`sample_static`), control types; finished rows are padded with <|endoftext|> and stay in
     the batch (masked, not dropped).
 
-    Why the dynamic path stalls on a GPU (its kernels are small, so a step costs what the host takes to launch
-    them, ~200 for a 12-layer GPT-2): the host waits for the GPU several times a step, so launches never run ahead
-    of the GPU. Counted on the CPU (tests/test_static_decoding.py) at 256 rows: `sample_next`'s rejection rounds
-    read each round's unsettled rows (a boolean index and `len`), the step copies the tokens to the host
-    (`tok.cpu()`) and counts finished rows (`int(done.sum())`); dropping finished rows (`keep`) allocates and
-    copies the whole cache, and the attention span and row count change shapes from step to step, which a graph
-    cannot hold. Here: the uniforms are drawn before the loop, the nucleus is found by sorting (no subsets),
-    tokens stay on the device until the end, and finished rows are counted every `check_every` steps only."""
+    Why the dynamic path (`decoder` gpt2/hf) stalls on a GPU. Counted on a CPU (GPT-2 with 12 layers and the
+    paper's vocabulary, 256 rows, temperature 0.7, top-p 0.9; tests/test_static_decoding.py checks the property):
+    a dynamic step makes ~600 torch calls and reads the device from the host 8 times: the rejection sampler's
+    unsettled rows each round (a boolean index, `len`), `tok.cpu()`, `int(done.sum())`; when rows end, `keep`
+    allocates a new cache and copies every row's into it, and the attention span grows every step, so no two
+    steps have the same shapes. Inferred for a GPU (not measured here): each host read empties the GPU's queue,
+    so the ~600 launches of the next step (a few microseconds each, for kernels that take about as long at
+    124M) run with the GPU idle rather than ahead of it: a step costs the launches plus the kernels, not the
+    larger of the two. That explains phf's 11K tokens/s at 64 rows (~6 ms a step); the 256 x 640 collapse
+    (over 125 ms a step) is more than launches alone explain, and a GPU profile must say what the rest is.
+    Candidates: under bf16 autocast the fast GPT-2 decoder's cache is the model's fp32, so attention casts every
+    row's whole span to bf16 at every layer of every step (memory traffic that grows with rows x span), and
+    tensors that grow every step defeat the caching allocator's reuse of blocks.
+    Here a step makes ~650 calls and reads nothing on the host: the uniforms are drawn before the loop, the
+    nucleus is found by sorting (no subsets), tokens stay on the device until the end, finished rows are counted
+    every `check_every` steps, and the whole step is one CUDA graph launch.
+    """
 
     def __init__(self, model, prompts, max_new_tokens, eos_id, banned_ids, temperature, top_p, generator,
                  guidance, negative, exempt, decoder):
@@ -326,11 +335,13 @@ class StaticSampling:
         if exempt:
             self.exempt = torch.zeros(unwrap(model).config.vocab_size, dtype=torch.bool, device=device)
             self.exempt[exempt] = True
-        self.u = torch.rand((max_new_tokens, B), generator=generator, device=device)  # every draw's uniform
+        # every draw's uniform, drawn where the generator is
+        self.u = torch.rand((max_new_tokens, B), generator=generator, device=generator.device).to(device)
         self.out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.prompts = prompts
+        self.width = max(len(p) for p in prompts)  # the slot the first new token goes to
 
     def _prefill(self) -> None:
         typed, self.types = None, None
@@ -366,16 +377,24 @@ class StaticSampling:
     @torch.no_grad()
     def run(self, check_every: int = 64, cuda_graph: bool = True) -> torch.Tensor:
         """All the steps (B, max_new_tokens) on the host. Every `check_every` steps (0: never) the host reads
-        whether all rows have ended, and stops if so. On CUDA with `cuda_graph`, the first step runs as is (it
-        also warms up the kernels) and the others replay it as a CUDA graph."""
+        whether all rows have ended, and stops if so. On CUDA with `cuda_graph`, the first step of each bucket of
+        cache slots (`span_at`) runs as is (it also warms up the kernels) and the others replay it as a CUDA
+        graph."""
+        graphs = cuda_graph and self.device.type == "cuda"
         with _graph_safe_autocast(self.device):
             self._prefill()
-            replay = self._step
+            replay, span = self._step, -1
             for step in range(self.steps - 1):
-                if step == 0 and cuda_graph and self.device.type == "cuda":
-                    replay = _run_and_capture(self._step, self.device)
-                else:
+                if self.dec.span_at(self.width + step) == span:
                     replay()
+                else:  # a new bucket of cache slots: new shapes, a new graph
+                    span = self.dec.span = self.dec.span_at(self.width + step)
+                    if graphs:  # runs the step, then captures it
+                        replay = _run_and_capture(self._step, self.device)
+                        graphs, replay = replay is not None, replay or self._step
+                    else:
+                        replay = self._step
+                        replay()
                 if check_every and (step + 1) % check_every == 0 and bool(self.done.all()):
                     return self.out.cpu()
             self._sample()
@@ -406,8 +425,12 @@ def _run_and_capture(step, device: torch.device):
         step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as exc:  # an operation the graph cannot hold: slower, still right
+        log.warning("sampling without a CUDA graph: capturing the decode step failed (%s)", str(exc)[:200])
+        return None
     return graph.replay
 
 

@@ -9,6 +9,11 @@ Both hold rows right-padded: a row's prompt fills cache slots 0..n-1 and its k-t
 position is its length and no left padding shifts positions. Both can drop finished rows (`keep`), so the rows
 still being sampled stop paying for those already done. tests/test_decoding.py checks every decoder against a
 full forward pass of the model.
+
+The static decoders (`StaticGpt2Decoder`, `StaticHfDecoder`, on `_FixedSlots`) trade that for fixed shapes, which
+a GPU needs to replay a step as a CUDA graph: rows left-padded, a cache of the full length read through a mask,
+all bookkeeping on the device, nothing dropped (phf.evaluation.sampling.StaticSampling).
+tests/test_static_decoding.py checks them against a full forward pass too.
 """
 from __future__ import annotations
 
@@ -257,9 +262,15 @@ class _FixedSlots:
         self.positions.copy_((W - start))
         return ids, positions, typed, mask[:, None]
 
-    def _step_mask(self) -> torch.Tensor:
-        """(R, 1, 1, max_length): the slots each row reads at this step, its own text up to the current slot."""
-        return ((self.slots >= self.start[:, None]) & (self.slots <= self.slot))[:, None, None, :]
+    def span_at(self, slot: int) -> int | None:
+        """How many cache slots a step that writes `slot` reads (None: all of them). A decoder that can read fewer
+        rounds up to whole buckets, so that one CUDA graph serves a bucket's steps."""
+        return None
+
+    def _step_mask(self, span: int | None = None) -> torch.Tensor:
+        """(R, 1, 1, span): the slots each row reads at this step, its own text up to the current slot."""
+        slots = self.slots[:span]
+        return ((slots >= self.start[:, None]) & (slots <= self.slot))[:, None, None, :]
 
     def _advance(self) -> None:
         self.slot += 1
@@ -271,9 +282,19 @@ class StaticGpt2Decoder(_FixedSlots, Gpt2Decoder):
     through a mask, so that the step can be captured once as a CUDA graph and replayed. Rows are not dropped
     (`keep` is not supported): a finished row is masked by the sampler."""
 
+    SPAN_BUCKET = 128  # attention reads the cache in whole buckets of this many slots (0: always all of it)
+
     def __init__(self, model, rows: int, max_length: int, cache_dtype: torch.dtype | None = None):
         Gpt2Decoder.__init__(self, model, rows, max_length, cache_dtype)
         self._init_slots(rows, max_length, self.wte.device)
+        self.span = None  # the slots a step reads (set per bucket with `span_at`; None: all)
+
+    def span_at(self, slot: int) -> int | None:
+        """Reading only the buckets in use halves the attention's memory traffic over a long sample, for one
+        CUDA graph per bucket."""
+        if not self.SPAN_BUCKET:
+            return None
+        return min(self.slots.shape[0], (slot // self.SPAN_BUCKET + 1) * self.SPAN_BUCKET)
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], types: list[list[int]] | None = None) -> torch.Tensor:
@@ -290,14 +311,14 @@ class StaticGpt2Decoder(_FixedSlots, Gpt2Decoder):
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
-        R = self.rows
+        R, span = self.rows, self.span
         x = self._embed(tokens, self.positions, types)
-        mask = self._step_mask()
+        mask = self._step_mask(span)
         for l, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
             q, k, v = c_attn(self._norm(ln_1, x)).view(R, 3, self.heads, -1).unbind(1)  # each (R, H, D)
             self.k[l].index_copy_(2, self.slot, k[:, :, None].to(self.k.dtype))
             self.v[l].index_copy_(2, self.slot, v[:, :, None].to(self.v.dtype))
-            a = _attend(q[:, :, None], self.k[l], self.v[l], mask)  # (R, H, 1, D)
+            a = _attend(q[:, :, None], self.k[l, :, :, :span], self.v[l, :, :, :span], mask)  # (R, H, 1, D)
             x = x + c_proj(a.reshape(R, self.width))
             x = self._mlp(x, ln_2, c_fc, mlp_proj)
         self._advance()
