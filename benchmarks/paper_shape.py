@@ -55,7 +55,7 @@ def shape(quick: bool) -> Shape:
     sample = load_config(path).sample
     # on an H100/H200: training about 3.5 minutes (two of the five contenders compile), sampling about 4
     return Shape(PAPER_CONFIG, load_config(path), PAPER_VOCAB, 3, 30, 10.0, 3,
-                 [(64, 256), (sample.num_samples, sample.max_new_tokens)], 75.0, 25.0)
+                 [(64, 256), (sample.num_samples, sample.max_new_tokens)], 75.0, 20.0)
 
 
 def machine(device: str) -> dict:
