@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.paper_shape import Shape, peak_memory_gb, ratios, save_partial, selected, shape, start_memory, sync
-from phf.core.tokens import EOS
 
 FALLBACK_DECODERS = ("gpt2", "hf")  # what make_decoder takes besides auto, where phf.model.decoding lists none
 REFERENCES = ["generate", "generate_static_compiled"]

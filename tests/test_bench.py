@@ -20,7 +20,18 @@ def test_an_installed_phf_without_its_checkout_says_where_the_benchmarks_are(tmp
     assert "benchmarks/ folder of a source checkout" in err and "python -m phf bench" in err
 
 
-def test_the_device_benchmarks_run_phf_and_every_reference_at_a_tiny_shape(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the suite's other training tests: two threads on a busy 2-core machine wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_device_benchmarks_run_phf_and_every_reference_at_a_tiny_shape(tmp_path, one_thread):
     """phf bench train|sample --device cpu --quick, without the compiled contenders (compiling takes minutes on
     a CPU): every contender measured, phf's ratios to the references, one JSON, the table."""
     from phf.cli.bench import load_benchmark
@@ -64,4 +75,5 @@ def test_a_sampler_stopped_by_its_budget_is_reported_with_the_rate_it_stayed_bel
     assert status.startswith("did not finish within the budget (80 s") and "under 32,768 tokens/s" in status
     assert out["shapes"]["8192x640"]["status"] == "not started: the budget was spent"
     crashed = sample.read_records(tmp_path / "none.jsonl", "torch.OutOfMemoryError: CUDA out of memory", [(64, 256)])
-    assert crashed["error"].startswith("torch.OutOfMemoryError") and "out of memory" in crashed["shapes"]["64x256"]["status"]
+    assert crashed["error"].startswith("torch.OutOfMemoryError")
+    assert "out of memory" in crashed["shapes"]["64x256"]["status"]
