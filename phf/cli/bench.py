@@ -69,10 +69,10 @@ def _on_device(args) -> dict:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="print throughput figures (scoring, training, sampling)",
-                       description="Throughput figures of a source checkout's benchmarks/ folder. Without --device: "
-                                   "scoring, training and sampling on this machine's CPU. With --device: phf's training "
-                                   "and sampling beside plain PyTorch, transformers' Trainer and generate on the "
-                                   "paper's 124M shape (--quick: a tiny shape, seconds on a CPU).",
+                       description="Throughput figures of a source checkout's benchmarks/ folder. Without "
+                                   "--device: scoring, training and sampling on this machine's CPU. With --device: "
+                                   "phf's training and sampling beside plain PyTorch, transformers' Trainer and "
+                                   "generate on the paper's 124M shape (--quick: a tiny shape, seconds on a CPU).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "score", "train", "sample"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
