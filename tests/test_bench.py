@@ -20,6 +20,21 @@ def test_an_installed_phf_without_its_checkout_says_where_the_benchmarks_are(tmp
     assert "benchmarks/ folder of a source checkout" in err and "python -m phf bench" in err
 
 
+def test_device_benchmarks_on_a_machine_without_the_device_are_one_line_errors(capsys):
+    import torch
+
+    from phf.cli.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for argv, says in ((["bench", "train", "--device", "cuda"], "sees no CUDA GPU"),
+                       (["bench", "score", "--device", "cpu"], "measures training and sampling")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread, as the suite's other training tests: two threads on a busy 2-core machine wait on each other."""

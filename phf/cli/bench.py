@@ -57,6 +57,9 @@ def _on_device(args) -> dict:
     if args.what not in ("train", "sample", "all"):
         raise PhfError(f"--device measures training and sampling (phf bench train|sample --device ...), not "
                        f"{args.what}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise PhfError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run on a GPU "
+                       f"machine (benchmarks/gpu_check.sh), or try the code path here with --device cpu --quick")
     shape = load_benchmark("paper_shape")
     out = Path(args.out) if args.out else None
     figures = {"machine": shape.machine(args.device)}
