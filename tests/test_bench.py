@@ -3,7 +3,9 @@ the CPU (the figures themselves are measured, never asserted)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +94,14 @@ def test_a_sampler_stopped_by_its_budget_is_reported_with_the_rate_it_stayed_bel
     crashed = sample.read_records(tmp_path / "none.jsonl", "torch.OutOfMemoryError: CUDA out of memory", [(64, 256)])
     assert crashed["error"].startswith("torch.OutOfMemoryError")
     assert "out of memory" in crashed["shapes"]["64x256"]["status"]
+
+
+def test_the_gpu_check_script_parses_and_explains_itself():
+    """benchmarks/gpu_check.sh: valid bash, --help says what it does, an unknown argument is one line (the whole
+    script runs in `bash benchmarks/gpu_check.sh --device cpu --quick`, a minute or more: not in the suite)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--wheels DIR" in usage.stdout and "--device cpu --quick" in usage.stdout
+    wrong = subprocess.run(["bash", str(script), "--gpus", "2"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == "gpu_check: unknown argument --gpus (see --help)"
