@@ -39,7 +39,8 @@ def test_device_benchmarks_on_a_machine_without_the_device_are_one_line_errors(c
 
 @pytest.fixture
 def one_thread():
-    """One torch thread, as the suite's other training tests: two threads on a busy 2-core machine wait on each other."""
+    """One torch thread, as the suite's other training tests: two threads on a busy 2-core machine wait on each
+    other."""
     import torch
 
     threads = torch.get_num_threads()
