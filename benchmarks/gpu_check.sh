@@ -22,8 +22,8 @@ out="gpu_check.json"
 device="cuda"
 quick=""
 skip=""
-train_limit=240   # seconds: five training contenders, two of which compile
-sample_limit=225  # seconds: the samplers, each in a process of its own with its budget (75, 75, 20, 20, 20)
+train_limit=230   # seconds: five training contenders, two of which compile
+sample_limit=240  # seconds: the samplers, each in a process of its own with its budget (90, 75, 20, 20, 20)
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
