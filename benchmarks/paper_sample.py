@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.paper_shape import Shape, peak_memory_gb, ratios, save_partial, selected, shape, start_memory, sync
-from phf.core.tokens import EOS
 
 FALLBACK_DECODERS = ("gpt2", "hf")  # what make_decoder takes besides auto, where phf.model.decoding lists none
 REFERENCES = ["generate", "generate_static_compiled"]
@@ -68,8 +67,8 @@ def run(device: str, quick: bool, skip: str = "", out: Path | None = None, figur
         model.save_pretrained(folder)
         del model
         for i, name in enumerate(names):
-            if isolated:  # the first two (phf's default, the compiled reference) have the longer budget
-                budget = s.sample_seconds if i < 2 else s.sample_seconds_other
+            if isolated:  # phf's default and the compiled reference first, with the longer budgets
+                budget = s.sample_budgets[min(i, len(s.sample_budgets) - 1)]
                 result = in_own_process(name, folder, device, s.sample_shapes, budget, Path(tmp))
             else:
                 result = {"shapes": {}}
@@ -85,7 +84,7 @@ def describe(s: Shape) -> dict:
     m = s.cfg.model
     return {"name": s.name, "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "vocab": s.vocab,
             "sizes": [f"{r}x{n}" for r, n in s.sample_shapes], "temperature": s.cfg.sample.temperature,
-            "top_p": s.cfg.sample.top_p, "budget_s": [s.sample_seconds, s.sample_seconds_other],
+            "top_p": s.cfg.sample.top_p, "budget_s": list(s.sample_budgets),
             "summary": f"{s.name}: {m.n_layer} layers x {m.n_embd}, vocabulary {s.vocab:,}, "
                        f"{' and '.join(f'{r:,} x {n:,}' for r, n in s.sample_shapes)} new tokens"}
 

@@ -3,7 +3,9 @@ the CPU (the figures themselves are measured, never asserted)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +22,34 @@ def test_an_installed_phf_without_its_checkout_says_where_the_benchmarks_are(tmp
     assert "benchmarks/ folder of a source checkout" in err and "python -m phf bench" in err
 
 
-def test_the_device_benchmarks_run_phf_and_every_reference_at_a_tiny_shape(tmp_path):
+def test_device_benchmarks_on_a_machine_without_the_device_are_one_line_errors(capsys):
+    import torch
+
+    from phf.cli.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for argv, says in ((["bench", "train", "--device", "cuda"], "sees no CUDA GPU"),
+                       (["bench", "score", "--device", "cpu"], "measures training and sampling")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the suite's other training tests: two threads on a busy 2-core machine wait on each
+    other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_device_benchmarks_run_phf_and_every_reference_at_a_tiny_shape(tmp_path, one_thread):
     """phf bench train|sample --device cpu --quick, without the compiled contenders (compiling takes minutes on
     a CPU): every contender measured, phf's ratios to the references, one JSON, the table."""
     from phf.cli.bench import load_benchmark
@@ -64,4 +93,16 @@ def test_a_sampler_stopped_by_its_budget_is_reported_with_the_rate_it_stayed_bel
     assert status.startswith("did not finish within the budget (80 s") and "under 32,768 tokens/s" in status
     assert out["shapes"]["8192x640"]["status"] == "not started: the budget was spent"
     crashed = sample.read_records(tmp_path / "none.jsonl", "torch.OutOfMemoryError: CUDA out of memory", [(64, 256)])
-    assert crashed["error"].startswith("torch.OutOfMemoryError") and "out of memory" in crashed["shapes"]["64x256"]["status"]
+    assert crashed["error"].startswith("torch.OutOfMemoryError")
+    assert "out of memory" in crashed["shapes"]["64x256"]["status"]
+
+
+def test_the_gpu_check_script_parses_and_explains_itself():
+    """benchmarks/gpu_check.sh: valid bash, --help says what it does, an unknown argument is one line (the whole
+    script runs in `bash benchmarks/gpu_check.sh --device cpu --quick`, a minute or more: not in the suite)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--wheels DIR" in usage.stdout and "--device cpu --quick" in usage.stdout
+    wrong = subprocess.run(["bash", str(script), "--gpus", "2"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == "gpu_check: unknown argument --gpus (see --help)"

@@ -57,6 +57,9 @@ def _on_device(args) -> dict:
     if args.what not in ("train", "sample", "all"):
         raise PhfError(f"--device measures training and sampling (phf bench train|sample --device ...), not "
                        f"{args.what}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise PhfError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run on a GPU "
+                       f"machine (benchmarks/gpu_check.sh), or try the code path here with --device cpu --quick")
     shape = load_benchmark("paper_shape")
     out = Path(args.out) if args.out else None
     figures = {"machine": shape.machine(args.device)}
@@ -69,10 +72,10 @@ def _on_device(args) -> dict:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="print throughput figures (scoring, training, sampling)",
-                       description="Throughput figures of a source checkout's benchmarks/ folder. Without --device: "
-                                   "scoring, training and sampling on this machine's CPU. With --device: phf's training "
-                                   "and sampling beside plain PyTorch, transformers' Trainer and generate on the "
-                                   "paper's 124M shape (--quick: a tiny shape, seconds on a CPU).",
+                       description="Throughput figures of a source checkout's benchmarks/ folder. Without "
+                                   "--device: scoring, training and sampling on this machine's CPU. With --device: "
+                                   "phf's training and sampling beside plain PyTorch, transformers' Trainer and "
+                                   "generate on the paper's 124M shape (--quick: a tiny shape, seconds on a CPU).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "score", "train", "sample"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
