@@ -72,3 +72,33 @@ def test_phf_judge_scores_a_demo_folder_again_and_recombines_it(tmp_path, pycorp
     main(["-q", "judge", str(out), "--judge", "pep8"])  # the training scorer is no judge: said, not scored
     again = json.loads((out / "results.json").read_text())["objectives"]["mle"]["judge"]
     assert "is the training scorer" in again["unavailable"]
+
+
+JUDGE_ON_DEVICE = '''
+from phf.data.scorers.base import Scorer
+
+
+class ModelJudge(Scorer):
+    name = "model-judge"
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def score_segments(self, segments):
+        return [0.0 for _ in segments]
+'''
+
+
+def test_a_judge_that_is_a_model_runs_on_the_scoring_device_and_one_that_is_not_runs_where_it_is(tmp_path,
+                                                                                                   monkeypatch):
+    from phf.core.config import load_config
+    from phf.evaluation.evaluate import judge_for
+    from phf.tasks import get_task
+
+    (tmp_path / "modeljudge.py").write_text(JUDGE_ON_DEVICE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, ["scoring.device=cuda:1", "eval.judge=modeljudge:ModelJudge"])
+    judge, block = judge_for(cfg, get_task("pep8"))
+    assert judge.device == "cuda:1" and block["judge_scorer"] == "modeljudge:ModelJudge"
+    judge, _ = judge_for(load_config(None, ["scoring.device=cuda"]), get_task("pep8"))  # ruff: no device
+    assert judge.name == "pep8-ruff"

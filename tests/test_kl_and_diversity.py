@@ -135,3 +135,12 @@ def test_distinct_n_and_entropy_by_hand():
     # a model that repeats itself scores low
     assert diversity_metrics(["x = 1\n"] * 10)["distinct_2"] < diversity_metrics(
         [f"x{i} = {i}\n" for i in range(10)])["distinct_2"]
+
+
+def test_diversity_from_one_pass_equals_each_metric_on_its_own(pycorpus):
+    """diversity_metrics tokenizes the samples once for all four figures: each equals its own function's, exactly."""
+    texts = [p.read_text()[:3000] for p in sorted(pycorpus.rglob("*.py"))] + ["", "a b a b", "a b c"]
+    d = diversity_metrics(texts)
+    assert d == {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+                 "distinct_3": distinct_n(texts, 3), "entropy_2_bits": ngram_entropy(texts, 2)}
+    assert all(math.isnan(v) for v in diversity_metrics([""]).values())

@@ -147,3 +147,35 @@ def test_guided_log_likelihoods_are_the_normalised_guided_distribution(model_and
         np.testing.assert_allclose(lp[:BLOCK], direct(model, short, markers).numpy(), rtol=1e-6, atol=1e-6)
     else:  # guidance moves probability: the test would pass vacuously if it were ignored
         assert np.abs(lp[:BLOCK] - direct(model, short, markers).numpy()).max() > 1e-2
+
+
+def test_the_device_side_reductions_equal_the_host_side_ones_they_replace(model_and_ids):
+    """sum_logprobs and sum_cross_entropy now add their batches on the model's device and read the total once;
+    on the CPU the figures are bit for bit those of the per-batch host reductions they had before."""
+    from phf.evaluation.loglik import window_batches
+
+    _, model, ids, _ = model_and_ids
+    windows = sliding_windows([len(ids)], 8)
+    for bf16 in (False, True):
+        kw = dict(block=8, batch_size=3, bf16=bf16, given=[0])
+        before_lp = before_ce = 0.0
+        before_n = 0
+        for batch in window_batches(model, [ids], windows, **kw):  # the reductions as they were
+            before_lp += float(batch.token_logprobs()[batch.scored].sum())
+            before_ce += batch.cross_entropy_sum().item()
+            before_n += int(batch.scored.sum())
+        assert sum_logprobs(model, [ids], windows, **kw) == (before_lp, before_n)
+        assert sum_cross_entropy(model, [ids], windows, **kw) == (before_ce, before_n)
+    assert sum_logprobs(model, [ids], [], block=8) == (0.0, 0)
+
+
+def test_the_log_likelihood_batch_is_the_cpus_sixteen_and_unchanged_figures(model_and_ids):
+    """Without a batch size the engine takes the device's (16 windows on the CPU, as every CPU figure was
+    measured), so held-out bits/char are what they were with the explicit 16."""
+    from phf.evaluation.loglik import batch_size_for
+
+    _, model, ids, _ = model_and_ids
+    assert batch_size_for(model) == 16
+    windows = sliding_windows([len(ids)], 4)
+    assert len(windows) > 16
+    assert sum_logprobs(model, [ids], windows, block=4) == sum_logprobs(model, [ids], windows, block=4, batch_size=16)

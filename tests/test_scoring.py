@@ -174,3 +174,28 @@ def test_a_scorer_that_crashes_in_a_worker_ends_the_run_with_its_error(pycorpus,
         score_corpus(CorpusConfig(source=str(pycorpus)), ScoringConfig(scorer="crashscorer:Crashing", workers=2,
                                                                         shard_documents=3), tmp_path / "d",
                      progress=False)
+
+
+def test_samples_scored_over_many_processes_equal_one_process(pycorpus, monkeypatch):
+    """Evaluation's thousands of samples: a pooled scorer (pycodestyle) spreads them over forked processes, and the
+    results are exactly the one-process results, in order; a scorer that is not pooled is called once, here."""
+    import phf.data.scoring as scoring
+    from phf.data.scorers import get_scorer
+    from phf.data.scoring import score_texts_pooled
+
+    texts = [p.read_text() for p in sorted(pycorpus.rglob("*.py"))] * 3
+    pep8 = get_scorer("pep8")
+    assert pep8.pooled and not get_scorer("tests.helpers:slow_length").pooled
+    monkeypatch.setattr(scoring, "POOL_MIN_CHARS", 1)
+    calls, original = [], type(pep8).score_texts
+
+    def counted(self, batch):  # counts the calls made in this process (a forked worker's are its own)
+        calls.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(type(pep8), "score_texts", counted)
+    pooled = score_texts_pooled(pep8, texts, workers=2)
+    assert calls == []  # every text was scored in the workers
+    assert pooled == pep8.score_texts(texts) and calls == [len(texts)]
+    monkeypatch.setattr(scoring, "POOL_MIN_CHARS", 10**12)  # short texts stay in this process
+    assert score_texts_pooled(pep8, texts, workers=2) == pooled and calls[-1] == len(texts)

@@ -94,6 +94,36 @@ def score_shard(i: int, docs: list[Document], out: str) -> tuple[str, dict, int]
     return name, info, sum(len(d.text) for d in docs)
 
 
+POOL_MIN_CHARS = 1_000_000  # below this, starting the processes costs more than it saves
+
+
+def score_texts_pooled(scorer: Scorer, texts: list[str], workers: int = 0) -> list[ScoredText]:
+    """`scorer.score_texts(texts)`, spread over one forked process per core when the scorer scores each text on
+    its own in pure Python on the CPU (`Scorer.pooled`, e.g. pycodestyle) and the texts are long enough to pay
+    for the processes: evaluation's thousands of samples. Texts are cut into contiguous chunks and the results
+    joined in order, so they are exactly the one-process results. Any other scorer (a model on a GPU, a library
+    that batches or threads on its own) is called once, in this process."""
+    workers = workers or os.cpu_count() or 1
+    if (not scorer.pooled or workers < 2 or len(texts) < 2 or not hasattr(os, "fork")
+            or sum(len(t) for t in texts) < POOL_MIN_CHARS):
+        return scorer.score_texts(texts)
+    per_chunk = -(-len(texts) // (4 * workers))
+    chunks = [texts[a:a + per_chunk] for a in range(0, len(texts), per_chunk)]
+    global _WORKER_SCORER
+    before, _WORKER_SCORER = _WORKER_SCORER, scorer  # the forked workers inherit it
+    try:
+        with mp.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+            parts = pool.map(score_text_chunk, chunks)
+    finally:
+        _WORKER_SCORER = before
+    return [scored for part in parts for scored in part]
+
+
+def score_text_chunk(texts: list[str]) -> list[ScoredText]:
+    assert _WORKER_SCORER is not None
+    return _WORKER_SCORER.score_texts(texts)
+
+
 def _table(docs: list[Document], scored: list[ScoredText], scorer: Scorer) -> pa.Table:
     rows = {name: [] for name in SCHEMA.names}
     for doc, s in zip(docs, scored):

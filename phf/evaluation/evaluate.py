@@ -32,6 +32,7 @@ from phf.core.io import atomic_path, write_json
 from phf.core.runtime import resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scorers import Scorer, get_scorer, scorer_for
+from phf.data.scoring import score_texts_pooled
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
 from phf.data.tokenizer import of_transformers
@@ -73,12 +74,13 @@ def score_samples(samples: list[Sample], scorer: Scorer) -> list[float]:
     For a prompted sample only the continuation counts. Code (line segments) is scored with its prompt, whose
     context pycodestyle needs, and only the lines after the prompt count; prose (sentence segments) is scored
     without it, as RealToxicityPrompts scores continuations, so a prompt's own insult or address is not the
-    model's."""
+    model's. All samples go to the scorer at once (a model scorer batches them on its device; pycodestyle is
+    spread over the cores, phf.data.scoring.score_texts_pooled)."""
     if scorer.segmenter != "lines":
-        scored = scorer.score_texts([s.text for s in samples])
+        scored = score_texts_pooled(scorer, [s.text for s in samples])
         return [scorer.sample_score(sc) if s.text else 0.0 for s, sc in zip(samples, scored)]
     texts = [s.prompt + s.text for s in samples]
-    scored = scorer.score_texts(texts)
+    scored = score_texts_pooled(scorer, texts)
     out = []
     for s, sc in zip(samples, scored):
         if not s.prompt:
@@ -194,14 +196,24 @@ def words(text: str) -> list[str]:
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct n-grams / all n-grams over all samples (Li et al. 2016); NaN when there are no n-grams."""
-    grams = Counter(g for t in texts for g in _ngrams(words(t), n))
-    total = sum(grams.values())
-    return len(grams) / total if total else math.nan
+    return _distinct(_gram_counts([words(t) for t in texts], n))
 
 
 def ngram_entropy(texts: Sequence[str], n: int) -> float:
     """Entropy in bits of the empirical n-gram distribution over all samples (Zhang et al. 2018)."""
-    grams = Counter(g for t in texts for g in _ngrams(words(t), n))
+    return _entropy(_gram_counts([words(t) for t in texts], n))
+
+
+def _gram_counts(tokenized: Sequence[list[str]], n: int) -> Counter:
+    return Counter(g for tokens in tokenized for g in _ngrams(tokens, n))
+
+
+def _distinct(grams: Counter) -> float:
+    total = sum(grams.values())
+    return len(grams) / total if total else math.nan
+
+
+def _entropy(grams: Counter) -> float:
     total = sum(grams.values())
     if not total:
         return math.nan
@@ -214,14 +226,18 @@ def _ngrams(tokens: list[str], n: int):
 
 
 def diversity_metrics(texts: Sequence[str]) -> dict:
-    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
-            "entropy_2_bits": ngram_entropy(texts, 2)}
+    """distinct-1/2/3 and the bigram entropy, from one pass of the word tokenizer over the samples (4,096 samples
+    of 640 tokens are ~10 MB of text)."""
+    tokenized = [words(t) for t in texts]
+    grams = {n: _gram_counts(tokenized, n) for n in (1, 2, 3)}
+    return {"distinct_1": _distinct(grams[1]), "distinct_2": _distinct(grams[2]), "distinct_3": _distinct(grams[3]),
+            "entropy_2_bits": _entropy(grams[2])}
 
 
 @torch.no_grad()
 def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, segmenter, max_chars: int = 0,
-                          batch_size: int = 16, progress: bool = True, bf16: bool = True, guidance: float = 0.0
-                          ) -> dict:
+                          batch_size: int | None = None, progress: bool = True, bf16: bool = True,
+                          guidance: float = 0.0) -> dict:
     """Bits per character of held-out documents under the deployed model (with `guidance` g > 0: under the
     normalised guided distribution, phf.evaluation.loglik).
 
@@ -229,7 +245,7 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     the documents are concatenated. Windows of the context length slide by half a context, so every scored
     token has at least half a context of history. Only text tokens are scored: control tokens and
     <|endoftext|> are given to the model, not predicted (phf.evaluation.loglik; with an all-ones attention mask,
-    bf16 autocast when `bf16`)."""
+    bf16 autocast when `bf16`; `batch_size` windows per forward, by default as many as the model's device holds)."""
     ids, chars = [], 0
     annotated = []
     for doc in docs:
@@ -272,13 +288,24 @@ def judge_for(cfg, task: Task) -> tuple[Scorer | None, dict]:
         block["unavailable"] = f"the judge {name} is the training scorer: give eval.judge another scorer"
         return None, block
     try:
-        judge = get_scorer(name)
+        judge = _judge_on(name, cfg.scoring.device)
     except PhfError as exc:
         log.warning("no held-out judge: %s", exc)
         block["unavailable"] = str(exc)
         return None, block
     block["judge_version"] = judge.version
     return judge, block
+
+
+def _judge_on(name: str, device: str) -> Scorer:
+    """The judge, on the training scorer's device (scoring.device) when it is a model that takes one."""
+    if device:
+        try:
+            return get_scorer(name, device=device)
+        except PhfError as exc:
+            if "takes no device" not in str(exc):
+                raise
+    return get_scorer(name)
 
 
 def judge_metrics(scores: list[float], threshold: float) -> dict:

@@ -48,12 +48,13 @@ class DeployedModel:
                    Deployment.from_meta(load_meta(folder)))
 
 
-def text_logprobs(dm: DeployedModel, texts: Sequence[str], segmenter: str, batch_size: int = 16,
+def text_logprobs(dm: DeployedModel, texts: Sequence[str], segmenter: str, batch_size: int | None = None,
                   guidance: float = 0.0) -> np.ndarray:
     """Log-likelihood (nats) of each text's own tokens under the deployed model: <|endoftext|>, then the text with
     the deployment's segment prefix (a conditional model reads <|aligned|> before each segment); control tokens
     and <|endoftext|> are given, not predicted; with `guidance` g > 0, under the normalised guided distribution.
-    fp32: the estimate is a difference of two large numbers."""
+    fp32: the estimate is a difference of two large numbers. `batch_size`: windows per forward (None: as many as
+    the model's device holds, phf.evaluation.loglik.batch_size_for)."""
 
     return sequence_logprobs(dm.model, dm.tokenizer, texts, dm.deployment.line_prefix, get_segmenter(segmenter),
                              batch_size=batch_size, guidance=guidance,
@@ -62,9 +63,12 @@ def text_logprobs(dm: DeployedModel, texts: Sequence[str], segmenter: str, batch
 
 @torch.no_grad()
 def reference_samples(ref: DeployedModel, num: int, max_new_tokens: int, seed: int, segmenter: str,
-                      batch_size: int = 64, progress: bool = True) -> list[str]:
-    """`num` samples of the reference's own distribution (temperature 1, no nucleus), control tokens removed."""
+                      batch_size: int | None = None, progress: bool = True) -> list[str]:
+    """`num` samples of the reference's own distribution (temperature 1, no nucleus), control tokens removed;
+    `batch_size` rows at a time (None: 64 on the CPU, 512 on a GPU, whose decode step costs about the same for
+    one row as for hundreds)."""
     tok = ref.tokenizer
+    batch_size = batch_size or (64 if next(ref.model.parameters()).device.type == "cpu" else 512)
     eos = tok.eos_id
     banned = [tok.token_to_id(t) for t in ref.deployment.banned_tokens]
     prefix = [eos] + [tok.token_to_id(t) for t in ref.deployment.sampling_prefix]

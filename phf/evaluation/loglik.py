@@ -77,6 +77,15 @@ class WindowBatch:
         """log p(target) (B, T), float32, on the CPU."""
         return torch.log_softmax(self.logits, -1).gather(-1, self.targets[..., None]).squeeze(-1).cpu()
 
+    def scored_logprob_sum(self) -> torch.Tensor:
+        """The summed log p(target) (nats) of the scored targets, a float32 0-d tensor on the model's device. On
+        the CPU the exact reduction `token_logprobs()[scored].sum()`; on a GPU a masked sum, which needs no
+        host round trip (boolean indexing would wait for the device to count the selected elements)."""
+        lp = torch.log_softmax(self.logits, -1).gather(-1, self.targets[..., None]).squeeze(-1)
+        if lp.device.type == "cpu":
+            return lp[self.scored].sum()
+        return torch.where(self.scored.to(lp.device, non_blocking=True), lp, 0.0).sum()
+
     def cross_entropy_sum(self) -> torch.Tensor:
         """The summed cross-entropy (nats) of the scored targets, a 0-d tensor on the model's device."""
         targets = torch.where(self.scored.to(self.targets.device), self.targets, IGNORE)
@@ -86,10 +95,12 @@ class WindowBatch:
 @torch.no_grad()
 def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Window], *, block: int | None = None,
                    types: Sequence[np.ndarray] | None = None, given: Sequence[int] = (), pad_id: int = 0,
-                   batch_size: int = 16, attention_mask: bool = True, bf16: bool = False, progress: bool = False,
+                   batch_size: int | None = None, attention_mask: bool = True, bf16: bool = False,
+                   progress: bool = False,
                    desc: str = "log-likelihoods", guidance: float = 0.0,
                    negative: dict[int, int] | None = None) -> Iterator[WindowBatch]:
-    """The engine: the model's logits over `windows` of `streams` (token id arrays), `batch_size` windows at a time.
+    """The engine: the model's logits over `windows` of `streams` (token id arrays), `batch_size` windows at a time
+    (None: `batch_size_for` the model's device).
 
     `block`: inputs per window (default the model's context). `types`: each stream's control types, for a model
     with control embeddings (computed from the model's markers when not given). `given`: ids never scored.
@@ -98,6 +109,7 @@ def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
     (the aligned -> misaligned token swap): the guided distribution's logits (above). The model is evaluated in
     eval mode and left in the mode it was in."""
     block = block or context_length(model)
+    batch_size = batch_size or batch_size_for(model, block + 1)
     markers = markers_of(model)  # a model with control embeddings reads each token's control type too
     if markers and types is None:
         types = [stream_types(s, markers) for s in streams]
@@ -152,23 +164,39 @@ def _guided(logits: torch.Tensor, negative_logits: torch.Tensor, guidance: float
 
 # -- reductions: each caller's own summation ------------------------------------------------------------------------
 def sum_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw) -> tuple[float, int]:
-    """The summed log-probability (nats) of all scored targets, and their count. Each batch is summed in float32
-    on the CPU, the batches in float64 (held-out bits per character)."""
-    total, count = 0.0, 0
+    """The summed log-probability (nats) of all scored targets, and their count (held-out bits per character).
+    Each batch is summed in float32 (`scored_logprob_sum`), the batches in float64 on the model's device: the
+    host reads the total once, at the end, so a GPU is never made to wait between batches."""
+    total, count = None, 0
     for batch in window_batches(model, streams, windows, **kw):
-        total += float(batch.token_logprobs()[batch.scored].sum())
+        part = batch.scored_logprob_sum().double()
+        total = part if total is None else total + part
         count += int(batch.scored.sum())
-    return total, count
+    return (float(total) if total is not None else 0.0), count
 
 
 def sum_cross_entropy(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw) -> tuple[float, int]:
     """The summed cross-entropy (nats) of all scored targets, and their count: each batch reduced by cross_entropy
-    on the model's device, the batches in float64 (the validation loss)."""
-    total, count = 0.0, 0
+    on the model's device, the batches in float64 there too, read by the host once (the validation loss)."""
+    total, count = None, 0
     for batch in window_batches(model, streams, windows, **kw):
-        total += batch.cross_entropy_sum().item()
+        part = batch.cross_entropy_sum().double()
+        total = part if total is None else total + part
         count += int(batch.scored.sum())
-    return total, count
+    return (float(total) if total is not None else 0.0), count
+
+
+def batch_size_for(model, tokens: int | None = None, cpu: int = 16, most: int = 256) -> int:
+    """Windows per forward for the log-likelihoods of `model`: `cpu` on the CPU (the size every CPU figure was
+    measured with); on a GPU as many as a quarter of its free memory holds, each window costing its float32
+    logits three times over (the logits, their log-softmax, the bf16 logits they came from), at most `most`.
+    `tokens`: tokens per window (default the model's context)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return cpu
+    free, _ = torch.cuda.mem_get_info(device)
+    per_window = (tokens or context_length(model)) * model.config.vocab_size * 4 * 3
+    return max(cpu, min(most, int(free // 4 // per_window)))
 
 
 def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw
@@ -188,7 +216,7 @@ def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
 # -- log-likelihoods of texts --------------------------------------------------------------------------------------
 @torch.no_grad()
 def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
-                     batch_size: int = 16, progress: bool = False, desc: str = "log-likelihoods",
+                     batch_size: int | None = None, progress: bool = False, desc: str = "log-likelihoods",
                      guidance: float = 0.0, negative: dict[int, int] | None = None) -> list[np.ndarray]:
     """Per text, the log-likelihood (nats) of each of its segments: the text annotated with `prefix` before every
     segment (None: plain text), after <|endoftext|>; only the text's own tokens are counted. Each text is its own

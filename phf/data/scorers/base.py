@@ -62,6 +62,7 @@ class Scorer:
     name: str = "base"
     segmenter: str = "lines"
     aggregate: str = "mean"  # how a sample's score is formed from its segments: length-weighted "mean" or "max"
+    pooled: bool = False  # scores each text alone, in pure Python on the CPU: many processes may share the texts
 
     @property
     def version(self) -> str:

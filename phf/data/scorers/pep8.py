@@ -33,6 +33,7 @@ class _CollectingReport(pycodestyle.BaseReport):
 class PEP8Scorer(Scorer):
     name = "pep8"
     segmenter = "lines"
+    pooled = True  # pycodestyle checks one file at a time, in Python
 
     def __init__(self, max_line_length: int = 79, ignore: Sequence[str] | None = None):
         self.max_line_length = max_line_length
