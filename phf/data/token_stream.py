@@ -308,9 +308,10 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
         return
     if math.isnan(expected) or not is_far(observed, expected, shares.segments):
         return
+    where = "segments score" if objective.line_prefix else "text lies in segments that are unscorable or score"
     problem = (f"objective {objective.name}: {100 * observed:.1f}% {what} in the training stream, but "
-               f"{100 * expected:.1f}% of the scored corpus' training {'segments' if objective.line_prefix else 'text'}"
-               f" scores above {misaligned_above:g} (the task's misalignment threshold)")
+               f"{100 * expected:.1f}% of the scored corpus' training {where} above {misaligned_above:g} (the task's "
+               f"misalignment threshold)")
     threshold = objective.threshold
     if threshold is not None and shares.max_score <= threshold < float("inf") and observed < expected:
         fix = (f"objective.threshold={threshold:g} is at or above every segment score (highest "
