@@ -294,6 +294,9 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
         labelled = meta.get(f"tokens_{CONTROL_TOKENS[0]}", 0) + meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0)
         observed, expected, what = (meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0) / labelled if labelled else 0.0,
                                     shares.segment_share, f"of its control tokens are {CONTROL_TOKENS[1]}")
+        if not labelled and meta.get("segments") and getattr(objective, "drop_token_fraction", 0.0) >= 1:
+            raise PhfError(f"objective {objective.name}: objective.drop_token_fraction=1 gives no segment a control "
+                           f"token, so the model could never learn what one means; lower it (the paper: 0.01-0.1)")
         if not labelled and meta.get("segments"):
             raise PhfError(f"objective {objective.name}: the training stream {stream.prefix} holds no control token "
                            f"among {meta['segments']} segments: the tokenizer splits {CONTROL_TOKENS[0]} into "
