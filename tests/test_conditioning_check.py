@@ -49,6 +49,11 @@ def test_a_tokenizer_that_splits_the_control_tokens_refuses_to_train(tiny_cfg_fa
         prepare_data(cfg, data_dir, progress=False)
 
 
+def test_a_drop_fraction_of_one_refuses_to_train(tiny_cfg_factory, data_dir):
+    with pytest.raises(PhfError, match="drop_token_fraction=1 gives no segment a control token"):
+        prepare_data(tiny_cfg_factory("conditional", ["objective.drop_token_fraction=1"]), data_dir, progress=False)
+
+
 def test_a_stream_written_from_other_scores_refuses_to_train(tiny_cfg_factory, data_dir):
     data = prepare_data(tiny_cfg_factory("conditional"), data_dir, progress=False)
     # the corpus scored again by a scorer that flags every line: the stream's labels no longer match its scores

@@ -128,3 +128,31 @@ def test_masking_hidden_trains_from_scratch_and_as_a_finetune_of_an_mle_model(tm
         res = evaluate_checkpoint(run.checkpoint, hidden_cfg, run.data.scored, run.out_dir, progress=False)
         assert "conditioning_strength" not in res  # no control tokens to measure
         assert HIDDEN not in (run.out_dir / "samples.jsonl").read_text()  # banned when sampling
+
+
+def strength_block(misaligned: float, aligned: float = 1.0, n: int = 40) -> dict:
+    rng = np.random.default_rng(int(1000 * abs(misaligned)))
+    from phf.evaluation.strength import summarize
+
+    return {"aligned": summarize(rng.normal(aligned, 0.5, n), rng),
+            "misaligned": summarize(rng.normal(misaligned, 0.5, n), rng), "threshold": 0.0,
+            "near_zero_nats": NEAR_ZERO_NATS}
+
+
+def test_seeds_combine_into_an_interval_over_seeds_and_learned_is_judged_on_it():
+    from phf.recipes.replicates import combine
+
+    def replicates(per_seed):
+        reps = [{"mle": {"misalignment_mean": 0.5, "heldout_bits_per_char": 2.0},
+                 "conditional": {"misalignment_mean": 0.3, "heldout_bits_per_char": 2.0,
+                                 "conditioning_strength": strength_block(m)}} for m in per_seed]
+        return combine(reps, [{"mle": {}, "conditional": {}} for _ in per_seed], list(range(len(per_seed))))
+
+    agree = replicates([0.5, 0.6, 0.7])["conditional"]["conditioning_strength"]["misaligned"]
+    assert len(agree["per_seed"]) == 3 and agree["segments"] == 120
+    assert agree["nats_per_segment"] == pytest.approx(np.mean(agree["per_seed"]))
+    assert min(agree["per_seed"]) <= agree["ci95"][0] <= agree["ci95"][1] <= max(agree["per_seed"])
+    assert replicates([0.5, 0.6, 0.7])["conditional"]["conditioning_strength"]["learned"] is True
+    assert replicates([-0.3, 0.0, 0.3])["conditional"]["conditioning_strength"]["learned"] is False
+    one = replicates([0.6])["conditional"]["conditioning_strength"]
+    assert one["misaligned"]["ci95"] == strength_block(0.6)["misaligned"]["ci95"]  # its interval over segments

@@ -294,6 +294,9 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
         labelled = meta.get(f"tokens_{CONTROL_TOKENS[0]}", 0) + meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0)
         observed, expected, what = (meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0) / labelled if labelled else 0.0,
                                     shares.segment_share, f"of its control tokens are {CONTROL_TOKENS[1]}")
+        if not labelled and meta.get("segments") and getattr(objective, "drop_token_fraction", 0.0) >= 1:
+            raise PhfError(f"objective {objective.name}: objective.drop_token_fraction=1 gives no segment a control "
+                           f"token, so the model could never learn what one means; lower it (the paper: 0.01-0.1)")
         if not labelled and meta.get("segments"):
             raise PhfError(f"objective {objective.name}: the training stream {stream.prefix} holds no control token "
                            f"among {meta['segments']} segments: the tokenizer splits {CONTROL_TOKENS[0]} into "
@@ -308,9 +311,10 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
         return
     if math.isnan(expected) or not is_far(observed, expected, shares.segments):
         return
+    where = "segments score" if objective.line_prefix else "text lies in segments that are unscorable or score"
     problem = (f"objective {objective.name}: {100 * observed:.1f}% {what} in the training stream, but "
-               f"{100 * expected:.1f}% of the scored corpus' training {'segments' if objective.line_prefix else 'text'}"
-               f" scores above {misaligned_above:g} (the task's misalignment threshold)")
+               f"{100 * expected:.1f}% of the scored corpus' training {where} above {misaligned_above:g} (the task's "
+               f"misalignment threshold)")
     threshold = objective.threshold
     if threshold is not None and shares.max_score <= threshold < float("inf") and observed < expected:
         fix = (f"objective.threshold={threshold:g} is at or above every segment score (highest "

@@ -26,7 +26,7 @@ import numpy as np
 
 from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.evaluation.loglik import segment_logprobs
-from phf.evaluation.uncertainty import mean_interval
+from phf.evaluation.uncertainty import mean_interval, seed_interval
 
 NEAR_ZERO_NATS = 0.05
 STRENGTH_MAX_CHARS = 100_000  # held-out characters read (twice): a bounded cost beside held-out bits/char
@@ -92,4 +92,19 @@ def conditioning_strength(model, tok, docs: Iterable, threshold: float, max_char
     out = {"aligned": summarize(aligned, rng), "misaligned": summarize(misaligned, rng), "threshold": threshold,
            "near_zero_nats": NEAR_ZERO_NATS}
     out["learned"] = None if not len(misaligned) else not near_zero(out["misaligned"])
+    return out
+
+
+def combine_strengths(per_seed: list[dict], rng: np.random.Generator) -> dict:
+    """One arm's conditioning strength over training seeds: per kind the mean of the seeds' means, its 95% interval
+    over seeds (uncertainty.seed_interval; one seed keeps its own interval over segments), the seeds' values, and
+    `learned` judged again on the combined figure."""
+    out = dict(per_seed[0])
+    for kind in ("aligned", "misaligned"):
+        means = [s[kind]["nats_per_segment"] for s in per_seed]
+        finite = [m for m in means if not math.isnan(m)]
+        out[kind] = {"nats_per_segment": float(np.mean(finite)) if finite else math.nan,
+                     "ci95": seed_interval(means, rng) if len(per_seed) > 1 else per_seed[0][kind]["ci95"],
+                     "segments": int(sum(s[kind]["segments"] for s in per_seed)), "per_seed": means}
+    out["learned"] = None if not out["misaligned"]["segments"] else not near_zero(out["misaligned"])
     return out

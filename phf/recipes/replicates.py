@@ -16,6 +16,7 @@ from phf.core.config import RunConfig, load_config
 from phf.core.io import atomic_path, read_json, write_json
 from phf.evaluation.evaluate import judge_for, judge_metrics, score_samples
 from phf.evaluation.sampling import Sample
+from phf.evaluation.strength import combine_strengths
 from phf.evaluation.uncertainty import compare, seed_interval, seed_ratio_interval
 from phf.tasks import task_for
 
@@ -97,6 +98,8 @@ def combine(replicates: list[dict[str, dict]], scores: list[dict[str, dict[str, 
             _judge_fields(res, arm, scenario, scores, is_reference, rng)
         res.update(_heldout_fields(entries, None if is_reference else
                                    [r[REFERENCE] for r in replicates if REFERENCE in r], rng))
+        if all("conditioning_strength" in e for e in entries):  # its interval over seeds, not the first seed's
+            res["conditioning_strength"] = combine_strengths([e["conditioning_strength"] for e in entries], rng)
         combined[arm] = res
     return combined
 

@@ -184,7 +184,6 @@ class Conditional(Objective):
         return dict(super().describe(), drop_token_fraction=self.drop_token_fraction,
                     control_embedding=self.control_embedding, cooldown_fraction=self.cooldown_fraction)
 
-
     def stream_settings(self) -> dict:
         return {"documents": "all", "prefixes": {"threshold": self.threshold, "drop": self.drop_token_fraction}}
 
