@@ -110,6 +110,12 @@ def test_a_classifier_scores_a_corpus_and_judges_samples(loud_classifier, tmp_pa
     by_doc = {d.id: d.score for d in scored.documents()}
     assert len(by_doc) == 12
     assert all((v > 0.9) == (int(k.split(".")[0]) % 3 == 0) for k, v in by_doc.items())
+    pooled = score_corpus(CorpusConfig(source=str(corpus), extensions=[".txt"], validation_fraction=0,
+                                       test_fraction=0),
+                          ScoringConfig(scorer=f"hf-classifier:{loud_classifier}", workers=2, shard_documents=4),
+                          tmp_path / "pooled", progress=False)  # three shards over two forked processes
+    assert len(pooled.shard_files()) == 3
+    assert {d.id: d.score for d in pooled.documents()} == pytest.approx(by_doc, abs=1e-6)
     from phf.data.scorers import get_scorer
     from phf.evaluation.sampling import Sample
 

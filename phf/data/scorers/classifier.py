@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +63,10 @@ class HFClassifierScorer(Scorer):
         self.label_index, self.label = resolve_label(config, label, spec)
         self.multi_label = config.problem_type == "multi_label_classification"
         self.device = torch.device(device or "cpu")
+        if self.device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") == "1":
+            # a scoring worker (phf.data.scoring) asks for one thread: one process per core, and a forked child
+            # must not enter the OpenMP pool of a parent that used it (it would wait on it forever)
+            torch.set_num_threads(1)
         self.model, self.tokenizer = _load(self.folder, spec, self.device)
         self.max_length = _max_length(self.tokenizer, config)
         self._version = f"{_weights_identity(self.folder)}, transformers {dist_version('transformers')}"
