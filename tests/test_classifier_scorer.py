@@ -116,10 +116,16 @@ def test_a_classifier_scores_a_corpus_and_judges_samples(loud_classifier, tmp_pa
                           tmp_path / "pooled", progress=False)  # three shards over two forked processes
     assert len(pooled.shard_files()) == 3
     assert {d.id: d.score for d in pooled.documents()} == pytest.approx(by_doc, abs=1e-6)
-    from phf.data.scorers import get_scorer
     from phf.evaluation.sampling import Sample
 
-    judge = get_scorer(f"hf-classifier:{loud_classifier}")
+    from phf.core.config import load_config
+    from phf.evaluation.evaluate import judge_for
+    from phf.tasks import get_task, task_for
+
+    cfg = load_config(get_task("toxicity").config_path("mle"), [f"eval.judge=hf-classifier:{loud_classifier}:loud"])
+    judge, block = judge_for(cfg, task_for(cfg))  # as evaluation names its judge
+    assert block["judge_scorer"] == f"hf-classifier:{loud_classifier}:loud"
+    assert block["judge_version"].startswith("weights ") and judge.label == "loud"
     samples = [Sample("unconditional", "", text, text, True, 6) for text in ("w1 w2. loud w3.", "w1 w2. w3 w4.")]
     judged = score_samples(samples, judge)
     assert judged[0] > 0.9 > 0.1 > judged[1]
