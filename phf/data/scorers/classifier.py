@@ -18,6 +18,7 @@ otherwise cost a tokenizer pass over all of it), then to the model's maximum len
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -69,11 +70,11 @@ class HFClassifierScorer(Scorer):
             torch.set_num_threads(1)
         self.model, self.tokenizer = _load(self.folder, spec, self.device)
         self.max_length = _max_length(self.tokenizer, config)
-        self._version = f"{_weights_identity(self.folder)}, transformers {dist_version('transformers')}"
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        return self._version
+        """Hashed on first use only: the driver keys the scored corpus with it, scoring workers never ask."""
+        return f"{_weights_identity(self.folder)}, transformers {dist_version('transformers')}"
 
     def settings(self) -> dict:
         return {"label": self.label, "label_index": self.label_index, "multi_label": self.multi_label,
