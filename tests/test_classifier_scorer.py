@@ -110,10 +110,22 @@ def test_a_classifier_scores_a_corpus_and_judges_samples(loud_classifier, tmp_pa
     by_doc = {d.id: d.score for d in scored.documents()}
     assert len(by_doc) == 12
     assert all((v > 0.9) == (int(k.split(".")[0]) % 3 == 0) for k, v in by_doc.items())
-    from phf.data.scorers import get_scorer
+    pooled = score_corpus(CorpusConfig(source=str(corpus), extensions=[".txt"], validation_fraction=0,
+                                       test_fraction=0),
+                          ScoringConfig(scorer=f"hf-classifier:{loud_classifier}", workers=2, shard_documents=4),
+                          tmp_path / "pooled", progress=False)  # three shards over two forked processes
+    assert len(pooled.shard_files()) == 3
+    assert {d.id: d.score for d in pooled.documents()} == pytest.approx(by_doc, abs=1e-6)
     from phf.evaluation.sampling import Sample
 
-    judge = get_scorer(f"hf-classifier:{loud_classifier}")
+    from phf.core.config import load_config
+    from phf.evaluation.evaluate import judge_for
+    from phf.tasks import get_task, task_for
+
+    cfg = load_config(get_task("toxicity").config_path("mle"), [f"eval.judge=hf-classifier:{loud_classifier}:loud"])
+    judge, block = judge_for(cfg, task_for(cfg))  # as evaluation names its judge
+    assert block["judge_scorer"] == f"hf-classifier:{loud_classifier}:loud"
+    assert block["judge_version"].startswith("weights ") and judge.label == "loud"
     samples = [Sample("unconditional", "", text, text, True, 6) for text in ("w1 w2. loud w3.", "w1 w2. w3 w4.")]
     judged = score_samples(samples, judge)
     assert judged[0] > 0.9 > 0.1 > judged[1]

@@ -61,6 +61,12 @@ def test_the_misalignment_threshold_as_a_quantile_is_resolved_once_the_corpus_is
     assert task_for(cfg).misaligned_above == pytest.approx(expected)
     (tmp_path / "config.yaml").write_text(config_to_yaml(cfg))  # what a run folder records reads back the same
     assert task_for(load_config(tmp_path / "config.yaml")).misaligned_above == pytest.approx(expected)
+    from phf.training.trainer import run_training
+
+    run = tiny_cfg_factory("mle", ["scoring.misaligned_above_quantile=0.75", "train.max_steps=1"])
+    run_training(run, tmp_path / "run", tmp_path / "data", progress=False)
+    recorded = load_config(tmp_path / "run" / "config.yaml")  # what evaluation and the probes read
+    assert recorded.scoring.misaligned_above == pytest.approx(expected)
     given = tiny_cfg_factory("conditional", ["scoring.misaligned_above_quantile=0.75", "scoring.misaligned_above=0.3"])
     score_run_corpus(given, tmp_path / "data", progress=False)
     assert given.scoring.misaligned_above == 0.3  # a value given wins, as objective.threshold over its quantile

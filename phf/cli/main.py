@@ -279,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="folder of text files, .jsonl with a `text` field, .parquet, or `stdlib`")
     p.set_defaults(func=cmd_corpus)
 
-    p = sub.add_parser("score", help="segment and score a corpus into Parquet shards (cached, resumable)")
+    p = sub.add_parser("score", help="segment and score a corpus into Parquet shards (cached, resumable); print "
+                                     "the score distribution and each threshold's quantile")
     _add_config_args(p)
     p.add_argument("--corpus", help="folder of text files, .jsonl with a `text` field, .parquet, or `stdlib`")
-    p.add_argument("--scorer", help="registered scorer name or module:callable (default: the task's)")
+    p.add_argument("--scorer", help="registered scorer name, hf-classifier:PATH[:LABEL] (a local sequence "
+                                    "classifier) or module:callable (default: the task's)")
     p.add_argument("--workers", type=int, help="scoring processes (default: one per core)")
     p.add_argument("--backend", choices=["local", "ray"],
                    help="local process pool (default) or Ray Data on a Ray cluster (pip install 'phf[ray]')")

@@ -87,7 +87,8 @@ def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[
             trained = run_training(cfg, where / name, data_dir, progress=progress, init_from=init_from)
             trained_at = time.perf_counter()
             if corpus_summary is None:
-                corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
+                # the run's config, whose scoring.misaligned_above_quantile training has resolved
+                corpus_summary = trained.data.scored.summary(task_for(cfg).misaligned_above)
                 log.info("scored corpus: %s", corpus_line(corpus_summary))
             res = evaluate_checkpoint(trained.checkpoint, cfg, trained.data.scored, where / name, progress=progress)
             # where an arm's time went: data (scoring, tokenizer, token streams, each reused once made) and the

@@ -135,7 +135,8 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
                                init_from=snapshot if arm.finetune else None,
                                snapshots=[branch] if branches else ())
         if corpus_summary is None:
-            corpus_summary = trained.data.scored.summary(the_task.misaligned_above)
+            # the run's config, whose scoring.misaligned_above_quantile training has resolved
+            corpus_summary = trained.data.scored.summary(task_for(arm.cfg).misaligned_above)
             log.info("scored corpus: %s", corpus_line(corpus_summary))
         res = evaluate_checkpoint(trained.checkpoint, arm.cfg, trained.data.scored, out / arm.run_dir,
                                   progress=progress)

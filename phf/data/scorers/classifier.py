@@ -18,8 +18,10 @@ otherwise cost a tokenizer pass over all of it), then to the model's maximum len
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Sequence
@@ -62,13 +64,17 @@ class HFClassifierScorer(Scorer):
         self.label_index, self.label = resolve_label(config, label, spec)
         self.multi_label = config.problem_type == "multi_label_classification"
         self.device = torch.device(device or "cpu")
+        if self.device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") == "1":
+            # a scoring worker (phf.data.scoring) asks for one thread: one process per core, and a forked child
+            # must not enter the OpenMP pool of a parent that used it (it would wait on it forever)
+            torch.set_num_threads(1)
         self.model, self.tokenizer = _load(self.folder, spec, self.device)
         self.max_length = _max_length(self.tokenizer, config)
-        self._version = f"{_weights_identity(self.folder)}, transformers {dist_version('transformers')}"
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        return self._version
+        """Hashed on first use only: the driver keys the scored corpus with it, scoring workers never ask."""
+        return f"{_weights_identity(self.folder)}, transformers {dist_version('transformers')}"
 
     def settings(self) -> dict:
         return {"label": self.label, "label_index": self.label_index, "multi_label": self.multi_label,
