@@ -248,3 +248,22 @@ def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_ea
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert int(sampling.step_index) == 6
+
+
+def test_the_static_decoder_refuses_what_its_mask_cannot_express():
+    """Sliding-window attention or a flash-attention kernel: a one-line error naming the way out (decoder=hf);
+    `auto` on a GPU keeps such a model on the dynamic path."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from phf.model.decoding import static_unsupported
+
+    config = MistralConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=16,
+                           intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=8)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert "sliding window" in static_unsupported(model)
+    with pytest.raises(ValueError, match="use decoder=hf"):
+        make_decoder(model, 2, 10, "static")
+    llama = tiny("llama")
+    assert static_unsupported(llama) is None and static_unsupported(tiny("gpt2")) is None
+    llama.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in static_unsupported(llama)

@@ -26,7 +26,7 @@ from phf.data.segments import get_segmenter, line_spans
 from phf.data.sentences import complete_sentences
 from phf.data.token_stream import annotate
 from phf.model.conditioning import control_types, markers_of, next_types
-from phf.model.decoding import cache_bytes, context_length, make_decoder
+from phf.model.decoding import cache_bytes, context_length, make_decoder, static_unsupported
 from phf.model.lm_loss import unwrap
 
 log = logging.getLogger(__name__)
@@ -229,10 +229,11 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
     """Sample continuations of token-id prompts, all in one batch; a row stops at <|endoftext|> (padded with it).
 
     `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens. `decoder`
-    (phf.model.decoding.make_decoder): auto (on a GPU `static`; elsewhere the fast GPT-2 decoder where it applies,
-    else `hf`), gpt2, hf, or static, static-gpt2, static-hf (`_generate_static`, on any device; `check_every` and
-    `cuda_graph` are its knobs). On the dynamic decoders, finished rows are dropped from the batch once carrying
-    them costs more than copying the cache of the others (`_worth_dropping`).
+    (phf.model.decoding.make_decoder): auto (on a GPU `static` where it applies, see `static_unsupported`;
+    elsewhere the fast GPT-2 decoder where it applies, else `hf`), gpt2, hf, or static, static-gpt2, static-hf
+    (`StaticSampling`, on any device; `check_every` and `cuda_graph` are its knobs). On the dynamic decoders,
+    finished rows are dropped from the batch once carrying them costs more than copying the cache of the others
+    (`_worth_dropping`).
 
     With `guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same tokens with
     `negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
@@ -246,7 +247,8 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
     out = torch.full((B, max(max_new_tokens, 0)), eos_id, dtype=torch.long)
     if max_new_tokens <= 0:
         return out.tolist()
-    if decoder.startswith("static") or (decoder == "auto" and device.type == "cuda"):
+    on_gpu = decoder == "auto" and device.type == "cuda" and not static_unsupported(model)
+    if decoder.startswith("static") or on_gpu:
         static = StaticSampling(model, prompts, max_new_tokens, eos_id, banned_ids, temperature, top_p, generator,
                                 guidance if guided else 0.0, negative, exempt, decoder)
         return static.run(check_every, cuda_graph).tolist()
