@@ -203,9 +203,18 @@ def _nucleus_keep(probs: torch.Tensor, top_p: float, is_exempt: torch.Tensor | N
     text = probs if is_exempt is None else probs.masked_fill(is_exempt, 0.0)
     target = top_p * text.sum(-1, keepdim=True)
     top, idx = torch.sort(text, descending=True, dim=-1)
-    ahead = (top.cumsum(-1) - top).gather(-1, torch.searchsorted(-top, -top))  # searchsorted: a tie's first token
+    ahead = (top.cumsum(-1) - top).gather(-1, _first_of_ties(top))
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, (ahead < target) & (top > 0))
     return keep if is_exempt is None else torch.where(is_exempt, probs > 0, keep)
+
+
+def _first_of_ties(top: torch.Tensor) -> torch.Tensor:
+    """(B, V) sorted rows -> the index of the first entry equal to each entry (one linear scan; a binary search
+    per entry, `searchsorted(-top, -top)`, gives the same and costs ~15% of a CPU sampling step at 32K tokens)."""
+    positions = torch.arange(top.shape[-1], device=top.device).expand_as(top)
+    starts = torch.ones_like(top, dtype=torch.bool)
+    starts[:, 1:] = top[:, 1:] != top[:, :-1]
+    return torch.where(starts, positions, 0).cummax(-1).values
 
 
 def sample_static(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor,
