@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from phf.evaluation.sampling import StaticSampling, generate_ids, nucleus_mask, sample_static
+from phf.evaluation.sampling import (
+    StaticSampling,
+    generate_ids,
+    nucleus_mask,
+    sample_static,
+)
 from phf.model.conditioning import control_types, set_markers
 from phf.model.decoding import StaticGpt2Decoder, StaticHfDecoder, make_decoder
 from tests.test_decoding import PROMPTS, VOCAB, full_forward_logits, nucleus, tiny
@@ -230,7 +235,7 @@ def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_ea
     eos, al, mis = 0, 5, 6
     prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
     args = (model, prompts, 30, -1, [mis], 0.8, 0.6)
-    kwargs = dict(guidance=1.0, negative={al: mis}, exempt=[al], decoder="static")
+    kwargs = {"guidance": 1.0, "negative": {al: mis}, "exempt": [al], "decoder": "static"}
 
     def draws(cuda_graph: bool):
         return generate_ids(*args, torch.Generator("cuda").manual_seed(0), cuda_graph=cuda_graph, **kwargs)

@@ -26,7 +26,12 @@ from phf.data.segments import get_segmenter, line_spans
 from phf.data.sentences import complete_sentences
 from phf.data.token_stream import annotate
 from phf.model.conditioning import control_types, markers_of, next_types
-from phf.model.decoding import cache_bytes, context_length, make_decoder, static_unsupported
+from phf.model.decoding import (
+    cache_bytes,
+    context_length,
+    make_decoder,
+    static_unsupported,
+)
 from phf.model.lm_loss import unwrap
 
 log = logging.getLogger(__name__)

@@ -276,7 +276,7 @@ class _FixedSlots:
         typed = None if types is None else _left_padded(types, ids.device)[0]
         self.start.copy_(start)
         self.slot.fill_(W)
-        self.positions.copy_((W - start))
+        self.positions.copy_(W - start)
         return ids, positions, typed, mask[:, None]
 
     def span_at(self, slot: int) -> int | None:
