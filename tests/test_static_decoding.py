@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from phf.evaluation.sampling import StaticSampling, generate_ids, nucleus_mask, sample_static
+from phf.evaluation.sampling import (
+    StaticSampling,
+    generate_ids,
+    nucleus_mask,
+    sample_static,
+)
 from phf.model.conditioning import control_types, set_markers
 from phf.model.decoding import StaticGpt2Decoder, StaticHfDecoder, make_decoder
 from tests.test_decoding import PROMPTS, VOCAB, full_forward_logits, nucleus, tiny
@@ -230,7 +235,7 @@ def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_ea
     eos, al, mis = 0, 5, 6
     prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
     args = (model, prompts, 30, -1, [mis], 0.8, 0.6)
-    kwargs = dict(guidance=1.0, negative={al: mis}, exempt=[al], decoder="static")
+    kwargs = {"guidance": 1.0, "negative": {al: mis}, "exempt": [al], "decoder": "static"}
 
     def draws(cuda_graph: bool):
         return generate_ids(*args, torch.Generator("cuda").manual_seed(0), cuda_graph=cuda_graph, **kwargs)
@@ -248,3 +253,22 @@ def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_ea
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert int(sampling.step_index) == 6
+
+
+def test_the_static_decoder_refuses_what_its_mask_cannot_express():
+    """Sliding-window attention or a flash-attention kernel: a one-line error naming the way out (decoder=hf);
+    `auto` on a GPU keeps such a model on the dynamic path."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from phf.model.decoding import static_unsupported
+
+    config = MistralConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=16,
+                           intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=8)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert "sliding window" in static_unsupported(model)
+    with pytest.raises(ValueError, match="use decoder=hf"):
+        make_decoder(model, 2, 10, "static")
+    llama = tiny("llama")
+    assert static_unsupported(llama) is None and static_unsupported(tiny("gpt2")) is None
+    llama.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in static_unsupported(llama)

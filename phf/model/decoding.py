@@ -50,6 +50,20 @@ def fast_gpt2(model) -> bool:
 DECODERS = ("auto", "gpt2", "hf", "static", "static-gpt2", "static-hf")
 
 
+def static_unsupported(model) -> str | None:
+    """Why the static decoders cannot run this model exactly (None: they can): `StaticHfDecoder` gives attention a
+    4-D mask of full causal attention, which sliding-window layers and flash-attention kernels do not take."""
+    if fast_gpt2(model):
+        return None
+    config = unwrap(model).config
+    if getattr(config, "sliding_window", None):
+        return f"its {config.model_type} layers attend through a sliding window"
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        return f"its attention implementation is {implementation} (sdpa and eager take a 4-D mask)"
+    return None
+
+
 def make_decoder(model, rows: int, max_length: int, kind: str = "auto", cache_dtype: torch.dtype | None = None):
     """A decoder for `rows` rows of up to `max_length` tokens each. kind: auto (the fast GPT-2 decoder where it
     applies, else transformers), gpt2, hf; static (fixed shapes, `StaticGpt2Decoder` where the fast GPT-2
@@ -60,6 +74,9 @@ def make_decoder(model, rows: int, max_length: int, kind: str = "auto", cache_dt
     if kind == "static-gpt2" or (kind == "static" and fast_gpt2(model)):
         return StaticGpt2Decoder(unwrap(model), rows, max_length, cache_dtype)
     if kind in ("static", "static-hf"):
+        reason = static_unsupported(model)
+        if reason:
+            raise ValueError(f"the static decoder cannot run this model: {reason}; use decoder=hf")
         return StaticHfDecoder(unwrap(model), rows, max_length)
     if kind == "gpt2" or (kind == "auto" and fast_gpt2(model)):
         return Gpt2Decoder(unwrap(model), rows, max_length)
@@ -259,7 +276,7 @@ class _FixedSlots:
         typed = None if types is None else _left_padded(types, ids.device)[0]
         self.start.copy_(start)
         self.slot.fill_(W)
-        self.positions.copy_((W - start))
+        self.positions.copy_(W - start)
         return ids, positions, typed, mask[:, None]
 
     def span_at(self, slot: int) -> int | None:
