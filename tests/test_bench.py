@@ -90,7 +90,9 @@ def test_a_sampler_stopped_by_its_budget_is_reported_with_the_rate_it_stayed_bel
     out = sample.read_records(records, None, [(64, 256), (4096, 640), (8192, 640)])
     assert out["shapes"]["64x256"]["tokens_per_s"] == 9000.0
     status = out["shapes"]["4096x640"]["status"]
-    assert status.startswith("did not finish within the budget (80 s") and "under 32,768 tokens/s" in status
+    assert status.startswith("did not finish within the budget (80 s")  # 80 s before the records were read
+    below = float(status.split("under ")[1].split(" tokens/s")[0].replace(",", ""))
+    assert 4096 * 640 / 82 < below <= 4096 * 640 / 80
     assert out["shapes"]["8192x640"]["status"] == "not started: the budget was spent"
     crashed = sample.read_records(tmp_path / "none.jsonl", "torch.OutOfMemoryError: CUDA out of memory", [(64, 256)])
     assert crashed["error"].startswith("torch.OutOfMemoryError")
