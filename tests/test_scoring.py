@@ -152,7 +152,8 @@ def test_workers_write_the_same_shards_as_one_process_and_the_run_records_its_th
     t = pool.manifest["throughput"]
     assert t["workers"] == 2 and t["mb"] == round(sum(len(d.text) for d in pool.documents()) / 1e6, 2)
     assert t["seconds"] > 0 and t["mb_per_s_per_core"] > 0 and t["driver_cpu_seconds"] >= 0
-    assert one.manifest["throughput"]["workers"] == 1 and one.manifest["throughput"]["workers_driver_feeds"] is None
+    assert one.manifest["throughput"]["workers"] == 1 and one.manifest["throughput"]["scored_in"] == "driver"
+    assert one.manifest["throughput"]["workers_driver_feeds"] is None and t["scored_in"] == "pool"
 
 
 CRASHING_SCORER = '''
