@@ -293,6 +293,7 @@ class _Manifest:
             self.write()
 
     def write(self) -> None:
+        self.manifest["shards"] = dict(sorted(self.manifest["shards"].items()))  # in shard order, however they finished
         write_json(self.path, self.manifest)
         self.written = time.perf_counter()
 
@@ -369,13 +370,13 @@ def _workers(scoring_cfg: ScoringConfig, shards: int) -> int:
 
 def _score_shards(corpus: Corpus, parts: list[Part], todo: list[int], scorer: Scorer, scoring_cfg: ScoringConfig,
                   corpus_cfg: CorpusConfig, sources, out: Path, book: _Manifest, progress: bool) -> int:
-    """Score the parts `todo` into shard files, in order; the characters scored. Documents are read here, one
+    """Score the parts `todo` into shard files; the characters scored. Documents are read here, in order, one
     part at a time; at most 2 x workers parts are in flight, so memory holds a few shards, never the corpus."""
     # a GPU scorer: one process drives the GPU unless scoring.workers asks for more (each holds its own model)
     workers = _workers(scoring_cfg, len(todo))
     chars = 0
     bar = tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="shard", disable=not progress)
-    # documents are read in this process (in order); the pool scores whole shards, results come back in order
+    # documents are read in this process (in order); the pool scores and writes whole shards
     shard_inputs = ((i, corpus.read_part(parts[i])) for i in todo)
     if scoring_cfg.precomputed:
         for i, docs in shard_inputs:
