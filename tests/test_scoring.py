@@ -147,12 +147,13 @@ def test_workers_write_the_same_shards_as_one_process_and_the_run_records_its_th
     one = score_corpus(cfg, ScoringConfig(workers=1, shard_documents=3), tmp_path / "one", progress=False)
     pool = score_corpus(cfg, ScoringConfig(workers=2, shard_documents=3), tmp_path / "pool", progress=False)
     assert len(one.shard_files()) > 2
-    assert {n: i["sha256"] for n, i in one.manifest["shards"].items()} == \
-        {n: i["sha256"] for n, i in pool.manifest["shards"].items()}
+    assert [(n, i["sha256"]) for n, i in one.manifest["shards"].items()] == \
+        [(n, i["sha256"]) for n, i in pool.manifest["shards"].items()]  # the same files, listed in the same order
     t = pool.manifest["throughput"]
     assert t["workers"] == 2 and t["mb"] == round(sum(len(d.text) for d in pool.documents()) / 1e6, 2)
     assert t["seconds"] > 0 and t["mb_per_s_per_core"] > 0 and t["driver_cpu_seconds"] >= 0
-    assert one.manifest["throughput"]["workers"] == 1 and one.manifest["throughput"]["workers_driver_feeds"] is None
+    assert one.manifest["throughput"]["workers"] == 1 and one.manifest["throughput"]["scored_in"] == "driver"
+    assert one.manifest["throughput"]["workers_driver_feeds"] is None and t["scored_in"] == "pool"
 
 
 CRASHING_SCORER = '''

@@ -272,7 +272,7 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     manifest["corpus_stats"] = {"skipped": dict(corpus.stats.skipped)}
     manifest["seconds"] = round(time.perf_counter() - book.started, 2)
     manifest["chars_scored_this_run"] = chars
-    manifest["throughput"] = clock.throughput(chars, _workers(scoring_cfg, len(todo)))
+    manifest["throughput"] = clock.throughput(chars, _scored_where(scoring_cfg, len(todo)))
     write_json(manifest_path, manifest)
     log.info("scored %s", throughput_line(manifest["throughput"]))
     remember_scored(data_dir, config_key, out, inputs, scorer.version)
@@ -294,6 +294,7 @@ class _Manifest:
             self.write()
 
     def write(self) -> None:
+        self.manifest["shards"] = dict(sorted(self.manifest["shards"].items()))  # in shard order, however they finished
         write_json(self.path, self.manifest)
         self.written = time.perf_counter()
 
@@ -304,23 +305,26 @@ class _Clock:
     def __init__(self):
         self.wall, self.driver, self.children = time.perf_counter(), time.process_time(), _children_cpu()
 
-    def throughput(self, chars: int, workers: int) -> dict:
-        """MB/s in all and per scoring core (MB over the workers' CPU seconds), and how many such workers the
-        driver alone could feed: MB over the driver's own CPU seconds (reading, planning, IPC, shard writing)
-        divided by one worker's MB/s. Below the number of workers, the driver is the bottleneck."""
+    def throughput(self, chars: int, where: tuple[str, int]) -> dict:
+        """MB/s in all and per scoring core (MB over the scoring CPU seconds: the pool's workers', or this
+        process' when it scored alone; None on Ray's machines), and how many such workers the driver alone could
+        feed: MB over the driver's own CPU seconds (reading, planning, IPC, recording) divided by one worker's
+        MB/s. Below the number of workers, the driver is the bottleneck. `where`: `_scored_where`."""
         wall = time.perf_counter() - self.wall
         driver = time.process_time() - self.driver
         children = _children_cpu() - self.children
         mb = chars / 1e6
-        scoring_cpu = children if workers > 1 else driver
-        per_core = mb / scoring_cpu if scoring_cpu > 0 else math.nan
-        driver_rate = mb / driver if driver > 0 else math.nan
-        return {"mb": round(mb, 2), "seconds": round(wall, 2), "workers": workers,
-                "mb_per_s": round(mb / wall, 3) if wall > 0 else math.nan,
-                "mb_per_s_per_core": round(per_core, 3), "driver_cpu_seconds": round(driver, 2),
-                "worker_cpu_seconds": round(children, 2),
-                "driver_mb_per_cpu_s": round(driver_rate, 2),
-                "workers_driver_feeds": round(driver_rate / per_core, 1) if workers > 1 and per_core > 0 else None}
+        kind, workers = where
+        scoring_cpu = {"pool": children, "driver": driver}.get(kind, 0.0)
+        per_core = mb / scoring_cpu if scoring_cpu > 0 else None
+        driver_rate = mb / driver if driver > 0 else None
+        feeds = driver_rate / per_core if kind == "pool" and per_core and driver_rate else None
+        return {"mb": round(mb, 2), "seconds": round(wall, 2), "workers": workers, "scored_in": kind,
+                "mb_per_s": round(mb / wall, 3) if wall > 0 else None,
+                "mb_per_s_per_core": round(per_core, 3) if per_core else None,
+                "driver_cpu_seconds": round(driver, 2), "worker_cpu_seconds": round(children, 2),
+                "driver_mb_per_cpu_s": round(driver_rate, 2) if driver_rate else None,
+                "workers_driver_feeds": round(feeds, 1) if feeds else None}
 
 
 def _children_cpu() -> float:
@@ -330,8 +334,10 @@ def _children_cpu() -> float:
 
 def throughput_line(t: dict) -> str:
     """`12.3 MB in 45.6 s = 0.27 MB/s with 2 workers (0.14 MB/s per core); the driver ...`"""
-    line = (f"{t['mb']} MB in {t['seconds']} s = {t['mb_per_s']} MB/s with {t['workers']} worker"
-            f"{'s' if t['workers'] != 1 else ''} ({t['mb_per_s_per_core']} MB/s per core)")
+    workers = t["workers"] or "Ray's"  # scoring.workers=0 with Ray: one per CPU of the cluster
+    line = (f"{t['mb']} MB in {t['seconds']} s = {t['mb_per_s']} MB/s with {workers} worker"
+            f"{'s' if workers != 1 else ''}"
+            + (f" ({t['mb_per_s_per_core']} MB/s per core)" if t.get("mb_per_s_per_core") else ""))
     if t.get("workers_driver_feeds"):
         line += (f"; the driver used {t['driver_cpu_seconds']} CPU s ({t['driver_mb_per_cpu_s']} MB per CPU "
                  f"second: enough for {t['workers_driver_feeds']:g} workers)")
@@ -347,6 +353,16 @@ def measure_scoring(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_d
                 shards=len(scored.manifest["shards"]), source=corpus_cfg.source)
 
 
+def _scored_where(scoring_cfg: ScoringConfig, shards: int) -> tuple[str, int]:
+    """(`pool` | `driver` | `ray`, processes) of a scoring run of `shards` shards, as `_score_shards` chooses."""
+    if scoring_cfg.precomputed:
+        return "driver", 1
+    if scoring_cfg.backend == "ray":
+        return "ray", scoring_cfg.workers
+    workers = _workers(scoring_cfg, shards)
+    return ("pool", workers) if workers > 1 else ("driver", 1)
+
+
 def _workers(scoring_cfg: ScoringConfig, shards: int) -> int:
     """Scoring processes: scoring.workers, else one per core (one for a GPU scorer); 1 when there is one shard."""
     workers = scoring_cfg.workers or (1 if scoring_cfg.on_gpu() else os.cpu_count() or 1)
@@ -355,13 +371,13 @@ def _workers(scoring_cfg: ScoringConfig, shards: int) -> int:
 
 def _score_shards(corpus: Corpus, parts: list[Part], todo: list[int], scorer: Scorer, scoring_cfg: ScoringConfig,
                   corpus_cfg: CorpusConfig, sources, out: Path, book: _Manifest, progress: bool) -> int:
-    """Score the parts `todo` into shard files, in order; the characters scored. Documents are read here, one
+    """Score the parts `todo` into shard files; the characters scored. Documents are read here, in order, one
     part at a time; at most 2 x workers parts are in flight, so memory holds a few shards, never the corpus."""
     # a GPU scorer: one process drives the GPU unless scoring.workers asks for more (each holds its own model)
     workers = _workers(scoring_cfg, len(todo))
     chars = 0
     bar = tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="shard", disable=not progress)
-    # documents are read in this process (in order); the pool scores whole shards, results come back in order
+    # documents are read in this process (in order); the pool scores and writes whole shards
     shard_inputs = ((i, corpus.read_part(parts[i])) for i in todo)
     if scoring_cfg.precomputed:
         for i, docs in shard_inputs:
