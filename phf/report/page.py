@@ -465,7 +465,7 @@ def studies(rep: Report) -> tuple[list[Figure], str]:
         if tamper is not None and res.get("tamper"):
             t = read_json(tamper)
             caption = (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of "
-                       f"a logarithmic series of steps ({t['models'][t['reference']]['num_samples']} samples per "
+                       f"a logarithmic series of steps ({next(iter(t['models'].values()))['num_samples']} samples per "
                        f"point, 95% intervals): the adversarial tokens until each reaches the {t['reference']} "
                        f"model's untampered misalignment.")
             if (tamper.parent / "tamper.png").exists():
