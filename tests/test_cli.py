@@ -105,3 +105,12 @@ def test_help_of_every_subcommand():
         out = subprocess.run([sys.executable, "-m", "phf", *([sub] if sub else []), "--help"], capture_output=True,
                              text=True)
         assert out.returncode == 0 and "usage: phf" in out.stdout
+
+
+def test_phf_help_imports_neither_torch_nor_transformers():
+    """`phf --help` answers before any heavy import: each command's module is imported only when it runs."""
+    code = ("import sys\nfrom phf.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)\n"
+            "print('heavy:', ','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "phf train" in out and out.strip().endswith("heavy:")

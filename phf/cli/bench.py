@@ -70,7 +70,7 @@ def _on_device(args) -> dict:
     return figures
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="print throughput figures (scoring, training, sampling)",
                        description="Throughput figures of a source checkout's benchmarks/ folder. Without "
                                    "--device: scoring, training and sampling on this machine's CPU. With --device: "
