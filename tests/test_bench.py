@@ -66,13 +66,13 @@ def test_the_device_benchmarks_run_phf_and_every_reference_at_a_tiny_shape(tmp_p
     assert set(t["ratios"]) == {"phf_eager/plain_eager", "phf_eager/hf_trainer"}
 
     assert sample.phf_decoders()[0] == "auto" and {"gpt2", "hf"} <= set(sample.phf_decoders())
-    s = sample.run("cpu", True, "compiled,phf_gpt2,phf_hf", out, figures, isolated=False)
-    assert list(s["contenders"]) == ["phf_auto", "generate"]
+    s = sample.run("cpu", True, "compiled,phf_gpt2,phf_hf,phf_static-", out, figures, isolated=False)
+    assert list(s["contenders"]) == ["phf_auto", "generate", "phf_static"]
     for c in s["contenders"].values():
         assert set(c["shapes"]) == {"4x8", "8x16"}
         assert c["shapes"]["8x16"]["tokens"] == 8 * 16 and c["shapes"]["8x16"]["tokens_per_s"] > 0
     assert 1 <= s["nucleus_median"] < 100  # peaked, as a trained model's distributions are: not the whole vocabulary
-    assert set(s["ratios"]) == {"phf_auto/generate at 4x8", "phf_auto/generate at 8x16"}
+    assert set(s["ratios"]) == {f"phf_{d}/generate at {shape}" for d in ("auto", "static") for shape in ("4x8", "8x16")}
 
     assert json.loads(out.read_text())["sample"]["ratios"] == s["ratios"]  # written after each contender
     table = shape.format_ratios(figures)
