@@ -73,7 +73,7 @@ class Prefetcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,7 +92,7 @@ class InLine:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "InLine":
+    def __enter__(self) -> InLine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -348,12 +348,12 @@ def device_choices(t: Trainable, tcfg, device: torch.device, prefetch: bool, tf3
 
 
 def choices_line(choices: dict) -> str:
-    return ("training on %s: autocast %s, TF32 %s, %s AdamW, %s, %s loss, %s attention, batches %s" % (
-        choices["device"], choices["dtype"], "on" if choices["tf32"] else "off",
-        "fused" if choices["fused_adamw"] else "unfused", "compiled" if choices["compile"] else "eager",
-        "fused" if choices["fused_loss"] else "plain", choices["attention"],
-        "prepared ahead" + (" in pinned memory" if choices["prefetch"] == "pinned" else "")
-        if choices["prefetch"] != "in line" else "prepared in line"))
+    c = choices
+    batches = {"pinned": "prepared ahead in pinned memory", "thread": "prepared ahead", "in line": "prepared in line"}
+    return (f"training on {c['device']}: autocast {c['dtype']}, TF32 {'on' if c['tf32'] else 'off'}, "
+            f"{'fused' if c['fused_adamw'] else 'unfused'} AdamW, {'compiled' if c['compile'] else 'eager'}, "
+            f"{'fused' if c['fused_loss'] else 'plain'} loss, {c['attention']} attention, "
+            f"batches {batches[c['prefetch']]}")
 
 
 # -- the step -----------------------------------------------------------------------------------------------------
