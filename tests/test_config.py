@@ -31,7 +31,7 @@ def test_yaml_with_base_and_typed_overrides(tmp_path):
     ("train.batch_size=many", "train.batch_size: expected an integer, got 'many'"),
     ("train.batch_size=2.5", "train.batch_size: expected an integer"),
     ("train.lr=-1e-3", "train.lr must be > 0"),
-    ("train.compile=maybe", "train.compile: expected true or false"),
+    ("train.compile=maybe", "train.compile must be true, false or auto; got 'maybe'"),
     ("objective.name=dpo", "unknown objective 'dpo'; choose one of mle, filtering, conditional"),
     ("objective.threshold=-1", "objective.threshold must be >= 0"),
     ("train.dtype=fp16", "train.dtype must be one of auto, bf16, fp32"),

@@ -298,13 +298,18 @@ class TrainConfig:
     """Autocast precision of training and evaluation: `bf16`, `fp32`, or `auto`: bf16 where the device computes it
     in hardware (a recent GPU; a CPU with AVX512-BF16, AMX or Arm BF16), else fp32. A CPU without it emulates bf16
     about 50x slower than fp32 (phf.core.runtime.resolve_dtype)."""
-    compile: bool = False
-    """Compile the model with torch.compile (faster steps after a compile of tens of seconds)."""
-    fused_loss: bool = False
+    compile: bool | str = "auto"
+    """Compile the step's forward and loss together with torch.compile (faster steps after a compile of tens of
+    seconds). `auto`: on a GPU, not on a CPU (phf.training.trainer.choose_compile)."""
+    fused_loss: bool | str = "auto"
     """Apply the LM head inside the loss, chunk by chunk, never storing the (tokens x vocabulary) logits
     (phf/model/lm_loss.py): the same loss and gradients in a fraction of the memory when the vocabulary is large (the
     paper's 50,257 tokens at context 1024), a little slower on CPU at the demo's size (`phf bench train`). Not with
-    FSDP (the plain path is used there)."""
+    FSDP (the plain path is used there). `auto`: the plain loss unless its logits would fill more than a quarter of
+    the device's free memory (phf.training.trainer.choose_fused_loss)."""
+    prefetch: bool | str = "auto"
+    """Build the coming steps' batches in a background thread (into pinned memory on a GPU, copied without
+    blocking). `auto`: on a GPU, not on a CPU. The batches are the same either way."""
     parallel: str = "ddp"
     """How several processes (torchrun) share the model: `ddp` (a full copy per rank, gradients all-reduced) or
     `fsdp` (FSDP2: parameters, gradients and optimizer state sharded over ranks per transformer block, for models
@@ -351,6 +356,9 @@ class TrainConfig:
             raise PhfError("train.weight_decay and train.grad_clip must be >= 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise PhfError(f"train.dtype must be one of auto, bf16, fp32; got {self.dtype!r}")
+        for name in ("compile", "fused_loss", "prefetch"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise PhfError(f"train.{name} must be true, false or auto; got {getattr(self, name)!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise PhfError(f"train.parallel must be one of ddp, fsdp; got {self.parallel!r}")
         for name in ("threads", "eval_every", "checkpoint_every", "eval_tokens", "eval_samples",

@@ -99,6 +99,16 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def allow_tf32(device: torch.device) -> bool:
+    """On a CUDA GPU, float32 matrix products in TF32 (what autocast leaves in float32, and every product of an fp32
+    run): its tensor cores, at 10 bits of mantissa. Nothing elsewhere (a CPU keeps exact float32). True if set."""
+    if device.type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def default_device() -> torch.device:
     """Where a model is trained and evaluated: this process' GPU when there is one (torchrun's LOCAL_RANK), else
     the CPU."""

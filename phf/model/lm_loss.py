@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 UNLIKELIHOOD_EPS = 1e-5  # 1 - p is clamped here: one token's unlikelihood loss is at most alpha * 11.5
 CHUNK_TOKENS = 256  # rows of logits alive at once: 256 x V float32 (8 MB at V = 8192), in a CPU's cache
-_NO_POSITIONS = torch.empty(0, dtype=torch.long)
 
 
 @dataclass
@@ -44,10 +43,24 @@ def forward_hidden(model, x: torch.Tensor, **inputs) -> HeadOutput:
     """Run the model through its own forward (so DDP's hooks see it) for hidden states only: the head is applied to
     no position (`logits_to_keep` = an empty index), the loss applies it. `inputs`: more model inputs
     (`token_type_ids`)."""
-    out = model(x, output_hidden_states=True, logits_to_keep=_NO_POSITIONS.to(x.device), **inputs)
+    no_positions = torch.empty(0, dtype=torch.long, device=x.device)  # made there: no copy from the host
+    out = model(x, output_hidden_states=True, logits_to_keep=no_positions, **inputs)
     hidden, device = out.hidden_states[-1], x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     return HeadOutput(hidden, unwrap(model).get_output_embeddings().weight, out.hidden_states, dtype)
+
+
+def install_output_hooks(model: torch.nn.Module) -> None:
+    """Before torch.compile: run the model once eagerly with `output_hidden_states`, so that transformers installs
+    its output-capturing hooks now. It installs them at the first such call under a threading lock, which torch.compile
+    cannot trace: compiled, that first call splits the step into separate graphs (model, head, loss) for good. One
+    token, in eval mode and without gradients: no dropout draws from the RNG, so training is unchanged."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        one = torch.ones((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+        model(one, attention_mask=one, output_hidden_states=True)
+    model.train(was_training)
 
 
 def _per_token(nll: torch.Tensor, unlikely: torch.Tensor | None, alpha: float, eps: float):

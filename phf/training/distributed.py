@@ -110,10 +110,9 @@ def clip_sharded_gradients(params: list[torch.nn.Parameter], max_norm: float) ->
             n = torch.nn.utils.get_total_norm(kind)
             norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # on the device: no host read (a product by 1 is exact)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
     return total
 
 

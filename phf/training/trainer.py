@@ -21,7 +21,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tokenizers
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl, stable_hash, write_json, write_text
-from phf.core.runtime import resolve_dtype
+from phf.core.runtime import allow_tf32, free_memory_bytes, resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scoring import ScoredCorpus
 from phf.data.token_stream import TokenStream, build_streams, plain_window
@@ -50,6 +50,7 @@ from phf.model.conditioning import check_control_embedding, set_markers
 from phf.model.decoding import context_length
 from phf.model.finetune import init_from_checkpoint, resolve_model_folder, uses_control_tokens
 from phf.model.lm import build_model, load_model
+from phf.model.lm_loss import install_output_hooks, unwrap
 from phf.tasks import score_run_corpus, task_for
 from phf.training.checkpoint import (
     CheckpointManager,
@@ -62,7 +63,9 @@ from phf.training.checkpoint import (
 )
 from phf.training.distributed import Dist, clip_sharded_gradients, init_distributed, no_sync, pick_device, shard_model
 from phf.training.evaluator import Evaluator
+from phf.training.host_sync import no_host_sync
 from phf.training.objectives import Objective, get_objective
+from phf.training.prefetch import InLine, Prefetcher
 from phf.training.tracking import Metrics
 
 log = logging.getLogger(__name__)
@@ -150,12 +153,13 @@ def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: boo
     return data
 
 
-def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-              device: torch.device, types: np.ndarray | None = None, dropped: list[int] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro): inputs x,
-    targets y, each target's segment score s, and with `types` (the stream's control types) each input's type.
-    `dropped`: token ids left out of every window, which then reads on past them (conditional's cooldown)."""
+def host_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
+               types: np.ndarray | None = None, pin: bool = False, dropped: list[int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro), in CPU memory
+    (page-locked with `pin`, for asynchronous copies to a GPU): inputs x, targets y, each target's segment score s,
+    and with `types` (the stream's control types) each input's type. `dropped`: token ids left out of every
+    window, which then reads on past them (conditional's cooldown)."""
     n = len(stream)
     if n < block + 2:
         raise PhfError(f"the training stream has {n} tokens, fewer than one window of {block + 1}; "
@@ -169,13 +173,38 @@ def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int,
     else:
         tok = np.stack([stream.tokens[s:s + block + 1] for s in starts]).astype(np.int64)
         sc = np.stack([stream.scores[s + 1:s + block + 1] for s in starts]).astype(np.float32)
-    x = torch.from_numpy(tok[:, :-1]).to(device)  # (B, T)
-    y = torch.from_numpy(tok[:, 1:]).to(device)  # (B, T)
-    s = torch.from_numpy(sc).to(device)  # (B, T) score of each target token's segment
-    if types is None:
-        return x, y, s, None
-    t = torch.from_numpy(np.stack([types[st:st + block] for st in starts]).astype(np.int64)).to(device)
+    x = torch.from_numpy(tok[:, :-1])  # (B, T)
+    y = torch.from_numpy(tok[:, 1:])  # (B, T)
+    s = torch.from_numpy(sc)  # (B, T) score of each target token's segment
+    t = None if types is None else torch.from_numpy(np.stack([types[st:st + block] for st in starts]).astype(np.int64))
+    if pin:
+        return tuple(None if v is None else v.contiguous().pin_memory() for v in (x, y, s, t))
     return x, y, s, t
+
+
+def to_device(batch: tuple, device: torch.device, non_blocking: bool = False) -> tuple:
+    """A micro-batch on `device`; `non_blocking` from pinned memory: the copy is queued, the host does not wait."""
+    return tuple(None if v is None else v.to(device, non_blocking=non_blocking) for v in batch)
+
+
+def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
+              device: torch.device, types: np.ndarray | None = None, dropped: list[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """host_batch's windows on `device`: inputs x, targets y, scores s, control types (or None)."""
+    return to_device(host_batch(stream, block, batch, seed, step, micro, types, dropped=dropped), device)
+
+
+def step_batches(stream: TokenStream, block: int, tcfg, d: Dist, types: np.ndarray | None = None,
+                 pin: bool = False, dropped_from: tuple[int, list[int]] | None = None
+                 ) -> Callable[[int], list[tuple]]:
+    """This rank's micro-batches of a step, in CPU memory: micro-batch m of rank r is global micro-batch
+    m * world + r, so 2 ranks x 1 accumulation step draw the same windows as 1 rank x 2. `dropped_from`:
+    (step, token ids): from that step on, windows leave those tokens out (conditional's cooldown)."""
+    def make(step: int) -> list[tuple]:
+        dropped = dropped_from[1] if dropped_from and step >= dropped_from[0] else None
+        return [host_batch(stream, block, tcfg.batch_size, tcfg.seed, step, m * d.world + d.rank, types, pin, dropped)
+                for m in range(tcfg.grad_accum)]
+    return make
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -212,6 +241,34 @@ def autocast(device: torch.device, dtype: str):
 
 
 # -- the model as trained ------------------------------------------------------------------------------------------
+LOGITS_BYTES_PER_ENTRY = 16  # the plain loss per (token, vocabulary entry): bf16 logits, their float32 copy,
+# log-softmax and gradient in float32, the gradient cast back
+
+
+def choose_fused_loss(tcfg, device: torch.device, vocab: int, block: int, sharded: bool) -> bool:
+    """train.fused_loss, with `auto` decided from the device: the plain loss (a compiled region of logits and
+    cross-entropy, which the compiled plain PyTorch loop of issue-size GPU runs uses; on a 2-core CPU at the demo's
+    size the faster one, docs/operations.md) unless its logits would take more than a quarter of the device's free
+    memory; then the fused one, which never stores them. Never under FSDP2 (the head's weight is sharded)."""
+    if sharded:
+        return False
+    if tcfg.fused_loss != "auto":
+        return bool(tcfg.fused_loss)
+    return tcfg.batch_size * block * vocab * LOGITS_BYTES_PER_ENTRY > free_memory_bytes(device) // 4
+
+
+def choose_compile(tcfg, device: torch.device) -> bool:
+    """train.compile, with `auto`: compiled on a GPU (its steps are launch-bound without it), eager on a CPU (the
+    compile costs more than it saves at the demo's size, docs/operations.md)."""
+    return device.type == "cuda" if tcfg.compile == "auto" else bool(tcfg.compile)
+
+
+def choose_prefetch(tcfg, device: torch.device) -> bool:
+    """train.prefetch, with `auto`: batches built ahead in a thread on a GPU (into pinned memory), in line on a CPU
+    (there the thread would take a core from the step for a gather of microseconds)."""
+    return device.type == "cuda" if tcfg.prefetch == "auto" else bool(tcfg.prefetch)
+
+
 @dataclass
 class Trainable:
     model: torch.nn.Module  # the model itself (sharded in place under FSDP2): evaluated, sampled and saved
@@ -219,10 +276,52 @@ class Trainable:
     root: torch.nn.ModuleList  # model and heads: what the optimizer updates and checkpoints gather
     optimizer: torch.optim.Optimizer
     train_model: torch.nn.Module  # DDP's wrapper when data-parallel (what no_sync applies to), else the model
-    forward: torch.nn.Module  # train_model, compiled with train.compile
+    step_loss: Callable  # (x, y, s, types) -> the micro-batch's summed loss: forward and loss, compiled together
     sharded: bool  # FSDP2
     fused: bool  # the fused LM-head loss (not under FSDP2, which keeps the head's weight sharded outside forward)
+    compiled: bool  # train.compile as resolved for the device
     markers: list[int] | None  # control-type markers of a model with control embeddings (phf.model.conditioning)
+
+
+def make_step_loss(train_model: torch.nn.Module, objective: Objective, fused: bool, dtype: str,
+                   device: torch.device) -> Callable:
+    """A micro-batch's loss: the forward under autocast, then the objective's loss in float32. The precision is
+    resolved here, once: compiled, a call that reads the CPU's flags would split the graph at every step."""
+    bf16 = resolve_dtype(dtype, device) == "bf16"
+
+    def step_loss(x, y, s, types):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = objective.forward(train_model, x, fused=fused, types=types)
+        return objective.loss(out, y, s)
+    return step_loss
+
+
+def make_trainable(model: torch.nn.Module, objective: Objective, tcfg, device: torch.device, d: Dist | None = None,
+                   heads: Sequence[torch.nn.Module] = (), markers: list[int] | None = None, sharded: bool = False,
+                   block: int | None = None) -> Trainable:
+    """A model (and an objective's heads) ready for train_step: its optimizer, the DDP wrapper when data-parallel,
+    and the loss function compiled with it (train.compile) with the fused or plain loss (train.fused_loss), both
+    resolved for `device`. `block`: the training context (default: the model's)."""
+    d = d or Dist()
+    root = torch.nn.ModuleList([model, *heads])
+    optimizer = make_optimizer(root, tcfg)
+    train_model = model
+    if d.world > 1 and not sharded:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    fused = choose_fused_loss(tcfg, device, vocab, block or context_length(model), sharded)
+    compiled = choose_compile(tcfg, device)
+    step_loss = make_step_loss(train_model, objective, fused, tcfg.dtype, device)
+    return Trainable(model, list(heads), root, optimizer, train_model,
+                     compile_step_loss(step_loss, model) if compiled else step_loss, sharded, fused, compiled, markers)
+
+
+def compile_step_loss(step_loss: Callable, model: torch.nn.Module, backend: str | Callable = "inductor") -> Callable:
+    """torch.compile over the forward and the loss together: one graph from the token ids to the summed loss
+    (the fused loss included), after transformers' hooks are in place (install_output_hooks)."""
+    install_output_hooks(model)
+    return torch.compile(step_loss, backend=backend)
 
 
 def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: str | Path | None, resume: bool,
@@ -252,25 +351,47 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
     sharded = d.world > 1 and cfg.train.parallel == "fsdp"
     if sharded:
         shard_model(model)  # every rank loaded or built the full model; each keeps its shards (heads stay whole)
-    root = torch.nn.ModuleList([model, *heads])
-    optimizer = make_optimizer(root, cfg.train)
+    t = make_trainable(model, data.objective, cfg.train, device, d, heads, markers, sharded, cfg.model.block_size)
     if resume:
-        load_trainer_state(out_dir, root, optimizer, sharded, device)
-    train_model = model
-    if d.world > 1 and not sharded:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(train_model) if cfg.train.compile else train_model
-    return Trainable(model, heads, root, optimizer, train_model, forward, sharded, cfg.train.fused_loss and not sharded,
-                     markers)
+        load_trainer_state(out_dir, t.root, t.optimizer, sharded, device)
+    return t
+
+
+def device_choices(t: Trainable, tcfg, device: torch.device, prefetch: bool, tf32: bool) -> dict:
+    """What the run decided from its device (each `auto` setting, and what torch picked): said in the log and
+    recorded in run.json."""
+    return {"device": str(device), "dtype": resolve_dtype(tcfg.dtype, device), "tf32": tf32,
+            "fused_adamw": bool(t.optimizer.defaults.get("fused")), "compile": t.compiled, "fused_loss": t.fused,
+            "attention": getattr(unwrap(t.model).config, "_attn_implementation", None) or "eager",
+            "prefetch": ("pinned" if device.type == "cuda" else "thread") if prefetch else "in line"}
+
+
+def choices_line(choices: dict) -> str:
+    c = choices
+    batches = {"pinned": "prepared ahead in pinned memory", "thread": "prepared ahead", "in line": "prepared in line"}
+    return (f"training on {c['device']}: autocast {c['dtype']}, TF32 {'on' if c['tf32'] else 'off'}, "
+            f"{'fused' if c['fused_adamw'] else 'unfused'} AdamW, {'compiled' if c['compile'] else 'eager'}, "
+            f"{'fused' if c['fused_loss'] else 'plain'} loss, {c['attention']} attention, "
+            f"batches {batches[c['prefetch']]}")
 
 
 # -- the step -----------------------------------------------------------------------------------------------------
+def step_unless_skipped(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """optimizer.step() where `ok` (a device bool) holds, with no host read: fused AdamW skips the whole update
+    (parameters, moments and step count) on the device where its `found_inf` is 1, as under a GradScaler. An
+    optimizer without fused kernels (FSDP2 shards beside plain heads) must read the flag on the host."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+    elif bool(ok):
+        optimizer.step()
+
+
 def train_step(t: Trainable, objective: Objective, batches: list[tuple], tcfg, d: Dist, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One optimizer step over this rank's micro-batches, each token's loss divided by the global count of
-    loss-bearing tokens. Returns the step's loss (all ranks), the gradient norm, and whether the update was made
-    (not when the loss or a gradient is not finite)."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches (on `device`), each token's loss divided by the global
+    count of loss-bearing tokens. Returns device tensors, read nothing back to the host: the step's loss (all
+    ranks), the gradient norm, and whether the update was made (not when the loss or a gradient is not finite)."""
     count = torch.zeros((), dtype=torch.float64, device=device)
     for x, y, s, _ in batches:
         count += objective.loss_mask(y, s).sum()
@@ -279,24 +400,85 @@ def train_step(t: Trainable, objective: Objective, batches: list[tuple], tcfg, d
     for m, (x, y, s, types) in enumerate(batches):
         sync = contextlib.nullcontext() if (d.world == 1 or m == len(batches) - 1) else no_sync(t.train_model)
         with sync:
-            with autocast(device, tcfg.dtype):
-                out = objective.forward(t.forward, x, fused=t.fused, types=types)
-            loss_sum = objective.loss(out, y, s)
+            loss_sum = t.step_loss(x, y, s, types)
             loss = loss_sum / count * d.world  # DDP averages gradients over ranks
             loss.backward()
         loss_total += loss_sum.detach()
     for p in (p for h in t.heads for p in h.parameters() if p.grad is not None and d.world > 1):
         d.all_sum(p.grad).div_(d.world)  # modules outside DDP: average their gradients over ranks like DDP
     loss_total = d.all_sum(loss_total) / count
-    finite = bool(torch.isfinite(loss_total))
     clip = clip_sharded_gradients if t.sharded else torch.nn.utils.clip_grad_norm_
     grad_norm = clip([*t.model.parameters(), *(p for h in t.heads for p in h.parameters())],
                      tcfg.grad_clip if tcfg.grad_clip else float("inf"))
-    updated = finite and bool(torch.isfinite(grad_norm))
-    if updated:
-        t.optimizer.step()
+    updated = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
+    step_unless_skipped(t.optimizer, updated)
     t.optimizer.zero_grad(set_to_none=True)
     return loss_total, grad_norm, updated
+
+
+def time_is_up(tcfg, seconds: float, d: Dist, device: torch.device) -> bool:
+    """train.max_seconds reached, on any rank (all ranks stop at the same step). No collective, and no host
+    read, when there is no time limit or a single process."""
+    up = bool(tcfg.max_seconds and seconds >= tcfg.max_seconds)
+    if not tcfg.max_seconds or d.world == 1:
+        return up
+    return bool(d.all_sum(torch.tensor(float(up), device=device)) > 0)
+
+
+class StepOutcomes:
+    """Whether each step since the last read made its update, kept on the device and read (one host-device
+    synchronisation) only at a read point: a log step, and before anything is evaluated or saved. Five
+    consecutive skipped steps stop the run there, with the step at which the fifth was skipped."""
+
+    def __init__(self, out_dir: Path | str):
+        self.out_dir, self.pending, self.skipped = out_dir, [], 0
+
+    def add(self, step: int, updated: torch.Tensor) -> None:
+        self.pending.append((step, updated))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        flags = torch.stack([u for _, u in self.pending]).tolist()
+        steps, self.pending = [s for s, _ in self.pending], []
+        for step, ok in zip(steps, flags):
+            self.skipped = 0 if ok else self.skipped + 1
+            if not ok:
+                log.warning("step %d: non-finite loss or gradient, update skipped", step)
+                if self.skipped >= 5:
+                    raise PhfError(f"5 consecutive steps with a non-finite loss at step {step}; lower train.lr or "
+                                   f"use train.dtype=fp32, then resume with `phf train --resume {self.out_dir}`")
+
+
+def run_steps(t: Trainable, objective: Objective, make_batches: Callable[[int], list[tuple]], tcfg,
+              device: torch.device, steps: int, first_step: int = 0, d: Dist | None = None, prefetch: bool = True,
+              check_sync: bool = False) -> dict:
+    """`steps` training steps as run_training takes them (batches from `make_batches(step)`, prepared ahead with
+    `prefetch`, copied without blocking from pinned memory; nothing read back from the device), timed until the
+    device has finished them; the learning rate stays as set. With `check_sync`, under no_host_sync: any
+    host-device synchronisation raises (on CUDA torch's set_sync_debug_mode("error")). For benchmarks: returns
+    {steps, seconds, tokens, tokens_per_s, loss (the last step's)}."""
+    d = d or Dist()
+    pinned = device.type == "cuda"
+    source = Prefetcher(make_batches, range(first_step, first_step + steps)) if prefetch else InLine(make_batches)
+    check = no_host_sync(device) if check_sync else contextlib.nullcontext()
+    tokens, loss = 0, None
+    _wait_for(device)
+    start = time.perf_counter()
+    with source, check:
+        for step in range(first_step, first_step + steps):
+            batches = [to_device(b, device, non_blocking=pinned) for b in source.get(step)]
+            tokens += sum(b[0].numel() for b in batches) * d.world
+            loss, _, _ = train_step(t, objective, batches, tcfg, d, device)
+    _wait_for(device)
+    seconds = time.perf_counter() - start
+    return {"steps": steps, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "loss": None if loss is None else loss.item()}
+
+
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -- the run folder and its curve ---------------------------------------------------------------------------------
@@ -326,8 +508,11 @@ class StepLog:
         self.t, self.tokens = time.perf_counter(), p.tokens  # time and tokens at the previous record
 
     def log(self, p: Progress, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
+        """Reads the step's loss and gradient norm from the device (waiting for it: the throughput since the
+        previous record counts the device's time, not only the host's)."""
+        loss, grad_norm = loss.item(), float(grad_norm)
         now = time.perf_counter()
-        rec = self.at(p, loss=round(loss.item(), 5), lr=lr, grad_norm=round(float(grad_norm), 4),
+        rec = self.at(p, loss=round(loss, 5), lr=lr, grad_norm=round(grad_norm, 4),
                       tokens_per_s=round((p.tokens - self.tokens) / max(now - self.t, 1e-9), 1),
                       seconds=round(p.seconds, 2))
         self.t, self.tokens = now, p.tokens
@@ -363,6 +548,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     d = init_distributed(device, cfg.train.dist_timeout_minutes)
     tcfg, block = cfg.train, cfg.model.block_size
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+    tf32 = allow_tf32(device)
     data = prepare_data_on_ranks(cfg, data_dir, d, progress, tokenizer_source(out_dir, init_from, resume))
     objective, train_stream, val_stream = data.objective, data.streams["train"], data.streams["validation"]
     torch.manual_seed(tcfg.seed)
@@ -374,59 +560,66 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     tokens_per_step = tcfg.batch_size * block * tcfg.grad_accum * d.world
     total_steps = tcfg.max_steps or math.ceil(tcfg.max_tokens / tokens_per_step)
     evaluator = Evaluator(cfg, objective, data.tokenizer_file, val_stream, val_types, best)
+    prefetch, pinned = choose_prefetch(tcfg, device), device.type == "cuda"
+    choices = device_choices(t, tcfg, device, prefetch, tf32)
+    if d.main:
+        log.info(choices_line(choices))
     metrics = start_run_folder(cfg, out_dir, {
         "objective": objective.describe(), "world_size": d.world, "device": str(device), "total_steps": total_steps,
         "tokens_per_step": tokens_per_step, "init_from": str(init_from or ""), "scored_corpus": str(data.scored.path),
         "tokenizer": str(data.tokenizer_file), "streams": {k: str(v.prefix) for k, v in data.streams.items()},
-        "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": ckpt.tokens_before},
+        "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": ckpt.tokens_before,
+        "device_choices": choices},
         p.step if resume else None) if d.main else None
-    snapshots, skipped = set(int(s) for s in snapshots), 0
+    snapshots = set(int(s) for s in snapshots)
     t_start = time.perf_counter() - p.seconds
     bar = tqdm(total=total_steps, initial=p.step, desc=f"train {objective.name}", unit="step",
                disable=not (progress and d.main), dynamic_ncols=True)
-    steps = StepLog(metrics, bar, p, ckpt.tokens_before)
+    steps, outcomes = StepLog(metrics, bar, p, ckpt.tokens_before), StepOutcomes(out_dir)
     cooldown = objective.cooldown_starts(total_steps)  # conditional's last steps read no control tokens
     control_ids = [i for i in map(load_tokenizer(data.tokenizer_file).token_to_id, CONTROL_TOKENS) if i is not None]
-    while p.step < total_steps:
-        for g in t.optimizer.param_groups:
-            g["lr"] = lr_at(p.step, total_steps, tcfg)
-        if p.step == cooldown and d.main:
-            log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, total_steps - p.step)
-        batches = [get_batch(train_stream, block, tcfg.batch_size, tcfg.seed, p.step, m * d.world + d.rank, device,
-                             train_types, control_ids if p.step >= cooldown else None)
-                   for m in range(tcfg.grad_accum)]
-        loss, grad_norm, updated = train_step(t, objective, batches, tcfg, d, device)
-        skipped = 0 if updated else skipped + 1
-        if not updated:
-            log.warning("step %d: non-finite loss or gradient, update skipped", p.step)
-            if skipped >= 5:
-                raise PhfError(f"5 consecutive steps with a non-finite loss at step {p.step}; lower train.lr or use "
-                               f"train.dtype=fp32, then resume with `phf train --resume {out_dir}`")
-        p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
-        p.seconds = time.perf_counter() - t_start
-        stop_for_time = bool(d.all_sum(torch.tensor(float(tcfg.max_seconds and p.seconds >= tcfg.max_seconds))) > 0)
-        last = p.step >= total_steps or stop_for_time
-        if d.main and (p.step % tcfg.log_every == 0 or last):
-            steps.log(p, loss, t.optimizer.param_groups[0]["lr"], grad_norm)
-        if evaluator.due(p.step, last):
-            rec, improved = evaluator.evaluate(t.model, p.step)
-            if improved:
-                ckpt.save_best(p)
-            if d.main:
-                steps.at(p, **rec)
-        if p.step in snapshots:
-            ckpt.save_snapshot(p)
-        if tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0 and not last:
-            ckpt.save_periodic(p, evaluator.stopping.state())
-        bar.update()
-        if stop_for_time:
-            log.info("stopping at step %d: train.max_seconds reached", p.step)
-            break
-        if evaluator.stopping.stop:
-            log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
-                     "step %d)", p.step, evaluator.stopping.stale, evaluator.stopping.best_loss,
-                     evaluator.stopping.best_step)
-            break
+    make_batches = step_batches(train_stream, block, tcfg, d, train_types, pin=pinned,
+                                dropped_from=(cooldown, control_ids))
+    source = Prefetcher(make_batches, range(p.step, total_steps)) if prefetch else InLine(make_batches)
+    with source:  # on any error, KeyboardInterrupt included, the batch thread stops and is waited for
+        while p.step < total_steps:
+            for g in t.optimizer.param_groups:
+                g["lr"] = lr_at(p.step, total_steps, tcfg)
+            if p.step == cooldown and d.main:
+                log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, total_steps - p.step)
+            batches = [to_device(b, device, non_blocking=pinned) for b in source.get(p.step)]
+            loss, grad_norm, updated = train_step(t, objective, batches, tcfg, d, device)
+            outcomes.add(p.step, updated)
+            p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
+            p.seconds = time.perf_counter() - t_start
+            stop_for_time = time_is_up(tcfg, p.seconds, d, device)
+            last = p.step >= total_steps or stop_for_time
+            logged = p.step % tcfg.log_every == 0 or last
+            saves = (p.step in snapshots or evaluator.due(p.step, last)
+                     or bool(tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0))
+            if logged or saves:  # the device's results read back here only, before anything is logged or saved
+                outcomes.read()
+            if d.main and logged:
+                steps.log(p, loss, t.optimizer.param_groups[0]["lr"], grad_norm)
+            if evaluator.due(p.step, last):
+                rec, improved = evaluator.evaluate(t.model, p.step)
+                if improved:
+                    ckpt.save_best(p)
+                if d.main:
+                    steps.at(p, **rec)
+            if p.step in snapshots:
+                ckpt.save_snapshot(p)
+            if tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0 and not last:
+                ckpt.save_periodic(p, evaluator.stopping.state())
+            bar.update()
+            if stop_for_time:
+                log.info("stopping at step %d: train.max_seconds reached", p.step)
+                break
+            if evaluator.stopping.stop:
+                log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
+                         "step %d)", p.step, evaluator.stopping.stale, evaluator.stopping.best_loss,
+                         evaluator.stopping.best_step)
+                break
     bar.close()
     val_loss, restored = evaluator.val_loss, {}
     if best_step := evaluator.best_to_restore(p.step):
