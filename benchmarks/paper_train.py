@@ -1,8 +1,9 @@
 """`phf bench train --device cuda`: phf's training beside the code a user could write instead, on the paper's shape
 (GPT-2 small, vocabulary 32,770, batch 16 x 1,024 x grad_accum 4, bf16), in one process, one contender at a time:
 
-    phf_eager, phf_compiled   phf's own setup_model + get_batch + train_step (train.compile false / true), the
-                              shipped paper-124m config as it is (its fused loss included)
+    phf_eager, phf_compiled   phf's own setup_model + train_step (train.compile false / true), its batches
+                              prepared ahead as run_training prepares them, the shipped paper-124m config as it
+                              is (train.fused_loss: auto, resolved for the device)
     plain_eager, plain_compiled  a plain PyTorch loop on transformers' GPT2LMHeadModel: bf16 autocast, fused
                               AdamW, gradient clipping, the model's own loss; the second under torch.compile
     hf_trainer                transformers' Trainer, bf16=True, fused AdamW
@@ -43,7 +44,8 @@ from benchmarks.paper_shape import (
 from phf.tasks import task_for
 from phf.training.distributed import Dist
 from phf.training.objectives import get_objective
-from phf.training.trainer import PreparedData, get_batch, setup_model, train_step
+from phf.training.prefetch import Prefetcher
+from phf.training.trainer import PreparedData, setup_model, step_batches, to_device, train_step
 
 PHF = ["phf_eager", "phf_compiled"]
 REFERENCES = ["plain_eager", "plain_compiled", "hf_trainer"]
@@ -98,18 +100,18 @@ def phf_training(s: Shape, device: torch.device, compile: bool) -> dict:
         t = setup_model(cfg, data, Path(tmp) / "run", None, False, device, d)
         stream = data.streams["train"]
 
-        def batches(step: int) -> list[tuple]:
-            return [get_batch(stream, block, tcfg.batch_size, tcfg.seed, step, m, device)
-                    for m in range(tcfg.grad_accum)]
+        pinned = device.type == "cuda"
+        make = step_batches(stream, block, tcfg, d, pin=pinned)  # as run_training: built ahead, copied async
+        with Prefetcher(make, range(s.warmup_steps + s.max_steps)) as source:
+            def step(i: int) -> None:
+                batches = [to_device(b, device, non_blocking=pinned) for b in source.get(i)]
+                train_step(t, data.objective, batches, tcfg, d, device)
 
-        def step(i: int) -> None:
-            train_step(t, data.objective, batches(i), tcfg, d, device)
-
-        out = timed_window(step, s, device)
+            out = timed_window(step, s, device)
         out.update(parameters=sum(p.numel() for p in t.model.parameters()),
                    flops_per_token=train_flops_per_token(t.model, block), fused_loss=t.fused)
         if device.type == "cuda":
-            ready = [batches(10_000 + i) for i in range(s.sync_check_steps)]  # copied to the device beforehand
+            ready = [[to_device(b, device) for b in make(10_000 + i)] for i in range(s.sync_check_steps)]
             out["sync_check"] = sync_check(lambda i: train_step(t, data.objective, ready[i], tcfg, d, device),
                                            s.sync_check_steps, device)
     return out
