@@ -21,16 +21,8 @@ from typing import Any
 import yaml
 
 from phf.core.errors import PhfError, first_line
-
-# The training objectives (phf.training.objectives.OBJECTIVES holds their classes; a test checks the two agree).
-OBJECTIVE_NAMES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr", "masking", "masking-hidden")
-
-
-@dataclass(frozen=True)
-class Quantile:
-    """A threshold set to quantile `q` of the training split's document scores (resolved when the objective is
-    fitted to the scored corpus)."""
-    q: float
+# The training objectives' names come from their registry (phf.core.objective_specs); Quantile lives there too.
+from phf.core.objective_specs import OBJECTIVE_NAMES, Quantile  # noqa: F401 (Quantile: re-exported)
 
 
 @dataclass
