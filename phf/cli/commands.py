@@ -39,8 +39,8 @@ def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep
     p.add_argument("--config", type=Path, help="YAML run config (default: the task's config for the objective, "
                    "phf/tasks/<task>/configs/base.yaml with the objective's defaults for the task)")
     p.add_argument("--task", default=task_default, help="task whose shipped config to start from (default: pep8)")
-    p.add_argument("--objective", help=f"start from the task's config for this objective ({', '.join(OBJECTIVE_NAMES)}) "
-                   "or a shipped config of the task (paper-124m) (default: mle)")
+    p.add_argument("--objective", help="start from the task's config for this objective "
+                   f"({', '.join(OBJECTIVE_NAMES)}) or a shipped config of the task (paper-124m) (default: mle)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
 

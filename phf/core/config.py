@@ -144,9 +144,9 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """A field left at None takes the task's default from the paper: each task's `objective_defaults`
-    (phf/tasks/<task>/__init__.py) lists them, with why each one carries over to our scorers (or how it was
-    translated where it does not)."""
+    """A field left at None takes the objective's default (its record in phf/core/objective_specs.py), or for a
+    shipped task the paper's value where it differs: each task's `objective_defaults` (phf/tasks/<task>/__init__.py)
+    lists those, with why each one carries over to our scorers (or how it was translated where it does not)."""
     name: str = "mle"
     """The training objective: mle, filtering, conditional, unlikelihood, rwr, awr, masking (flagged segments stay in
     the context but bear no loss) or masking-hidden (their tokens are read as `<|hidden|>`); phf.training.objectives

@@ -1,16 +1,17 @@
 """The objective registry: one record per training objective, everything about it except its code.
 
-An `ObjectiveSpec` says what an objective is called, which config fields it reads, its defaults per task (the
-paper's settings, or how they were translated to our scorers), whether the sweep's pretraining and finetune arms
-include it, its colour in the report and one line about it. Config validation, the tasks' shipped run configs,
+An `ObjectiveSpec` says what an objective is called, which config fields it reads, the values they take when
+left unset, whether the sweep's pretraining and finetune arms include it, its colour in the report and one line
+about it. Config validation, the tasks' shipped run configs,
 the sweep's default arms, the report's colours and the CLI's help all read this table; the class that trains
 the objective (phf.training.objectives) binds itself to its record with `@registered(name)`.
 
 The records are plain data in the lowest layer because the layers below training need them: a config is
 validated (core), a task's run config is written from the defaults (tasks) and the CLI lists the objectives
 without importing torch. A shipped task's own values (the paper's, per task) stay in the task's home
-(`Task.objective_defaults`, phf/tasks/<task>/), which `Task.defaults_for` lays over the record's. Adding an objective: its record here, its class in phf/training/objectives.py, a test
-and a line in the docs (docs/architecture.md, "Adding an objective").
+(`Task.objective_defaults`, phf/tasks/<task>/), which `Task.defaults_for` lays over the record's. Adding an
+objective: its record here, its class in phf/training/objectives.py, a test and a line in the docs
+(docs/architecture.md, "Adding an objective").
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ class ObjectiveSpec:
     scores, or `MISALIGNED_ABOVE`. A shipped task replaces some with the paper's (its `objective_defaults`)."""
     defaults_of: str | None = None
     """Another objective whose task defaults this one takes (masking takes conditional training's threshold)."""
-    sweep: bool = True
-    """Whether `phf sweep` trains it from scratch by default."""
+    sweep: bool = False
+    """Whether `phf sweep` trains it from scratch by default (a new objective joins the default sweep only when its
+    record says so)."""
     finetune: bool = False
     """Whether `phf sweep` also finetunes the MLE run with it by default."""
     color: str = "#7f7f7f"
@@ -61,39 +63,40 @@ _THRESHOLD = ("threshold", "threshold_quantile")
 # replaces the ones the paper set otherwise for it.
 OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = _register(
     ObjectiveSpec(
-        name="mle", summary="maximum likelihood: next-token cross-entropy on every token", color="#444444"),
+        name="mle", summary="maximum likelihood: next-token cross-entropy on every token",
+        sweep=True, color="#444444"),
     ObjectiveSpec(
         name="filtering", summary="MLE on the documents scoring at most a threshold; the others are dropped",
-        fields=_THRESHOLD, finetune=True, color="#1f77b4",
+        fields=_THRESHOLD, sweep=True, finetune=True, color="#1f77b4",
         defaults={"threshold": Quantile(0.5)}),  # keep the better half: the median training document score
     ObjectiveSpec(
         name="conditional",
         summary="<|aligned|> or <|misaligned|> before each segment; deployed conditioned on <|aligned|>",
         fields=_THRESHOLD + ("drop_token_fraction", "control_embedding", "cooldown_fraction"),
-        finetune=True, color="#2ca02c",
+        sweep=True, finetune=True, color="#2ca02c",
         defaults={"threshold": MISALIGNED_ABOVE, "drop_token_fraction": 0.01}),  # the paper's prose drop
     ObjectiveSpec(
         name="unlikelihood",
         summary="-alpha log(1 - p) on the tokens of segments above a threshold, -log p on the others",
-        fields=_THRESHOLD + ("alpha",), color="#d62728",
+        fields=_THRESHOLD + ("alpha",), sweep=True, color="#d62728",
         defaults={"threshold": MISALIGNED_ABOVE, "alpha": 1.0}),  # the paper's prose alpha
     ObjectiveSpec(
         name="rwr", summary="reward-weighted regression: each token's cross-entropy weighted by exp(-score / beta)",
-        fields=("beta", "max_weight"), finetune=True, color="#9467bd",
+        fields=("beta", "max_weight"), sweep=True, finetune=True, color="#9467bd",
         defaults={"beta": 10.0}),  # the paper's, for every task
     ObjectiveSpec(
         name="awr", summary="advantage-weighted regression, with a value head on the last hidden state",
-        fields=("alpha", "beta", "max_weight"), finetune=True, color="#ff7f0e",
+        fields=("alpha", "beta", "max_weight"), sweep=True, finetune=True, color="#ff7f0e",
         defaults={"alpha": 0.5, "beta": 1.0}),  # the paper's prose alpha
     # The default sweep finetunes with neither masking objective (`--finetune masking,masking-hidden` adds them)
     # nor unlikelihood (at PEP8's alpha 0.01 its pretraining arm is indistinguishable from MLE): it keeps the
     # default sweep within 30 minutes on 2 cores.
     ObjectiveSpec(
         name="masking", summary="flagged segments stay in the context but bear no loss (Rathi & Radford 2026)",
-        fields=_THRESHOLD, defaults_of="conditional", color="#393b79"),
+        fields=_THRESHOLD, defaults_of="conditional", sweep=True, color="#393b79"),
     ObjectiveSpec(
         name="masking-hidden", summary="masking, each flagged token read as <|hidden|> (Rathi & Radford 2026)",
-        fields=_THRESHOLD, defaults_of="conditional", color="#9c9ede"),
+        fields=_THRESHOLD, defaults_of="conditional", sweep=True, color="#9c9ede"),
 )
 
 OBJECTIVE_NAMES: tuple[str, ...] = tuple(OBJECTIVE_SPECS)
