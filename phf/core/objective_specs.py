@@ -97,6 +97,9 @@ OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = _register(
     ObjectiveSpec(
         name="masking-hidden", summary="masking, each flagged token read as <|hidden|> (Rathi & Radford 2026)",
         fields=_THRESHOLD, defaults_of="conditional", sweep=True, color="#9c9ede"),
+    ObjectiveSpec(
+        name="tagging", summary="<|misaligned|> before the segments above a threshold only; deployed with it banned",
+        fields=_THRESHOLD, defaults_of="conditional", color="#8c6d31"),
 )
 
 OBJECTIVE_NAMES: tuple[str, ...] = tuple(OBJECTIVE_SPECS)

@@ -372,6 +372,23 @@ class MaskingHidden(Masking):
         return {"documents": "all", "prefixes": None, "hidden": {"threshold": self.threshold}}
 
 
+@registered("tagging")
+class Tagging(Objective):
+    """Conditional training with one control token, an ablation of the paper's: `<|misaligned|>` before each
+    segment scoring above the threshold, nothing before the others (nor before an unscorable one). Deployed with
+    no prefix and `<|misaligned|>` banned, so whatever the model learned about the tag, it never writes it and never
+    reads it; whether `<|aligned|>` is needed at all is what it tests. Default threshold: conditional training's.
+    The conditioning check does not cover it (phf.data.token_stream.check_conditioning reads two-token streams)."""
+    banned_tokens = [MISALIGNED]
+
+    def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None:
+        assert self.threshold is not None, "call fit() first"
+        return MISALIGNED if score > self.threshold else None  # NaN compares False: an unscorable segment is bare
+
+    def stream_settings(self) -> dict:
+        return {"documents": "all", "prefixes": {"threshold": self.threshold, "tags": [MISALIGNED]}}
+
+
 def get_objective(cfg: ObjectiveConfig, task: Task) -> Objective:
     """The objective named in the config, with the task's defaults (`Task.defaults_for`) for fields left at None."""
     try:
