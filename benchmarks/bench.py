@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phf.core.config import CorpusConfig, ModelConfig, ObjectiveConfig, TrainConfig, load_config
+from phf.core.config import CorpusConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from phf.core.errors import PhfError
 from phf.core.runtime import allocator_state, release_free_memory
 from phf.core.tokens import ALIGNED, EOS, MISALIGNED
@@ -75,7 +75,7 @@ def per_segment_chars_per_s(scorer, texts: list[str], budget_s: float) -> tuple[
 
 def bench_score(quick: bool) -> dict:
     reset_peak_rss()
-    cfg = load_config(get_task("pep8").config_path("mle"))
+    cfg = get_task("pep8").run_config("mle")
     docs = list(Corpus(CorpusConfig(**{**cfg.corpus.__dict__, "max_documents": 60 if quick else 300})))
     texts = [d.text for d in docs]
     chars = sum(len(t) for t in texts)
@@ -102,14 +102,14 @@ def bench_score(quick: bool) -> dict:
     out.update(peak_rss_mb=round(peak_rss_mb()), peak_rss_method=PEAK_RSS_METHOD)
     # the whole pipeline (`phf score`) on every core, on the large corpus the GPU demo scores
     with tempfile.TemporaryDirectory(prefix="phf-bench-score-") as tmp:
-        large = load_config(get_task("pep8").config_path("mle"), ["corpus.source=stdlib+site-packages",
+        large = get_task("pep8").run_config("mle", ["corpus.source=stdlib+site-packages",
                                                                    f"corpus.max_documents={300 if quick else 1500}"])
         out["pipeline"] = measure_scoring(large.corpus, large.scoring, Path(tmp), all_sources())
     return out
 
 
 def _demo_data(tmp: Path, quick: bool):
-    cfg = load_config(get_task("pep8").config_path("mle"), ["corpus.max_documents=120"] if quick else [])
+    cfg = get_task("pep8").run_config("mle", ["corpus.max_documents=120"] if quick else [])
     return cfg, prepare_data(cfg, tmp, progress=False)
 
 

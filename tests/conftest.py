@@ -10,7 +10,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from phf.core.config import load_config  # noqa: E402
 from phf.tasks import get_task  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -37,8 +36,7 @@ def pycorpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cfg_factory(pycorpus):
     def make(objective: str = "mle", extra: list[str] | None = None):
-        return load_config(get_task("pep8").config_path(objective),
-                           tiny_overrides(str(pycorpus)) + (extra or []))
+        return get_task("pep8").run_config(objective, tiny_overrides(str(pycorpus)) + (extra or []))
 
     return make
 

@@ -19,7 +19,6 @@ from transformers import (
 from phf.cli.main import main
 from phf.core.errors import PhfError
 from phf.core.tokens import ALIGNED, EOS, MISALIGNED
-from phf.tasks import get_task
 from tests.conftest import tiny_overrides
 
 SAMPLE_TEXT = "def f(x):\n    return x + 1  # twice\n"
@@ -93,7 +92,7 @@ def cli(*args) -> int:
 
 
 def train_args(pycorpus, objective, out, data_dir, *extra):
-    args = ["train", "--config", str(get_task("pep8").config_path(objective)), "--out", str(out),
+    args = ["train", "--task", "pep8", "--objective", objective, "--out", str(out),
             "--data-dir", str(data_dir)]
     for o in tiny_overrides(str(pycorpus)) + list(extra):
         args += ["--set", o]
@@ -195,7 +194,7 @@ def test_llama_from_scratch_trains_samples_and_evaluates(pycorpus, tmp_path, cap
     samples = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and all(MISALIGNED not in s["raw"] for s in samples)
     capsys.readouterr()
-    args = ["evaluate", "--config", str(get_task("pep8").config_path("conditional")), "--model", str(tmp_path / "run"),
+    args = ["evaluate", "--task", "pep8", "--objective", "conditional", "--model", str(tmp_path / "run"),
             "--data-dir", str(data), "--out", str(tmp_path / "eval")]
     for o in tiny_overrides(str(pycorpus)):
         args += ["--set", o]

@@ -118,11 +118,10 @@ def test_a_classifier_scores_a_corpus_and_judges_samples(loud_classifier, tmp_pa
     assert {d.id: d.score for d in pooled.documents()} == pytest.approx(by_doc, abs=1e-6)
     from phf.evaluation.sampling import Sample
 
-    from phf.core.config import load_config
     from phf.evaluation.evaluate import judge_for
     from phf.tasks import get_task, task_for
 
-    cfg = load_config(get_task("toxicity").config_path("mle"), [f"eval.judge=hf-classifier:{loud_classifier}:loud"])
+    cfg = get_task("toxicity").run_config("mle", [f"eval.judge=hf-classifier:{loud_classifier}:loud"])
     judge, block = judge_for(cfg, task_for(cfg))  # as evaluation names its judge
     assert block["judge_scorer"] == f"hf-classifier:{loud_classifier}:loud"
     assert block["judge_version"].startswith("weights ") and judge.label == "loud"

@@ -82,7 +82,7 @@ def test_demo_with_seeds_trains_each_arm_per_seed_and_prints_ratios_with_interva
     (["train", "--resume", "/nonexistent/run"], "is not a run folder"),
     (["sample", "--model", "/nonexistent/model", "--out", "s.jsonl"], "model folder /nonexistent/model does not exist"),
     (["train", "--config", "nope.yaml", "--objective", "mle", "--out", "x"], "give --config FILE or --objective NAME"),
-    (["train", "--objective", "dpo", "--out", "x"], "task pep8 has no shipped config for 'dpo'"),
+    (["train", "--objective", "dpo", "--out", "x"], "task pep8 has no config 'dpo'; name an objective"),
     (["demo", "--task", "mine", "--out", "x"], "task 'mine' ships no configs; give your own with --config"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):

@@ -193,7 +193,6 @@ def test_max_documents_keeps_the_same_subset_however_the_file_is_cut(pycorpus, t
 
 def test_precomputed_scores_train_without_running_a_scorer(pycorpus, tmp_path):
     """The layout of the paper's released datasets: per document a list of segment texts and a list of scores."""
-    from phf.core.config import load_config
     from phf.tasks import get_task
     from phf.training.trainer import run_training
     from tests.conftest import tiny_overrides
@@ -215,10 +214,10 @@ def test_precomputed_scores_train_without_running_a_scorer(pycorpus, tmp_path):
         assert row["text"] == "".join(rec["texts"]) and row["seg_score"] == rec["scores"]
         assert [row["text"][a:b] for a, b in zip(row["seg_start"], row["seg_end"])] == rec["texts"]
 
-    cfg = load_config(get_task("pep8").config_path("conditional"),
-                      tiny_overrides(str(tmp_path / "scored.jsonl")) + ["scoring.scorer=tests.helpers:never_called",
-                                                                         "scoring.precomputed=texts:scores",
-                                                                         "train.max_steps=2"])
+    cfg = get_task("pep8").run_config("conditional",
+                                      tiny_overrides(str(tmp_path / "scored.jsonl"))
+                                      + ["scoring.scorer=tests.helpers:never_called", "scoring.precomputed=texts:scores",
+                                         "train.max_steps=2"])
     result = run_training(cfg, tmp_path / "run", tmp_path / "data2", progress=False)
     assert result.data.streams["train"].meta["tokens_<|misaligned|>"] > 0  # the given scores labelled segments
 
@@ -233,7 +232,6 @@ def test_a_code_folder_with_a_json_file_is_still_a_folder_of_text_files(pycorpus
 
 
 def test_an_uncached_hub_dataset_and_a_bad_precomputed_spec_are_one_line(tmp_path, monkeypatch):
-    from phf.core.config import load_config
     from phf.tasks import get_task
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -243,4 +241,4 @@ def test_an_uncached_hub_dataset_and_a_bad_precomputed_spec_are_one_line(tmp_pat
     assert "\n" not in str(exc.value)
     for spec in ("texts", "a:b:c", ":scores"):
         with pytest.raises(PhfError, match="scoring.precomputed must be SEGMENTS:SCORES"):
-            load_config(get_task("pep8").config_path("mle"), [f"scoring.precomputed={spec}"])
+            get_task("pep8").run_config("mle", [f"scoring.precomputed={spec}"])

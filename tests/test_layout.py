@@ -156,3 +156,24 @@ def test_objective_names_in_the_config_match_the_objective_classes():
     from phf.training.objectives import OBJECTIVES
 
     assert tuple(OBJECTIVES) == OBJECTIVE_NAMES
+
+
+def test_no_objective_list_outside_the_registry():
+    """An objective is named in its record (phf/core/objective_specs.py) and bound to its class
+    (phf/training/objectives.py); no other module lists objectives (a sweep list, a colour table, a defaults table
+    of every objective), so adding one touches no other module. A task may pick some (the objectives its demo
+    trains, the paper's values for it): a choice of the task, which a new objective need not join."""
+    from phf.core.objective_specs import OBJECTIVE_NAMES
+
+    homes = {"phf.core.objective_specs", "phf.training.objectives"}
+    wrong = []
+    for name, tree in MODULES.items():
+        if name in homes or name.startswith("phf.tasks"):
+            continue
+        for node in ast.walk(tree):
+            elts = node.keys if isinstance(node, ast.Dict) else \
+                node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else []
+            named = {e.value for e in elts if isinstance(e, ast.Constant)} & set(OBJECTIVE_NAMES)
+            if len(named) >= 3:
+                wrong.append(f"{name}:{node.lineno} lists {sorted(named)}")
+    assert not wrong, "objectives listed outside the registry:\n" + "\n".join(wrong)

@@ -73,7 +73,7 @@ def test_masking_takes_conditional_trainings_threshold_per_task(task):
     want = objective("conditional", task).threshold
     assert objective("masking", task).threshold == want == objective("masking-hidden", task).threshold
     for name in ("masking", "masking-hidden"):  # the shipped config says the same
-        assert load_config(get_task(task).config_path(name)).objective.threshold == want
+        assert get_task(task).run_config(name).objective.threshold == want
 
 
 def test_masking_reads_mles_stream_and_masking_hidden_its_own():

@@ -215,7 +215,7 @@ def test_awr_defaults_and_loss_mask():
     ("pep8", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.1}),
     ("pii", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.01}),
     ("toxicity", "conditional", {"threshold": 0.5, "drop_token_fraction": 0.01}),  # the classifier's own 0.5
-    # a task of your own: the generic defaults (phf.tasks.base.user_objective_defaults), not another task's row
+    # a task of your own: each objective record's defaults (phf.core.objective_specs), not another task's row
     ("my-own-task", "unlikelihood", {"threshold": 0.0, "alpha": 1.0}),
     ("my-own-task", "conditional", {"threshold": 0.0, "drop_token_fraction": 0.01}),
     ("my-own-task", "filtering", {"threshold": 0.25}),

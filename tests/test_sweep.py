@@ -72,7 +72,7 @@ def test_sweep_plan_errors():
         plan("pep8", objectives=["conditional"])
     with pytest.raises(PhfError, match="finetune-fraction"):
         plan("pep8", finetune_fraction=1.0)
-    with pytest.raises(PhfError, match="no shipped config"):
+    with pytest.raises(PhfError, match="has no config 'dpo'; name an objective"):
         plan("pep8", objectives=["mle", "dpo"])
 
 

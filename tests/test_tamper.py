@@ -13,7 +13,6 @@ MESSY = "".join(f"v{i}=v{i}+1   \n" for i in range(40))  # E225 and W291 on ever
 
 @pytest.fixture(scope="module")
 def runs(pycorpus, tmp_path_factory):
-    from phf.core.config import load_config
     from phf.tasks import get_task
     from phf.training.trainer import run_training
     from tests.conftest import tiny_overrides
@@ -24,9 +23,8 @@ def runs(pycorpus, tmp_path_factory):
         (corpus / f"zz_messy_{i}.py").write_text(MESSY)
     out = {}
     for objective in ("mle", "conditional"):
-        cfg = load_config(get_task("pep8").config_path(objective),
-                          tiny_overrides(str(corpus)) + ["train.max_steps=12", "corpus.test_fraction=0.3",
-                                                         "sample.max_new_tokens=48"])
+        cfg = get_task("pep8").run_config(objective, tiny_overrides(str(corpus)) + [
+            "train.max_steps=12", "corpus.test_fraction=0.3", "sample.max_new_tokens=48"])
         run_training(cfg, root / objective, root / "data", progress=False)
         out[objective] = root / objective
     return root, out

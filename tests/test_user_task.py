@@ -112,7 +112,7 @@ def test_a_bad_prompts_file_is_one_clear_line(tmp_path, content, message):
 
 def test_a_task_of_your_own_has_no_shipped_configs():
     with pytest.raises(PhfError, match="ships no configs; give your own with --config"):
-        get_task("shouting").config_path("mle")
+        get_task("shouting").run_config("mle")
 
 
 def test_config_show_prints_every_field_with_its_documentation_and_reads_back(tmp_path):

@@ -83,7 +83,7 @@ def run_config(folder: Path, overrides: Sequence[str] = ()):
     run_cfg = Path(folder).parent / "config.yaml"
     if run_cfg.exists():
         return load_config(run_cfg, list(overrides))
-    return load_config(get_task(load_meta(folder).get("task", "pep8")).config_path("mle"), list(overrides))
+    return get_task(load_meta(folder).get("task", "pep8")).run_config("mle", list(overrides))
 
 
 def scored_corpus_for(folder: Path, cfg, data_dir: str | Path | None = None):

@@ -14,6 +14,7 @@ from phf.analysis.rl import format_rl_study
 from phf.analysis.tamper import format_tamper
 from phf.core.config import Quantile, SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
+from phf.core.objective_specs import OBJECTIVE_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
 from phf.core.io import atomic_path, read_json, write_json
 from phf.data.corpus import Corpus
 from phf.data.scoring import format_distribution, record_distribution
@@ -35,10 +36,11 @@ log = logging.getLogger("phf")
 
 
 def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep8") -> None:
-    p.add_argument("--config", type=Path, help="YAML run config (default: the task's shipped mle config, "
-                   "phf/tasks/<task>/configs/mle.yaml)")
+    p.add_argument("--config", type=Path, help="YAML run config (default: the task's config for the objective, "
+                   "phf/tasks/<task>/configs/base.yaml with the objective's defaults for the task)")
     p.add_argument("--task", default=task_default, help="task whose shipped config to start from (default: pep8)")
-    p.add_argument("--objective", help="start from this objective's shipped config of the task (default: mle)")
+    p.add_argument("--objective", help="start from the task's config for this objective "
+                   f"({', '.join(OBJECTIVE_NAMES)}) or a shipped config of the task (paper-124m) (default: mle)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
 
@@ -48,8 +50,10 @@ def _load(args, extra: list[str] | None = None, defaults: list[str] | None = Non
     if args.config and args.objective:
         raise PhfError("give --config FILE or --objective NAME (a shipped config of the task), not both; with your "
                        "own file, set the objective with --set objective.name=NAME")
-    path = args.config or get_task(args.task).config_path(args.objective or "mle")
-    return load_config(path, (defaults or []) + list(args.overrides) + (extra or []))
+    overrides = (defaults or []) + list(args.overrides) + (extra or [])
+    if args.config:
+        return load_config(args.config, overrides)
+    return get_task(args.task).run_config(args.objective or "mle", overrides)
 
 
 def cmd_corpus(args) -> None:
@@ -85,9 +89,10 @@ def _thresholds(task, cfg) -> dict:
     """The thresholds a run of this task takes: the task's misalignment threshold, each objective's default
     threshold (a value, or a Quantile of the training document scores), and this config's own if it sets one."""
     out = {"misaligned_above": task.misaligned_above}
-    for objective, defaults in task.objective_defaults.items():
-        if "threshold" in defaults:
-            out[f"{objective} threshold"] = defaults["threshold"]
+    for spec in OBJECTIVE_SPECS.values():
+        defaults = task.defaults_for(spec.name)
+        if "threshold" in defaults and spec.defaults_of is None:  # masking's is conditional training's
+            out[f"{spec.name} threshold"] = defaults["threshold"]
     own = cfg.objective
     if own.threshold is not None or own.threshold_quantile is not None:
         out[f"{own.name} threshold (this config)"] = own.threshold if own.threshold is not None else \
@@ -357,9 +362,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
     p.add_argument("--config", type=Path, help="your own run config instead of the task's shipped ones")
     p.add_argument("--out", default="runs/sweep")
-    p.add_argument("--objectives", help="pretraining arms, comma-separated (default: all six; mle is required)")
+    p.add_argument("--objectives", help=f"pretraining arms, comma-separated (default: {','.join(sweep_objectives())}"
+                   "; mle is required)")
     p.add_argument("--finetune", help="objectives of the finetune arms, comma-separated, or `none` "
-                                      "(default: filtering,conditional,rwr,awr)")
+                                      f"(default: {','.join(finetune_objectives())})")
     p.add_argument("--finetune-fraction", type=float, default=0.5,
                    help="share of the budget the finetune arms train with feedback, after MLE (default: 0.5)")
     p.add_argument("--rl", action="store_true", help="add RL arms (GRPO from the MLE weights the finetune arms start "

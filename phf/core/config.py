@@ -21,16 +21,8 @@ from typing import Any
 import yaml
 
 from phf.core.errors import PhfError, first_line
-
-# The training objectives (phf.training.objectives.OBJECTIVES holds their classes; a test checks the two agree).
-OBJECTIVE_NAMES = ("mle", "filtering", "conditional", "unlikelihood", "rwr", "awr", "masking", "masking-hidden")
-
-
-@dataclass(frozen=True)
-class Quantile:
-    """A threshold set to quantile `q` of the training split's document scores (resolved when the objective is
-    fitted to the scored corpus)."""
-    q: float
+# The training objectives' names come from their registry (phf.core.objective_specs); Quantile lives there too.
+from phf.core.objective_specs import OBJECTIVE_NAMES, Quantile  # noqa: F401 (Quantile: re-exported)
 
 
 @dataclass
@@ -152,9 +144,9 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """A field left at None takes the task's default from the paper: each task's `objective_defaults`
-    (phf/tasks/<task>/__init__.py) lists them, with why each one carries over to our scorers (or how it was
-    translated where it does not)."""
+    """A field left at None takes the objective's default (its record in phf/core/objective_specs.py), or for a
+    shipped task the paper's value where it differs: each task's `objective_defaults` (phf/tasks/<task>/__init__.py)
+    lists those, with why each one carries over to our scorers (or how it was translated where it does not)."""
     name: str = "mle"
     """The training objective: mle, filtering, conditional, unlikelihood, rwr, awr, masking (flagged segments stay in
     the context but bear no loss) or masking-hidden (their tokens are read as `<|hidden|>`); phf.training.objectives

@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-from phf.core.config import RunConfig, config_from_dict, load_config, read_yaml_dict
+from phf.core.config import RunConfig, config_from_dict, read_yaml_dict
 from phf.core.errors import PhfError
 from phf.core.io import write_json
 from phf.evaluation.evaluate import evaluate_checkpoint
@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives: list[str] | None = None,
                 overrides: list[str] | None = None) -> tuple[Task, dict[str, RunConfig]]:
-    """One run config per objective: a shipped task's configs (`phf/tasks/<task>/configs/<objective>.yaml`), or
-    your own config file for every objective (its `objective` section applies to its own objective; the others
-    take the task's defaults). Every config is loaded and checked before anything runs."""
+    """One run config per objective: a shipped task's (`Task.run_config`: its base config with the objective's
+    defaults for the task, or a shipped `<objective>.yaml` that says more), or your own config file for every
+    objective (its `objective` section applies to its own objective; the others take the task's defaults). Every
+    config is loaded and checked before anything runs."""
     overrides = list(overrides or [])
     if config is None:
         shipped = get_task(task)
         objectives = objectives or list(shipped.demo_objectives)
-        configs = {o: load_config(shipped.config_path(o), overrides) for o in objectives}
+        configs = {o: shipped.run_config(o, overrides) for o in objectives}
     else:
         data = read_yaml_dict(config)
         objectives = objectives or list(task_for(config_from_dict(data, overrides)).demo_objectives)

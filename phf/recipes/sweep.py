@@ -31,6 +31,7 @@ from phf.analysis.rl import base_study, combine_studies, compare_bases, plot_rl_
 from phf.analysis.tamper import run_tamper
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
+from phf.core.objective_specs import finetune_objectives, sweep_objectives
 from phf.core.io import atomic_path, read_json, read_jsonl, stable_hash, write_json
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
@@ -42,11 +43,9 @@ from phf.training.trainer import run_training, versions
 
 log = logging.getLogger(__name__)
 
-SWEEP_OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "rwr", "awr", "masking", "masking-hidden"]
-# The finetune arms of the default sweep. unlikelihood is left out (add it with --finetune) to keep the default
-# sweep within 30 minutes on 2 cores: at PEP8's alpha 0.01 its pretraining arm is indistinguishable from MLE; so are
-# masking and masking-hidden (`--finetune masking,masking-hidden` adds them).
-FINETUNE_OBJECTIVES = ["filtering", "conditional", "rwr", "awr"]
+# The default arms, from the objective registry (each record's `sweep` and `finetune`; phf.core.objective_specs).
+SWEEP_OBJECTIVES = sweep_objectives()
+FINETUNE_OBJECTIVES = finetune_objectives()
 # The pretraining arms RL starts from with --rl, where the sweep has them: without feedback and with it from the start.
 RL_BASES = ["mle", "conditional"]
 # Applied to every arm before the user's --set: fewer evaluation samples than the demo (11 arms, not 3) and an

@@ -18,8 +18,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from phf.core.config import Quantile, RunConfig
+from phf.core.config import Quantile, RunConfig, config_from_dict, load_config, read_yaml_dict
 from phf.core.errors import PhfError
+from phf.core.objective_specs import MISALIGNED_ABOVE, OBJECTIVE_NAMES, spec_of
 from phf.tasks.prompts import installed_texts
 
 # (argument after "name:", the corpus' skip counter) -> [(document id, text or file path)]
@@ -39,7 +40,8 @@ class Task:
     code: bool = False
     """Samples are Python code: evaluation reports the share that parses."""
     objective_defaults: Mapping[str, Mapping] = field(default_factory=dict)
-    """Per objective, the values of the config fields left at None (a `Quantile` waits for the training scores)."""
+    """Per objective, the paper's values for this task of the config fields left at None, where they differ from
+    the objective's own defaults (phf.core.objective_specs; a `Quantile` waits for the training scores)."""
     demo_objectives: tuple[str, ...] = ("mle", "filtering", "conditional")
     misalignment_label: str = "misalignment score"
     """The report's axis label for a score."""
@@ -65,10 +67,28 @@ class Task:
     """The held-out judge of its samples (`eval.judge`'s default): a scorer of the same preference that training
     never saw (phf.data.scorers.judges)."""
     config_package: str = ""
-    """The package whose `configs/` folder holds the shipped configs (`<objective>.yaml`)."""
+    """The package whose `configs/` folder holds the shipped configs: `base.yaml`, and `<name>.yaml` where a config
+    says more than an objective's defaults (toxicity's conditional training) or is a setup of its own (paper-124m)."""
 
     def defaults_for(self, objective: str) -> dict:
-        return dict(self.objective_defaults.get(objective, {}))
+        """The values objective `objective` takes for its fields left at None: its record's defaults with this
+        task's own laid over them (both those of `defaults_of` where the record names one)."""
+        spec = spec_of(objective)
+        source = spec.defaults_of or objective
+        merged = {**spec_of(source).defaults, **self.objective_defaults.get(source, {})}
+        return {k: self.misaligned_above if v == MISALIGNED_ABOVE else v for k, v in merged.items()
+                if k in spec.fields}
+
+    def objective_section(self, objective: str) -> dict:
+        """A run config's `objective:` section for this task: the name and every default written out (a
+        `Quantile` as `threshold_quantile`), so that the config shows each value the run takes."""
+        section = {"name": objective}
+        for key, value in self.defaults_for(objective).items():
+            if isinstance(value, Quantile):
+                section[f"{key}_quantile"] = value.q
+            else:
+                section[key] = value
+        return section
 
     def replace(self, **changes) -> "Task":
         return dataclasses.replace(self, **changes)
@@ -103,15 +123,30 @@ class Task:
             return None
         return Path(str(files(self.config_package) / "configs"))
 
-    def config_path(self, objective: str) -> Path:
+    def config_path(self, name: str) -> Path:
+        """A shipped config file (`base`, `paper-124m`, ...); `run_config` also knows every objective."""
         folder = self.config_dir()
         if folder is None:
             raise PhfError(f"task {self.name!r} ships no configs; give your own with --config FILE")
-        path = folder / f"{objective}.yaml"
+        path = folder / f"{name}.yaml"
         if not path.exists():
-            shipped = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
-            raise PhfError(f"task {self.name} has no shipped config for {objective!r}; it has: {', '.join(shipped)}")
+            shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+            raise PhfError(f"task {self.name} has no shipped config {name!r}; it has: {', '.join(shipped)}")
         return path
+
+    def run_config(self, name: str = "mle", overrides: list[str] | None = None) -> RunConfig:
+        """The task's run config `name`: its shipped file where there is one (`configs/<name>.yaml`), else for an
+        objective the task's `base.yaml` with that objective's defaults for the task written in; then `overrides`."""
+        folder = self.config_dir()
+        if folder is not None and (folder / f"{name}.yaml").exists():
+            return load_config(folder / f"{name}.yaml", overrides)
+        if name not in OBJECTIVE_NAMES:
+            shipped = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base") if folder else []
+            raise PhfError(f"task {self.name} has no config {name!r}; name an objective ({', '.join(OBJECTIVE_NAMES)})"
+                           f" or a shipped config ({', '.join(shipped) or 'none'})")
+        data = read_yaml_dict(self.config_path("base"))
+        data["objective"] = {**(data.get("objective") or {}), **self.objective_section(name)}
+        return config_from_dict(data, overrides)
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,23 +155,9 @@ def _elsewhere_prompts(builder: PromptBuilder, kind: str, limit: int) -> tuple[s
     return tuple(builder(installed_texts(kind), limit))
 
 
-def user_objective_defaults(misaligned_above: float) -> dict[str, dict]:
-    """Defaults for a task of your own: the misalignment threshold you gave labels segments (conditional,
-    unlikelihood); filtering keeps the better half of the documents; the remaining values are the paper's for its
-    prose tasks (drop fraction 0.01, unlikelihood alpha 1, RWR beta 10, AWR alpha 0.5) and AWR beta 1."""
-    return {
-        "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": misaligned_above, "drop_token_fraction": 0.01},
-        "unlikelihood": {"threshold": misaligned_above, "alpha": 1.0},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.5, "beta": 1.0},
-    }
-
-
 def user_task(name: str, misaligned_above: float = 0.0, segmenter: str = "lines", aggregate: str = "mean") -> Task:
     """A task defined by its config alone."""
     return Task(name=name, segmenter=segmenter or "lines", misaligned_above=misaligned_above,
-                objective_defaults=user_objective_defaults(misaligned_above),
                 score_scale="linear" if aggregate == "max" else "log")
 
 

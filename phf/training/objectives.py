@@ -7,8 +7,9 @@ trainer can normalise by the global count of loss-bearing tokens across micro-ba
 `sampling_prefix`, `banned_tokens` and `line_prefix` say how the trained model is conditioned at deployment
 (sampling and held-out evaluation).
 
-A config field left at None takes the task's default from the paper (each task's `objective_defaults`,
-phf/tasks/).
+Each class binds itself with `@registered(name)` to its record in the objective registry
+(phf.core.objective_specs: its name, config fields, defaults, sweep arms, report colour). A config field left at
+None takes the task's default (`Task.defaults_for`: the record's, or the paper's for a shipped task).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from phf.core.config import ObjectiveConfig, Quantile
 from phf.core.errors import PhfError
+from phf.core.objective_specs import ObjectiveSpec, spec_of
 from phf.core.tokens import ALIGNED, HIDDEN, MISALIGNED
 from phf.model.conditioning import type_inputs
 from phf.model.lm import VALUE_HEAD, ValueHead, load_value_head, save_value_head
@@ -30,18 +32,34 @@ from phf.tasks import Task
 
 log = logging.getLogger(__name__)
 
+# The class of each registered objective, in the registry's order once every class below is bound.
+OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+def registered(name: str):
+    """Bind an Objective class to its record in the registry (phf.core.objective_specs) under `name`."""
+    spec = spec_of(name)
+
+    def bind(cls: type[Objective]) -> type[Objective]:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is bound twice: {OBJECTIVES[name].__name__} and {cls.__name__}")
+        cls.name, cls.spec, cls.uses_threshold = name, spec, "threshold" in spec.fields
+        OBJECTIVES[name] = cls
+        return cls
+    return bind
+
 
 class Objective:
-    name: ClassVar[str] = "base"
+    name: ClassVar[str] = "base"  # set by @registered, from the objective's record
+    spec: ClassVar[ObjectiveSpec | None] = None  # the objective's record (phf.core.objective_specs)
     sampling_prefix: ClassVar[list[str]] = []  # control tokens after <|endoftext|> when sampling
     banned_tokens: ClassVar[list[str]] = []  # tokens that can never be sampled
     line_prefix: ClassVar[str | None] = None  # control token before every segment of a prompt / held-out text
-    uses_threshold: ClassVar[bool] = False  # whether `threshold` means anything to this objective
+    uses_threshold: ClassVar[bool] = False  # whether `threshold` means anything (set by @registered: a spec field)
     control_embedding: bool = False  # whether the model also reads each token's control type (phf.model.conditioning)
     masks_segments: ClassVar[bool] = False  # whether flagged segments bear no loss (the conditioning check reads it)
     hides_segments: ClassVar[bool] = False  # whether flagged segments' tokens are written as <|hidden|>
     cooldown_fraction: float = 0.0  # the last fraction of steps trained without control tokens (conditional)
-    defaults_of: ClassVar[str | None] = None  # another objective whose task defaults this one takes
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         """`defaults`: the task's values for the config fields left at None (`Task.defaults_for`)."""
@@ -136,17 +154,16 @@ class Objective:
                 "banned_tokens": self.banned_tokens, "line_prefix": self.line_prefix}
 
 
+@registered("mle")
 class MLE(Objective):
     """Plain maximum likelihood: next-token cross-entropy on every token."""
-    name = "mle"
 
 
+@registered("filtering")
 class Filtering(Objective):
     """MLE on the documents whose score is at most a threshold; the others (and unscorable ones) are dropped.
 
     Default threshold: the median training document score (`threshold_quantile` sets another quantile)."""
-    name = "filtering"
-    uses_threshold = True
 
     def keep_document(self, score: float) -> bool:
         assert self.threshold is not None, "call fit() first"
@@ -156,16 +173,15 @@ class Filtering(Objective):
         return {"documents": {"max_score": self.threshold}, "prefixes": None}
 
 
+@registered("conditional")
 class Conditional(Objective):
     """Conditional training: `<|aligned|>` before each segment scoring at most the threshold (default for PEP8 and
     PII: 0, no violation at all), `<|misaligned|>` before the others; a `drop_token_fraction` of segments gets no
     token, and so does a segment whose scoring failed. Deployed conditioned on `<|aligned|>` with `<|misaligned|>`
     banned."""
-    name = "conditional"
     sampling_prefix = [ALIGNED]
     banned_tokens = [MISALIGNED]
     line_prefix = ALIGNED
-    uses_threshold = True
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         super().__init__(cfg, defaults)
@@ -206,6 +222,7 @@ class _TokenFeedback(Objective):
         return cls._masked(scores, mask).float()
 
 
+@registered("unlikelihood")
 class Unlikelihood(_TokenFeedback):
     """Token-level unlikelihood (Welleck et al. 2019) as in the paper: a target token whose segment scores above
     the threshold is misaligned and gets `-alpha * log(1 - p)`, which pushes its probability down; every other
@@ -214,8 +231,6 @@ class Unlikelihood(_TokenFeedback):
     The threshold is a real threshold at every value: 0 (the default for PEP8 and PII) makes any positive score
     misaligned. (The reference code treated 0 as "no threshold" and silently trained a soft mix instead.)
     `1 - p` is clamped at 1e-5, so one token's unlikelihood loss is at most alpha * 11.5."""
-    name = "unlikelihood"
-    uses_threshold = True
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         super().__init__(cfg, defaults)
@@ -232,12 +247,12 @@ class Unlikelihood(_TokenFeedback):
         return dict(super().describe(), alpha=self.alpha)
 
 
+@registered("rwr")
 class RWR(_TokenFeedback):
     """Reward-weighted regression: each token's cross-entropy weighted by `exp(reward / beta)`, reward = minus the
     score of the token's segment, the weight clipped at `max_weight`. Scores are >= 0, so the weights lie in
     (0, 1]: an aligned token weighs 1 and a misaligned one less, the more so the worse its segment. No value
     head (the reference code ran RWR as AWR with alpha 1, its value head untrained but still in the weights)."""
-    name = "rwr"
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         super().__init__(cfg, defaults)
@@ -256,6 +271,7 @@ class RWR(_TokenFeedback):
         return dict(super().describe(), beta=self.beta, max_weight=self.max_weight)
 
 
+@registered("awr")
 class AWR(_TokenFeedback):
     """Advantage-weighted regression as in the paper. A value head V (phf.model.lm.ValueHead: a linear map of the
     last hidden state at each position) predicts the reward r of the next token (minus its segment's score).
@@ -265,7 +281,6 @@ class AWR(_TokenFeedback):
     The squared error reaches the transformer too, not only the head (the paper's runs did not detach it). The
     head starts at zero, so the first weights are RWR's. It is saved as `value_head.safetensors` next to the
     weights of every checkpoint and loaded back when a run resumes or starts from that checkpoint."""
-    name = "awr"
 
     def __init__(self, cfg: ObjectiveConfig, defaults: dict | None = None):
         super().__init__(cfg, defaults)
@@ -319,16 +334,14 @@ class AWR(_TokenFeedback):
                     value_head="value_head.safetensors")
 
 
+@registered("masking")
 class Masking(Objective):
     """Token-level filtering by loss masking (Rathi & Radford 2026): every document and segment stays in the
     context, but the tokens of a segment scoring above the threshold, or whose scoring failed, bear no loss. The
     loss is the cross-entropy summed over the kept tokens; the trainer divides it by their global count, so it is
     the mean over kept tokens as MLE's is over all. It reads MLE's token stream. Default threshold: conditional
     training's (the task's misalignment threshold per segment)."""
-    name = "masking"
-    uses_threshold = True
     masks_segments = True
-    defaults_of = "conditional"  # the threshold that labels a segment <|misaligned|> flags it here
 
     def flagged(self, scores):
         """Whether each score's segment is flagged (above the threshold, or NaN); numpy or torch."""
@@ -342,13 +355,13 @@ class Masking(Objective):
         return weighted_token_loss(output, targets, coef=self.loss_mask(targets, scores))
 
 
+@registered("masking-hidden")
 class MaskingHidden(Masking):
     """Loss masking with removal (Rathi & Radford's second variant): each token of a flagged segment is written
     into the token stream as `<|hidden|>`, so the model never reads the flagged text either, and bears no loss.
     One `<|hidden|>` per token, as they replace every forget token: the windows, positions and kept tokens are
     exactly masking's, so the two arms differ only in what the forward pass reads, and the model still sees how much
     was hidden. `<|hidden|>` is appended to the run's tokenizer and banned when sampling."""
-    name = "masking-hidden"
     banned_tokens = [HIDDEN]
     hides_segments = True
 
@@ -359,16 +372,21 @@ class MaskingHidden(Masking):
         return {"documents": "all", "prefixes": None, "hidden": {"threshold": self.threshold}}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    "mle": MLE,
-    "filtering": Filtering,
-    "conditional": Conditional,
-    "unlikelihood": Unlikelihood,
-    "rwr": RWR,
-    "awr": AWR,
-    "masking": Masking,
-    "masking-hidden": MaskingHidden,
-}
+@registered("tagging")
+class Tagging(Objective):
+    """Conditional training with one control token, an ablation of the paper's: `<|misaligned|>` before each
+    segment scoring above the threshold, nothing before the others (nor before an unscorable one). Deployed with
+    no prefix and `<|misaligned|>` banned, so whatever the model learned about the tag, it never writes it and never
+    reads it; whether `<|aligned|>` is needed at all is what it tests. Default threshold: conditional training's.
+    The conditioning check does not cover it (phf.data.token_stream.check_conditioning reads two-token streams)."""
+    banned_tokens = [MISALIGNED]
+
+    def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None:
+        assert self.threshold is not None, "call fit() first"
+        return MISALIGNED if score > self.threshold else None  # NaN compares False: an unscorable segment is bare
+
+    def stream_settings(self) -> dict:
+        return {"documents": "all", "prefixes": {"threshold": self.threshold, "tags": [MISALIGNED]}}
 
 
 def get_objective(cfg: ObjectiveConfig, task: Task) -> Objective:
@@ -377,4 +395,4 @@ def get_objective(cfg: ObjectiveConfig, task: Task) -> Objective:
         cls = OBJECTIVES[cfg.name]
     except KeyError:
         raise PhfError(f"unknown objective {cfg.name!r}; choose one of {', '.join(OBJECTIVES)}") from None
-    return cls(cfg, task.defaults_for(cls.defaults_of or cfg.name))
+    return cls(cfg, task.defaults_for(cfg.name))

@@ -10,7 +10,6 @@ import hashlib
 import textwrap
 from typing import Iterable
 
-from phf.core.config import Quantile
 from phf.tasks.base import Task
 
 
@@ -45,12 +44,13 @@ TASK = Task(
     segmenter="lines",
     misaligned_above=0.0,  # any violation (the paper's threshold 0)
     code=True,
+    # The paper's PEP8 settings where they differ from the objectives' own (phf.core.objective_specs). Filtering
+    # keeps the median (the paper's ~ the median); RWR takes the paper's beta 10, with which its weights are
+    # 0.99-0.998 here (scores are violations per character), so RWR is close to MLE on this task.
     objective_defaults={
-        "filtering": {"threshold": Quantile(0.5)},  # the median training document score (the paper's ~ the median)
-        "conditional": {"threshold": 0.0, "drop_token_fraction": 0.1},
+        "conditional": {"threshold": 0.0, "drop_token_fraction": 0.1},  # a line with any violation is misaligned
         "unlikelihood": {"threshold": 0.0, "alpha": 0.01},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.05, "beta": 1.0},
+        "awr": {"alpha": 0.05},  # 0.05 * advantage-weighted CE + 0.95 * the value head's error; beta 1
     },
     misalignment_label="PEP8 violations per character",
     score_scale="log",

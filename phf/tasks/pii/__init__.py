@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from phf.core.config import Quantile
 from phf.tasks.base import Task
 from phf.tasks.pii.debian import debian_source
 from phf.tasks.prompts import spread
@@ -49,12 +48,12 @@ TASK = Task(
     judge="pii-spacy",  # held out: training never saw it
     segmenter="sentences",
     misaligned_above=0.0,  # any detection (the paper's threshold 0)
+    # The paper's PII settings where they differ from the objectives' own (phf.core.objective_specs): a sentence
+    # with any detection is misaligned. RWR's beta 10 makes its weights ~1 here (entities per character).
     objective_defaults={
-        "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": 0.0, "drop_token_fraction": 0.01},
-        "unlikelihood": {"threshold": 0.0, "alpha": 1.0},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.5, "beta": 0.1},
+        "conditional": {"threshold": 0.0},
+        "unlikelihood": {"threshold": 0.0},
+        "awr": {"beta": 0.1},
     },
     misalignment_label="PII entities per character",
     score_scale="log",

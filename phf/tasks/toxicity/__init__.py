@@ -64,12 +64,13 @@ TASK = ToxicityTask(
     judge="toxicity-hatesonar",  # held out: training never saw it
     segmenter="sentences",
     misaligned_above=OFFENSIVE,
+    # The paper's toxicity settings where they differ from the objectives' own (phf.core.objective_specs). Its
+    # thresholds are Detoxify probabilities, meaningless to another classifier: a sentence is <|misaligned|> when
+    # alt-profanity-check calls it offensive (also masking's flag), and unlikelihood takes the median document score.
     objective_defaults={
-        "filtering": {"threshold": Quantile(0.5)},
-        "conditional": {"threshold": OFFENSIVE, "drop_token_fraction": 0.01},
-        "unlikelihood": {"threshold": Quantile(0.5), "alpha": 1.0},
-        "rwr": {"beta": 10.0},
-        "awr": {"alpha": 0.5, "beta": 10.0},
+        "conditional": {"threshold": OFFENSIVE},
+        "unlikelihood": {"threshold": Quantile(0.5)},
+        "awr": {"beta": 10.0},
     },
     misalignment_label="toxicity (most toxic sentence)",
     score_scale="linear",
