@@ -621,17 +621,22 @@ def quantile_threshold(scored: ScoredCorpus, q: float, split: str = "train") -> 
     return float(np.quantile(scores, q))
 
 
-def score_distribution(scored: ScoredCorpus, thresholds: Mapping[str, float | Quantile],
-                       split: str = "train") -> dict:
-    """The split's document and segment scores: their quantiles (QUANTILES), and per named threshold (a value, or a
-    Quantile of the document scores) its value, the share of documents and of segments scoring above it, and the
-    quantile it sits at among the document scores (the share at or below it)."""
+def split_scores(scored: ScoredCorpus, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's document scores and its segments' scores, those that could not be scored (None, NaN) left out."""
     t = scored.table(["split", "seg_score", "score"])
     t = t.filter(pa.compute.equal(t.column("split"), split))
     docs = np.array([math.nan if v is None else v for v in t.column("score").to_pylist()], dtype=np.float64)
     segs = np.array([math.nan if v is None else v for ss in t.column("seg_score").to_pylist() for v in ss],
                     dtype=np.float64)
-    docs, segs = docs[~np.isnan(docs)], segs[~np.isnan(segs)]
+    return docs[~np.isnan(docs)], segs[~np.isnan(segs)]
+
+
+def score_distribution(scored: ScoredCorpus, thresholds: Mapping[str, float | Quantile],
+                       split: str = "train") -> dict:
+    """The split's document and segment scores: their quantiles (QUANTILES), and per named threshold (a value, or a
+    Quantile of the document scores) its value, the share of documents and of segments scoring above it, and the
+    quantile it sits at among the document scores (the share at or below it)."""
+    docs, segs = split_scores(scored, split)
     if not len(docs):
         raise PhfError(f"{scored.path} has no scored {split} document: no score distribution")
     out = {"split": split, "documents": int(len(docs)), "segments": int(len(segs)),
@@ -667,14 +672,9 @@ def record_distribution(scored: ScoredCorpus, thresholds: Mapping[str, float | Q
 def plot_distribution(scored: ScoredCorpus, dist: dict, path: Path, log_scale: bool) -> Path:
     """Histograms of the document and segment scores (a log axis leaves out the zeros, whose share it names), with
     a line at each threshold."""
-    t = scored.table(["split", "seg_score", "score"])
-    t = t.filter(pa.compute.equal(t.column("split"), dist["split"]))
-    values = {"documents": [v for v in t.column("score").to_pylist() if v is not None and not math.isnan(v)],
-              "segments": [v for ss in t.column("seg_score").to_pylist() for v in ss
-                           if v is not None and not math.isnan(v)]}
+    values = dict(zip(("documents", "segments"), split_scores(scored, dist["split"])))
     fig, axes = pyplot().subplots(1, 2, figsize=(10.0, 3.8))
     for ax, (what, xs) in zip(axes, values.items()):
-        xs = np.asarray(xs, dtype=np.float64)
         shown = xs[xs > 0] if log_scale else xs
         if len(shown):
             bins = np.geomspace(shown.min(), shown.max() * 1.0001, 40) if log_scale and shown.max() > shown.min() \
