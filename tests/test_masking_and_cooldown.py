@@ -196,3 +196,23 @@ def test_cooldown_fraction_sets_the_last_steps_and_applies_to_conditional_only()
                          "objective.control_embedding=true"], "use one of the two")):
         with pytest.raises(PhfError, match=match):
             load_config(None, bad)
+
+
+def test_the_cooldown_variant_is_an_arm_beside_plain_conditional(tmp_path):
+    """`conditional-cooldown` is conditional training with the variant's cooldown over the task's defaults, so that a
+    demo compares the two; a user's config gets the same settings, and an unknown arm is one line."""
+    from phf.recipes.demo import arm_configs
+    _, configs = arm_configs("pep8", objectives=["conditional", "conditional-cooldown"])
+    plain, cooled = configs["conditional"].objective, configs["conditional-cooldown"].objective
+    assert (plain.name, plain.cooldown_fraction) == ("conditional", 0.0)
+    assert (cooled.name, cooled.cooldown_fraction) == ("conditional", 0.1)
+    assert cooled.threshold == plain.threshold and cooled.drop_token_fraction == plain.drop_token_fraction
+    own = tmp_path / "task.yaml"
+    own.write_text("task: mine\nobjective: {name: conditional, threshold: 0.3}\nscoring: {scorer: pep8}\n")
+    _, configs = arm_configs(config=own, objectives=["mle", "conditional-cooldown"])
+    assert configs["conditional-cooldown"].objective.cooldown_fraction == 0.1
+    assert configs["conditional-cooldown"].objective.threshold == 0.3
+    with pytest.raises(PhfError, match="unknown arm 'conditional-cool'"):
+        arm_configs(config=own, objectives=["conditional-cool"])
+    with pytest.raises(PhfError, match="no config 'conditional-cool'"):
+        arm_configs("pep8", objectives=["conditional-cool"])

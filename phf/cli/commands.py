@@ -14,7 +14,7 @@ from phf.analysis.rl import format_rl_study
 from phf.analysis.tamper import format_tamper
 from phf.core.config import Quantile, SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
-from phf.core.objective_specs import OBJECTIVE_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
+from phf.core.objective_specs import ARM_NAMES, OBJECTIVE_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
 from phf.core.io import atomic_path, read_json, write_json
 from phf.data.corpus import Corpus
 from phf.data.scoring import format_distribution, record_distribution
@@ -40,7 +40,7 @@ def _add_config_args(p: argparse.ArgumentParser, task_default: str | None = "pep
                    "phf/tasks/<task>/configs/base.yaml with the objective's defaults for the task)")
     p.add_argument("--task", default=task_default, help="task whose shipped config to start from (default: pep8)")
     p.add_argument("--objective", help="start from the task's config for this objective "
-                   f"({', '.join(OBJECTIVE_NAMES)}) or a shipped config of the task (paper-124m) (default: mle)")
+                   f"({', '.join(ARM_NAMES)}) or a shipped config of the task (paper-124m) (default: mle)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
 
@@ -191,8 +191,9 @@ def cmd_demo(args) -> None:
         if config:
             raise PhfError("give --preset or --config, not both (a preset is a config file: `--set` changes it)")
         config = preset_path(args.task, args.preset)
-    results = run_demo(args.task, args.out, args.overrides, config=config, init_from=init_from,
-                       seeds=args.seeds)
+    objectives = [n.strip() for n in args.objectives.split(",") if n.strip()] if args.objectives else None
+    results = run_demo(args.task, args.out, args.overrides, objectives=objectives, config=config,
+                       init_from=init_from, seeds=args.seeds)
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
@@ -325,6 +326,9 @@ def add_parsers(sub) -> None:
                    help="a shipped scale of the task's demo: `gpu` (pep8: GPT-2 small on the standard library and "
                         "the installed packages, evaluated as the paper does, ~10 min on one H100/H200)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--objectives", metavar="ARMS",
+                   help="the arms, comma-separated: objectives or named variants "
+                        f"({', '.join(ARM_NAMES)}; default: the task's, mle,filtering,conditional)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every objective's config (repeatable)")
     p.add_argument("--init-from", metavar="MODEL",

@@ -121,3 +121,44 @@ def sweep_objectives() -> list[str]:
 def finetune_objectives() -> list[str]:
     """The finetune arms of the default sweep, in registry order."""
     return [s.name for s in OBJECTIVE_SPECS.values() if s.finetune]
+
+
+@dataclass(frozen=True)
+class ArmVariant:
+    """An arm that is an objective with some of its fields set otherwise, named so that it can stand beside the
+    plain objective in one demo or sweep (`--objectives conditional,conditional-cooldown`)."""
+    name: str
+    objective: str
+    """The objective it trains (`objective.name`)."""
+    settings: Mapping[str, object]
+    """The `objective.*` fields it sets, over the task's defaults for that objective."""
+    summary: str
+    color: str = "#7f7f7f"
+
+
+ARM_VARIANTS: dict[str, ArmVariant] = {v.name: v for v in (
+    ArmVariant(
+        name="conditional-cooldown", objective="conditional", settings={"cooldown_fraction": 0.1},
+        summary="conditional training whose last 10% of steps read no control tokens (MeCo's cooldown); evaluated "
+                "conditioned and unconditioned", color="#98df8a"),
+)}
+
+ARM_NAMES: tuple[str, ...] = OBJECTIVE_NAMES + tuple(ARM_VARIANTS)
+
+
+def arm_objective(arm: str) -> tuple[str, dict]:
+    """The objective an arm trains and the `objective.*` fields it sets: (`arm`, {}) for an objective, the
+    variant's for a named variant, or one line naming the choices."""
+    if arm in OBJECTIVE_SPECS:
+        return arm, {}
+    if arm in ARM_VARIANTS:
+        return ARM_VARIANTS[arm].objective, dict(ARM_VARIANTS[arm].settings)
+    raise PhfError(f"unknown arm {arm!r}; name an objective ({', '.join(OBJECTIVE_NAMES)}) or a variant "
+                   f"({', '.join(ARM_VARIANTS)})")
+
+
+def arm_color(arm: str) -> str | None:
+    """An arm's colour in the report: its objective's record's, or its variant's."""
+    if arm in OBJECTIVE_SPECS:
+        return OBJECTIVE_SPECS[arm].color
+    return ARM_VARIANTS[arm].color if arm in ARM_VARIANTS else None

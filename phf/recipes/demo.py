@@ -12,6 +12,7 @@ from pathlib import Path
 from phf.core.config import RunConfig, config_from_dict, read_yaml_dict
 from phf.core.errors import PhfError
 from phf.core.io import write_json
+from phf.core.objective_specs import arm_objective
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.recipes.replicates import combine, interval_text, percent_text, replicate_config, sample_scores
 from phf.tasks import Task, get_task, task_for
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives: list[str] | None = None,
                 overrides: list[str] | None = None) -> tuple[Task, dict[str, RunConfig]]:
-    """One run config per objective: a shipped task's (`Task.run_config`: its base config with the objective's
+    """One run config per arm (an objective, or a named variant of one such as `conditional-cooldown`): a shipped
+    task's (`Task.run_config`: its base config with the objective's
     defaults for the task, or a shipped `<objective>.yaml` that says more), or your own config file for every
     objective (its `objective` section applies to its own objective; the others take the task's defaults). Every
     config is loaded and checked before anything runs."""
@@ -37,8 +39,10 @@ def arm_configs(task: str = "pep8", config: str | Path | None = None, objectives
         configs = {}
         for o in objectives:
             arm = dict(data)
-            if (arm.get("objective") or {}).get("name", "mle") != o:
-                arm["objective"] = {"name": o}
+            objective, settings = arm_objective(o)
+            if (arm.get("objective") or {}).get("name", "mle") != objective:
+                arm["objective"] = {"name": objective}
+            arm["objective"] = {**arm["objective"], **settings}
             configs[o] = config_from_dict(arm, overrides)
     tasks = {c.task for c in configs.values()}
     if len(tasks) > 1:

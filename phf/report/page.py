@@ -37,7 +37,7 @@ from phf.analysis.rl import rl_study_table
 from phf.analysis.tamper import tamper_table
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
-from phf.core.objective_specs import OBJECTIVE_SPECS
+from phf.core.objective_specs import ARM_VARIANTS, OBJECTIVE_SPECS
 from phf.data.scorers import get_scorer
 from phf.evaluation.evaluate import score_samples
 from phf.evaluation.sampling import Sample
@@ -48,8 +48,9 @@ log = logging.getLogger("phf.report")
 REFERENCE = "mle"
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
                 "score_distribution", "guidance", "rl_from_bases", "tamper")
-# Each objective's colour is its registry record's (phf.core.objective_specs); `rl` is the RL baseline's.
-COLORS = {**{name: spec.color for name, spec in OBJECTIVE_SPECS.items()}, "rl": "#8c564b"}
+# Each objective's and arm variant's colour is its registry record's (phf.core.objective_specs); `rl` is the RL
+# baseline's.
+COLORS = {**{name: spec.color for name, spec in {**OBJECTIVE_SPECS, **ARM_VARIANTS}.items()}, "rl": "#8c564b"}
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#98df8a")
 
 

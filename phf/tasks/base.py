@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 
 from phf.core.config import Quantile, RunConfig, config_from_dict, load_config, read_yaml_dict
 from phf.core.errors import PhfError
-from phf.core.objective_specs import MISALIGNED_ABOVE, OBJECTIVE_NAMES, spec_of
+from phf.core.objective_specs import ARM_NAMES, MISALIGNED_ABOVE, arm_objective, spec_of
 from phf.tasks.prompts import installed_texts
 
 # (argument after "name:", the corpus' skip counter) -> [(document id, text or file path)]
@@ -136,16 +136,18 @@ class Task:
 
     def run_config(self, name: str = "mle", overrides: list[str] | None = None) -> RunConfig:
         """The task's run config `name`: its shipped file where there is one (`configs/<name>.yaml`), else for an
-        objective the task's `base.yaml` with that objective's defaults for the task written in; then `overrides`."""
+        objective or an arm variant (phf.core.objective_specs) the task's `base.yaml` with that objective's
+        defaults for the task written in, and the variant's settings over them; then `overrides`."""
         folder = self.config_dir()
         if folder is not None and (folder / f"{name}.yaml").exists():
             return load_config(folder / f"{name}.yaml", overrides)
-        if name not in OBJECTIVE_NAMES:
+        if name not in ARM_NAMES:
             shipped = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base") if folder else []
-            raise PhfError(f"task {self.name} has no config {name!r}; name an objective ({', '.join(OBJECTIVE_NAMES)})"
-                           f" or a shipped config ({', '.join(shipped) or 'none'})")
+            raise PhfError(f"task {self.name} has no config {name!r}; name an objective or a variant "
+                           f"({', '.join(ARM_NAMES)}) or a shipped config ({', '.join(shipped) or 'none'})")
+        objective, settings = arm_objective(name)
         data = read_yaml_dict(self.config_path("base"))
-        data["objective"] = {**(data.get("objective") or {}), **self.objective_section(name)}
+        data["objective"] = {**(data.get("objective") or {}), **self.objective_section(objective), **settings}
         return config_from_dict(data, overrides)
 
 
