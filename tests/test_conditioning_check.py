@@ -1,4 +1,4 @@
-"""The conditioning check: a conditional or masking run refuses to start, in one line, when its token stream lacks
+"""The conditioning check: a conditional, tagging or masking run refuses to start, in one line, when its token stream lacks
 the control tokens or masks it needs, or holds them at a rate far from the scored corpus' misaligned share."""
 import json
 
@@ -13,7 +13,7 @@ from phf.tasks import score_run_corpus
 from phf.training.trainer import prepare_data
 
 
-@pytest.mark.parametrize("name", ["conditional", "masking", "masking-hidden"])
+@pytest.mark.parametrize("name", ["conditional", "tagging", "masking", "masking-hidden"])
 def test_the_shipped_settings_pass_the_check(tiny_cfg_factory, data_dir, name):
     data = prepare_data(tiny_cfg_factory(name), data_dir, progress=False)
     shares = corpus_shares(data.scored, 0.0)
@@ -23,7 +23,7 @@ def test_the_shipped_settings_pass_the_check(tiny_cfg_factory, data_dir, name):
         assert load_tokenizer(data.tokenizer_file).token_to_id(HIDDEN) is not None
 
 
-@pytest.mark.parametrize("name", ["conditional", "masking", "masking-hidden"])
+@pytest.mark.parametrize("name", ["conditional", "tagging", "masking", "masking-hidden"])
 def test_a_threshold_above_every_score_refuses_to_train(tiny_cfg_factory, data_dir, name):
     cfg = tiny_cfg_factory(name, ["objective.threshold=1000"])
     with pytest.raises(PhfError, match="objective.threshold=1000 is at or above every segment score") as err:
@@ -60,7 +60,7 @@ def test_a_stream_written_from_other_scores_refuses_to_train(tiny_cfg_factory, d
     rescored = score_run_corpus(tiny_cfg_factory("conditional", ["scoring.scorer=tests.helpers:always_misaligned"]),
                                 data_dir, progress=False)
     assert corpus_shares(rescored, 0.0).segment_share == 1.0
-    for name in ("conditional", "masking"):
+    for name in ("conditional", "tagging", "masking"):
         d = data if name == "conditional" else prepare_data(tiny_cfg_factory(name), data_dir, progress=False)
         with pytest.raises(PhfError, match="written from other scores .* delete"):
             check_conditioning(d.objective, d.streams["train"], rescored, 0.0)

@@ -283,7 +283,7 @@ def flagged_share(stream: TokenStream, objective) -> float:
 
 
 def check_conditioning(objective, stream: TokenStream, scored, misaligned_above: float) -> None:
-    """Refuse, in one line, a conditional or masking objective whose training stream lacks the control tokens or
+    """Refuse, in one line, a conditional, tagging or masking objective whose training stream lacks the control tokens or
     masks it needs, or holds them at a rate far from the scored corpus' misaligned share: such a run would train MLE
     under another name with nothing to show for it. `objective.check_conditioning=false` skips it."""
     if not getattr(objective, "check_conditioning", True):
@@ -302,6 +302,9 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
                            f"among {meta['segments']} segments: the tokenizer splits {CONTROL_TOKENS[0]} into "
                            f"pieces; use a tokenizer with the control tokens as special tokens (phf appends them to "
                            f"a tokenizer it is given) and delete {stream.prefix.parent}")
+    elif getattr(objective, "tags_segments", False):  # tagging: <|misaligned|> before the flagged segments only
+        observed, expected, what = (meta.get(f"tokens_{CONTROL_TOKENS[1]}", 0) / max(meta.get("segments", 0), 1),
+                                    shares.segment_share, f"of its segments are tagged {CONTROL_TOKENS[1]}")
     elif getattr(objective, "hides_segments", False):
         observed, expected, what = (meta.get(f"tokens_{HIDDEN}", 0) / max(len(stream), 1), shares.char_share,
                                     f"of its tokens are {HIDDEN}")
@@ -311,7 +314,7 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
         return
     if math.isnan(expected) or not is_far(observed, expected, shares.segments):
         return
-    where = "segments score" if objective.line_prefix else "text lies in segments that are unscorable or score"
+    where = "segments score" if objective.line_prefix or getattr(objective, "tags_segments", False) else "text lies in segments that are unscorable or score"
     problem = (f"objective {objective.name}: {100 * observed:.1f}% {what} in the training stream, but "
                f"{100 * expected:.1f}% of the scored corpus' training {where} above {misaligned_above:g} (the task's "
                f"misalignment threshold)")

@@ -378,8 +378,9 @@ class Tagging(Objective):
     segment scoring above the threshold, nothing before the others (nor before an unscorable one). Deployed with
     no prefix and `<|misaligned|>` banned, so whatever the model learned about the tag, it never writes it and never
     reads it; whether `<|aligned|>` is needed at all is what it tests. Default threshold: conditional training's.
-    The conditioning check does not cover it (phf.data.token_stream.check_conditioning reads two-token streams)."""
+    The conditioning check compares its share of tagged segments with the corpus' misaligned share."""
     banned_tokens = [MISALIGNED]
+    tags_segments = True
 
     def segment_prefix(self, score: float, rng: np.random.Generator) -> str | None:
         assert self.threshold is not None, "call fit() first"
