@@ -52,15 +52,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
-def samples_path(run_dir: str | Path) -> Path:
+def samples_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / SAMPLES_JSONL
 
 
-def metrics_path(run_dir: str | Path) -> Path:
+def metrics_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / METRICS_JSONL
 
 
-def run_json_path(run_dir: str | Path) -> Path:
+def run_json_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / RUN_JSON
 
 
@@ -131,17 +131,21 @@ class ArmResult:
     misalignment_mean_ci95: list[float] | None = None
     misalignment_ratio_to_mle: float | None = None
     misalignment_ratio_ci95: list[float] | None = None
+    misalignment_p_vs_mle: float | None = None  # Mann-Whitney of the sample scores against MLE's
     heldout_bits_per_char: float | None = None
     heldout_bits_per_char_ci95: list[float] | None = None
     heldout_ratio_to_mle: float | None = None
     heldout_ratio_ci95: list[float] | None = None
     kl_from_reference_bits: float | None = None  # a sweep's KL(mle || arm) in bits per character
+    judge: dict | None = None  # the held-out judge's block (its misalignment, ratios and intervals)
+    train_seconds: float | None = None
     seeds: list[int] | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the whole entry as written
 
     TYPED = ("run_dir", "kind", "misalignment_mean", "misalignment_mean_ci95", "misalignment_ratio_to_mle",
-             "misalignment_ratio_ci95", "heldout_bits_per_char", "heldout_bits_per_char_ci95",
-             "heldout_ratio_to_mle", "heldout_ratio_ci95", "kl_from_reference_bits", "seeds")
+             "misalignment_ratio_ci95", "misalignment_p_vs_mle", "heldout_bits_per_char",
+             "heldout_bits_per_char_ci95", "heldout_ratio_to_mle", "heldout_ratio_ci95", "kl_from_reference_bits",
+             "judge", "train_seconds", "seeds")
 
     @classmethod
     def from_dict(cls, name: str, entry: dict) -> ArmResult:

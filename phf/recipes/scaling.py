@@ -25,7 +25,7 @@ import numpy as np
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import stable_hash
-from phf.core.run_folder import Results, RunFolder, read_results_dict, results_path, write_results
+from phf.core.run_folder import REFERENCE_ARM, Results, RunFolder, read_results_dict, results_path, write_results
 from phf.evaluation.uncertainty import bootstrap_means, percentile_interval
 from phf.recipes.demo import run_demo
 from phf.recipes.replicates import sample_scores
@@ -88,24 +88,25 @@ def _point(task: str, out: Path, size: str, budget: int, seeds: int, objective: 
                        data_dir=out / "data")
         res["scaling_key"] = key
         write_results(where, res)
-    mle, arm = res["objectives"]["mle"], res["objectives"][objective]
-    groups = {name: [sample_scores(run).get("unconditional", []) for run in _replicates(where, res, name)]
-              for name in ("mle", objective)}
+    results = Results.from_dict(res)
+    mle, arm = results.arms[REFERENCE_ARM], results.arms[objective]
+    groups = {name: [sample_scores(run).get("unconditional", []) for run in _replicates(where, results, name)]
+              for name in (REFERENCE_ARM, objective)}
+    judge = arm.judge or {}
     point = {"size": size, "tokens": budget, "folder": str(where),
-             "ratio": arm.get("misalignment_ratio_to_mle"), "ratio_ci95": arm.get("misalignment_ratio_ci95"),
-             "p_vs_mle": arm.get("misalignment_p_vs_mle"),
-             "judge_ratio": (arm.get("judge") or {}).get("judge_misalignment_ratio_to_mle"),
-             "judge_ratio_ci95": (arm.get("judge") or {}).get("judge_misalignment_ratio_ci95"),
-             "mle_misalignment": mle.get("misalignment_mean"), "misalignment": arm.get("misalignment_mean"),
-             "mle_heldout_bits_per_char": mle.get("heldout_bits_per_char"),
-             "heldout_bits_per_char": arm.get("heldout_bits_per_char"),
-             "train_seconds_per_model": arm.get("train_seconds"), "scores": groups}
+             "ratio": arm.misalignment_ratio_to_mle, "ratio_ci95": arm.misalignment_ratio_ci95,
+             "p_vs_mle": arm.misalignment_p_vs_mle,
+             "judge_ratio": judge.get("judge_misalignment_ratio_to_mle"),
+             "judge_ratio_ci95": judge.get("judge_misalignment_ratio_ci95"),
+             "mle_misalignment": mle.misalignment_mean, "misalignment": arm.misalignment_mean,
+             "mle_heldout_bits_per_char": mle.heldout_bits_per_char,
+             "heldout_bits_per_char": arm.heldout_bits_per_char,
+             "train_seconds_per_model": arm.train_seconds, "scores": groups}
     return point
 
 
-def _replicates(where: Path, res: dict, name: str) -> list[Path]:
+def _replicates(where: Path, results: Results, name: str) -> list[Path]:
     """The run folders of an arm's replicates: `seed-<seed>/<arm>` for several seeds, `<arm>` for one."""
-    results = Results.from_dict(res)
     if len(results.seeds) <= 1:
         return [results.arms[name].run_folder(where)]
     return [RunFolder(where).arm_dir(name, seed) for seed in results.seeds]
