@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from phf.cli.main import main
+from phf.core.run_folder import FORMAT_VERSION
 from tests.conftest import tiny_overrides
 
 
@@ -23,6 +24,7 @@ def test_demo_end_to_end_writes_the_results_schema(pycorpus, tmp_path, capsys):
     assert "objective" in out and "conditional" in out and "held-out bits/char" in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["task"] == "pep8" and results["wall_seconds"] > 0
+    assert list(results)[0] == "format_version" and results["format_version"] == FORMAT_VERSION
     assert set(results["objectives"]) == {"mle", "filtering", "conditional"}
     for name, r in results["objectives"].items():
         for key in ("misalignment_mean", "score_max_at_25", "misaligned_share", "heldout_bits_per_char",
@@ -39,6 +41,8 @@ def test_demo_end_to_end_writes_the_results_schema(pycorpus, tmp_path, capsys):
     run = tmp_path / "demo" / "conditional"
     for f in ("config.yaml", "versions.json", "metrics.jsonl", "run.json", "results.json"):
         assert (run / f).exists(), f
+    arm = json.loads((run / "results.json").read_text())  # the arm's own results carry the version too
+    assert arm["format_version"] == FORMAT_VERSION and "format_version" not in results["objectives"]["conditional"]
 
 
 def test_demo_with_seeds_trains_each_arm_per_seed_and_prints_ratios_with_intervals(pycorpus, tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl
+from phf.core.run_folder import FORMAT_VERSION
 from phf.recipes.sweep import SWEEP_OBJECTIVES, plan, run_sweep
 from tests.conftest import tiny_overrides
 
@@ -26,7 +27,9 @@ def sweep(pycorpus, tmp_path_factory):
 def test_sweep_has_every_arm_in_the_demo_schema(sweep):
     out, _, results = sweep
     assert list(results["objectives"]) == SWEEP_OBJECTIVES + ["finetune:conditional", "finetune:awr"]
-    assert read_json(out / "results.json")["objectives"].keys() == results["objectives"].keys()
+    written = read_json(out / "results.json")
+    assert written.pop("format_version") == FORMAT_VERSION and written.keys() == results.keys()
+    assert written["objectives"].keys() == results["objectives"].keys()
     for name, r in results["objectives"].items():
         for key in ("misalignment_mean", "score_max_at_25", "heldout_bits_per_char", "kl_from_reference_bits",
                     "distinct_2", "kind", "run_dir", "tokens_seen_total"):

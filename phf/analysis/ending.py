@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from phf.analysis.probes import load, run_config, scored_corpus_for
 from phf.core.errors import PhfError
 from phf.core.io import write_json
+from phf.core.run_folder import results_path
 from phf.core.tokens import ALIGNED, CONTROL_TOKENS
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment
@@ -165,7 +166,7 @@ def ending_probe(model_paths: Sequence[str | Path], out_dir: str | Path, num_doc
             row["inside"]["p_eos_after_control"] = float(np.mean(after_inside)) if after_inside else float("nan")
         name = row["objective"] or m.folder.parent.name
         results["models"][name if name not in results["models"] else str(m.folder)] = row
-    write_json(Path(out_dir) / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 

@@ -31,6 +31,7 @@ from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
+from phf.core.run_folder import REFERENCE_ARM, RunFolder, results_path
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, judge_for, score_samples
@@ -49,9 +50,9 @@ def pairs_in(run_dir: str | Path) -> list[tuple[Path, Path]]:
     """(conditional model, MLE model) of every replicate in a folder written by `phf demo` or `phf sweep`: its
     own `conditional` and `mle` runs, or those of each `seed-<seed>` folder."""
     run_dir = Path(run_dir)
-    roots = sorted(run_dir.glob("seed-*"), key=lambda p: p.name) or [run_dir]
-    pairs = [(r / "conditional", r / "mle") for r in roots
-             if (r / "conditional" / "checkpoint").exists() and (r / "mle" / "checkpoint").exists()]
+    roots = [RunFolder(r) for r in RunFolder(run_dir).replicate_roots()]
+    pairs = [(r.arm_dir("conditional"), r.arm_dir(REFERENCE_ARM)) for r in roots
+             if r.checkpoint("conditional").exists() and r.checkpoint(REFERENCE_ARM).exists()]
     if not pairs:
         raise PhfError(f"{run_dir} has no conditional and mle runs side by side (conditional/checkpoint, "
                        f"mle/checkpoint, or the same in seed-* folders); give --model and --reference instead")
@@ -157,7 +158,7 @@ def run_guidance(models: Sequence[str | Path], references: Sequence[str | Path],
                "reference_misalignment_mean": float(np.mean([np.nanmean(r["reference_scores"]) for r in replicates])),
                "curve": summarise(replicates, strengths), "per_replicate": replicates}
     results["figure"] = str(plot_guidance(results, out_dir / "guidance.png"))
-    write_json(out_dir / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 

@@ -16,7 +16,8 @@ from typing import Sequence
 
 from phf.core.config import load_config
 from phf.core.errors import PhfError
-from phf.core.io import read_json, write_json
+from phf.core.io import write_json
+from phf.core.run_folder import read_results_dict, results_path, samples_file
 from phf.data.scorers import scorer_for
 from phf.evaluation.evaluate import misalignment_metrics
 from phf.evaluation.sampling import Sample
@@ -27,7 +28,7 @@ SAMPLE_FIELDS = ("scenario", "prompt", "text", "raw", "finished", "num_tokens")
 
 def read_samples(folder: Path, scenario: str) -> tuple[list[Sample], list[float]]:
     """The samples of one scenario in a run folder's samples.jsonl, with the scores stored beside them."""
-    path = folder / "samples.jsonl"
+    path = samples_file(folder)
     if not path.exists():
         raise PhfError(f"{folder} has no samples.jsonl; give run folders that `phf demo`, `phf sweep` or `phf evaluate` "
                        f"wrote (one per model, e.g. runs/demo/mle)")
@@ -51,9 +52,8 @@ def read_samples(folder: Path, scenario: str) -> tuple[list[Sample], list[float]
 
 
 def model_name(folder: Path) -> str:
-    results = folder / "results.json"
-    if results.exists():
-        return read_json(results).get("objective") or folder.name
+    if results_path(folder).exists():
+        return read_results_dict(folder).get("objective") or folder.name
     return folder.name
 
 

@@ -30,6 +30,7 @@ from phf.core.config import SampleConfig, load_config
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import read_json, write_json
+from phf.core.run_folder import results_path, run_json_file
 from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
@@ -90,7 +91,7 @@ def scored_corpus_for(folder: Path, cfg, data_dir: str | Path | None = None):
     """The scored corpus a checkpoint was trained on (recorded in its run.json), or the one in `data_dir`."""
     if data_dir:
         return score_run_corpus(cfg, data_dir)
-    run_json = Path(folder).parent / "run.json"
+    run_json = run_json_file(Path(folder).parent)
     if run_json.exists():
         path = read_json(run_json).get("scored_corpus")
         if path and Path(path).exists():
@@ -213,7 +214,7 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
     out_dir = Path(out_dir)
     results["scores"] = scores
     results["figure"] = str(plot_mask_sweep(scores, out_dir / "masks.png", scorer.name))
-    write_json(out_dir / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 
@@ -323,7 +324,7 @@ def reweighting_probe(base_path, finetuned_path, out_dir, num_samples: int = 128
                                                              if k != "finetuned"}}
     out_dir = Path(out_dir)
     results["figure"] = str(plot_reweighting(s, out_dir / "reweighting.png"))
-    write_json(out_dir / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 
@@ -420,7 +421,7 @@ def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 
         "mean_attribution_misaligned_segments": float(a_all[mis].mean()) if mis.any() else math.nan,
     }
     results["figure"] = str(plot_attribution(a_all, s_all, out_dir / "attribution.png"))
-    write_json(out_dir / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 

@@ -20,6 +20,7 @@ from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
+from phf.core.run_folder import REFERENCE_ARM, checkpoint_dir, results_path, sibling_run
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import score_samples, task_metrics
@@ -187,7 +188,7 @@ def red_team(target, red, scorer, seed_prompts: list[str], cfg: RedTeamConfig, b
 
 def sibling_mle(folder: Path) -> Path:
     """The plain MLE model of the same task: runs/X/<objective>/checkpoint -> runs/X/mle/checkpoint."""
-    candidate = Path(folder).parent.parent / "mle" / "checkpoint"
+    candidate = checkpoint_dir(sibling_run(Path(folder).parent, REFERENCE_ARM))
     if not (candidate / "config.json").exists():
         raise PhfError(f"no MLE model beside {folder} ({candidate} does not exist); pass --red-model DIR")
     return candidate
@@ -216,7 +217,7 @@ def run_redteam(model_paths: list, out_dir, red_model=None, cfg: RedTeamConfig |
                                                task_for(run_cfg))}
     out_dir = Path(out_dir)
     results["figure"] = str(plot_rounds(results["targets"], out_dir / "redteam.png", scorer.name))
-    write_json(out_dir / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 

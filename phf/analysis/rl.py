@@ -29,6 +29,7 @@ from phf.core.config import from_dict, parse_override
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import append_jsonl, write_json
+from phf.core.run_folder import checkpoint_dir, metrics_file, results_path
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, score_samples, task_metrics
@@ -163,7 +164,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     model.train()
     prompts = rl_prompts(task_for(cfg), scored, rl, deployment, segmenter, tokenizer.eos_token)
 
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = metrics_file(out_dir)
     metrics_path.unlink(missing_ok=True)
     cuda = torch.cuda.is_available()
     if cfg.train.threads:
@@ -235,7 +236,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     new_meta = dict(meta, objective=dict(meta.get("objective", {}), name="rl"),
                     init_from=str(folder), tokens_seen=int(meta.get("tokens_seen") or 0) + state["tokens"],
                     rl_tokens=state["tokens"], rl_steps=state["steps"], rl=asdict(rl), final=True)
-    ckpt = save_checkpoint(trained, folder / "tokenizer.json", out_dir / "checkpoint", new_meta)
+    ckpt = save_checkpoint(trained, folder / "tokenizer.json", checkpoint_dir(out_dir), new_meta)
     summary = {"checkpoint": str(ckpt), "steps": state["steps"], "tokens": state["tokens"],
                "seconds": round(time.perf_counter() - state["t0"], 1), "rl": asdict(rl), "last": state["last"]}
     write_json(out_dir / "rl_summary.json", summary)
@@ -275,7 +276,7 @@ def run_rl(model_dir, out_dir, overrides: list[str], max_tokens: int | None = No
     if measure:
         results["before"] = hacking_metrics(folder, cfg, scored, progress=progress)
         results["after"] = hacking_metrics(summary["checkpoint"], cfg, scored, progress=progress)
-    write_json(Path(out_dir) / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 

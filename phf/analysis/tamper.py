@@ -34,6 +34,7 @@ from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
+from phf.core.run_folder import results_path, run_dir_of_checkpoint
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, judge_for, score_samples
@@ -271,14 +272,13 @@ def run_tamper(models: Sequence[str], out_dir, reference: str | None = None, pro
                                                             key="judge_scores")
     results = {"probe": "tamper", "reference": ref, "attacks": [dataclasses.asdict(a) for a in attacks],
                "models": curves, "figure": str(plot_tamper(curves, ref, out_dir / "tamper.png"))}
-    write_json(out_dir / "results.json", results)
+    write_json(results_path(out_dir), results)
     return results
 
 
 def _label(path, taken: dict) -> str:
     """A short name for a model: its run folder's name (`conditional` for runs/demo/conditional/checkpoint)."""
-    p = Path(path)
-    name = p.parent.name if p.name == "checkpoint" else p.name
+    name = run_dir_of_checkpoint(path).name
     return name if name not in taken else f"{name}-{len(taken)}"
 
 

@@ -15,7 +15,8 @@ from phf.analysis.tamper import format_tamper
 from phf.core.config import Quantile, SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
 from phf.core.objective_specs import ARM_NAMES, OBJECTIVE_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
-from phf.core.io import atomic_path, read_json, write_json
+from phf.core.io import atomic_path, read_json
+from phf.core.run_folder import results_path, run_json_file, write_results
 from phf.data.corpus import Corpus
 from phf.data.scoring import format_distribution, record_distribution
 from phf.data.tokenizer import tokenizer_for
@@ -127,8 +128,8 @@ def cmd_train(args) -> None:
         if not (run_dir / "config.yaml").exists():
             raise PhfError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of a `phf train`")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-        data_dir = args.data_dir or (json.loads((run_dir / "run.json").read_text()).get("data_dir")
-                                     if (run_dir / "run.json").exists() else None)
+        data_dir = args.data_dir or (read_json(run_json_file(run_dir)).get("data_dir")
+                                     if run_json_file(run_dir).exists() else None)
         result = run_training(cfg, run_dir, data_dir or run_dir / "data", resume=True)
     else:
         if not args.out:
@@ -176,7 +177,7 @@ def cmd_evaluate(args) -> None:
         ref = KLReference.sample(args.reference, cfg.eval.kl_samples, cfg.eval.kl_max_new_tokens, cfg.eval.kl_seed,
                                  task_for(cfg).segmenter)
         res.update(ref.kl(DeployedModel.load(args.model)), reference=str(args.reference))
-        write_json(Path(args.out) / "results.json", res)
+        write_results(args.out, res)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=2))
 
 
@@ -196,13 +197,13 @@ def cmd_demo(args) -> None:
                        init_from=init_from, seeds=args.seeds)
     print()
     print(format_table(results))
-    print(f"\nresults: {Path(args.out) / 'results.json'}")
+    print(f"\nresults: {results_path(args.out)}")
 
 
 def cmd_judge(args) -> None:
     results = rejudge(args.dir, args.judge)
     print(format_table(results))
-    print(f"\nresults: {Path(args.dir) / 'results.json'}")
+    print(f"\nresults: {results_path(args.dir)}")
 
 
 def cmd_sweep(args) -> None:
@@ -226,7 +227,7 @@ def cmd_sweep(args) -> None:
     if results.get("tamper", {}).get("results"):
         print()
         print(format_tamper(read_json(results["tamper"]["results"])))
-    print(f"\nresults: {Path(args.out) / 'results.json'}")
+    print(f"\nresults: {results_path(args.out)}")
     if results.get("report"):
         print(f"report: {results['report']}")
 
@@ -236,7 +237,7 @@ def cmd_scaling(args) -> None:
                           [z.strip() for z in args.sizes.split(",") if z.strip()], seeds=args.seeds,
                           objective=args.objective, overrides=args.overrides)
     print(format_scaling(results))
-    print(f"\nresults: {Path(args.out) / 'results.json'}")
+    print(f"\nresults: {results_path(args.out)}")
 
 
 def cmd_report(args) -> None:

@@ -13,6 +13,7 @@ from phf.analysis.redteam import RedTeamConfig, run_redteam
 from phf.analysis.rl import run_rl
 from phf.analysis.tamper import DEFAULT_STEPS, format_tamper, run_tamper
 from phf.core.errors import PhfError
+from phf.core.run_folder import results_path
 from phf.report.page import write_report
 
 
@@ -60,7 +61,7 @@ def cmd_probe_lengths(args) -> None:
 def cmd_probe_ending(args) -> None:
     res = ending_probe(args.model, Path(args.out), num_docs=args.num_docs, data_dir=args.data_dir)
     print(format_ending(res))
-    print(f"results: {Path(args.out) / 'results.json'}")
+    print(f"results: {results_path(args.out)}")
 
 
 def cmd_probe_tamper(args) -> None:
@@ -70,7 +71,7 @@ def cmd_probe_tamper(args) -> None:
                      batch_size=args.batch_size, num_samples=args.num_samples, heldout_chars=args.heldout_chars,
                      seed=args.seed, data_dir=args.data_dir)
     print(format_tamper(res))
-    print(f"results: {Path(args.out) / 'results.json'}")
+    print(f"results: {results_path(args.out)}")
 
 
 def _numbers(flag: str, text: str) -> list[float]:
@@ -96,9 +97,9 @@ def cmd_probe_guidance(args) -> None:
     res = run_guidance(models, references, out, strengths=strengths, num_samples=args.num_samples, seed=args.seed,
                        kl_samples=args.kl_samples, heldout_chars=args.heldout_chars, data_dir=args.data_dir)
     print(format_guidance(res))
-    if args.run and out == Path(args.run) / "guidance" and (Path(args.run) / "results.json").exists():
+    if args.run and out == Path(args.run) / "guidance" and results_path(args.run).exists():
         print(f"report: {write_report([args.run])}")  # the report shows the curve beside the arms
-    print(f"results: {out / 'results.json'}")
+    print(f"results: {results_path(out)}")
 
 
 def cmd_redteam(args) -> None:
@@ -109,7 +110,7 @@ def cmd_redteam(args) -> None:
         for r in t["rounds"]:
             print(f"{name:12s} round {r['round']}: pool best {r['pool_best']:.4f}  pool mean {r['pool_mean']:.4f}  "
                   f"candidates mean {r['candidates_mean']:.4f}")
-    print(f"results: {Path(args.out) / 'results.json'}")
+    print(f"results: {results_path(args.out)}")
 
 
 def cmd_rl(args) -> None:

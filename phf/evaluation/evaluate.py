@@ -28,7 +28,8 @@ import torch
 from transformers import AutoTokenizer
 
 from phf.core.errors import PhfError
-from phf.core.io import atomic_path, write_json
+from phf.core.io import atomic_path
+from phf.core.run_folder import samples_file, write_results
 from phf.core.runtime import resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scorers import Scorer, get_scorer, scorer_for
@@ -376,11 +377,11 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
             results[key] = results["unconditional"][key]
     if "unconditional" in judge_block:
         judge_block["judge_misalignment_mean"] = judge_block["unconditional"]["misalignment_mean"]
-    with atomic_path(out_dir / "samples.jsonl") as tmp:
+    with atomic_path(samples_file(out_dir)) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    write_json(out_dir / "results.json", results)
+    write_results(out_dir, results)
     return results
 
 

@@ -19,6 +19,7 @@ from huggingface_hub import snapshot_download
 from tokenizers import Tokenizer
 
 from phf.core.errors import PhfError, first_line
+from phf.core.run_folder import checkpoint_dir
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.tokenizer import TextTokenizer, load_tokenizer
 from phf.model.lm import check_model_folder, load_meta, load_model
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 def resolve_model_folder(path: str | Path) -> Path:
     """A run folder (its checkpoint/) or a model folder."""
     path = Path(path)
-    if (path / "checkpoint" / "config.json").exists():
-        return path / "checkpoint"
+    if (checkpoint_dir(path) / "config.json").exists():
+        return checkpoint_dir(path)
     return path
 
 

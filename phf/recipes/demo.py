@@ -11,7 +11,7 @@ from pathlib import Path
 
 from phf.core.config import RunConfig, config_from_dict, read_yaml_dict
 from phf.core.errors import PhfError
-from phf.core.io import write_json
+from phf.core.run_folder import RunFolder, write_results
 from phf.core.objective_specs import arm_objective
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.recipes.replicates import combine, interval_text, percent_text, replicate_config, sample_scores
@@ -82,7 +82,7 @@ def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[
     corpus_summary = None
     replicates, scores = [], []
     for k, seed in enumerate(seed_list):
-        where = out if seeds == 1 else out / f"seed-{seed}"
+        where = RunFolder(out).replicate_dir(seed, seeds)
         arms, arm_scores = {}, {}
         for name, base_cfg in configs.items():
             cfg = replicate_config(base_cfg, k)
@@ -104,7 +104,7 @@ def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[
                        val_loss=trained.final_val_loss, objective_settings=trained.objective.describe(),
                        run_dir=str((where / name).relative_to(out)),
                        stage_seconds={k: round(v, 1) for k, v in stages.items()})
-            write_json(where / name / "results.json", res)
+            write_results(where / name, res)
             arms[name], arm_scores[name] = res, sample_scores(where / name)
         replicates.append(arms)
         scores.append(arm_scores)
@@ -113,7 +113,7 @@ def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[
     results["corpus"] = corpus_summary
     results["versions"] = versions()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(out / "results.json", results)
+    write_results(out, results)
     return results
 
 

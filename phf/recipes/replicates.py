@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from phf.core.config import RunConfig, load_config
-from phf.core.io import atomic_path, read_json, write_json
+from phf.core.io import atomic_path
+from phf.core.run_folder import (CONFIG_YAML, REFERENCE_ARM, RunFolder, read_results, read_results_dict, samples_file,
+                                  write_results)
 from phf.evaluation.evaluate import judge_for, judge_metrics, score_samples
 from phf.evaluation.sampling import Sample
 from phf.evaluation.strength import combine_strengths
 from phf.evaluation.uncertainty import compare, seed_interval, seed_ratio_interval
 from phf.tasks import task_for
 
-REFERENCE = "mle"
+REFERENCE = REFERENCE_ARM
 SCENARIOS = ("unconditional", "prompted", "prompted_elsewhere")
 
 
@@ -36,7 +38,7 @@ def sample_scores(run_dir: Path) -> dict[str, list[float]]:
     """scenario -> the training scorer's scores of a run's samples (its samples.jsonl), and `judge/<scenario>` ->
     the judge's; NaN for an unscorable sample."""
     out: dict[str, list[float]] = {}
-    path = Path(run_dir) / "samples.jsonl"
+    path = samples_file(run_dir)
     if not path.exists():
         return out
     with open(path, encoding="utf-8") as f:
@@ -150,33 +152,22 @@ def percent_text(ratio: float | None, interval: list[float] | None) -> str:
 
 
 # -- a demo or sweep folder judged again -------------------------------------------------------------------------
-def run_folders(out: Path, results: dict) -> list[tuple[int, dict[str, Path]]]:
-    """(seed, arm -> run folder) of each replicate of a demo or sweep folder's results.json."""
-    seeds = results.get("seeds") or [None]
-    arms = results["objectives"]
-    folders = []
-    for seed in seeds:
-        where = out / f"seed-{seed}" if len(seeds) > 1 else out
-        folders.append((seed, {arm: where / Path(r.get("run_dir") or arm.replace(":", "-")).name
-                               for arm, r in arms.items()}))
-    return folders
-
-
 def rejudge(out: str | Path, judge_name: str = "") -> dict:
     """Score the samples of every run of a demo or sweep folder with the held-out judge (`judge_name`, else each
     run's `eval.judge` or its task's), write `judge_score` into their samples.jsonl and the `judge` block into
     their results.json, and recombine the folder's results.json with intervals."""
     out = Path(out)
-    results = read_json(out / "results.json")
+    folder = read_results(out)
+    results = folder.to_dict()
     replicates, scores, seeds = [], [], []
-    for seed, folders in run_folders(out, results):
+    for seed, folders in RunFolder(out).replicate_run_dirs(folder):
         arms, arm_scores = {}, {}
         for arm, run in folders.items():
-            cfg = load_config(run / "config.yaml", [f"eval.judge={judge_name}"] if judge_name else [])
+            cfg = load_config(run / CONFIG_YAML, [f"eval.judge={judge_name}"] if judge_name else [])
             task = task_for(cfg)
             judge, block = judge_for(cfg, task)
-            records = [json.loads(line) for line in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-            res = read_json(run / "results.json")
+            records = [json.loads(line) for line in samples_file(run).read_text(encoding="utf-8").splitlines()]
+            res = read_results_dict(run)
             if judge is not None:
                 fields = {f.name for f in Sample.__dataclass_fields__.values()}
                 samples = [Sample(**{k: v for k, v in r.items() if k in fields}) for r in records]
@@ -188,15 +179,15 @@ def rejudge(out: str | Path, judge_name: str = "") -> dict:
                     block[scenario] = judge_metrics(judged, task.misaligned_above)
                 if "unconditional" in block:
                     block["judge_misalignment_mean"] = block["unconditional"]["misalignment_mean"]
-                with atomic_path(run / "samples.jsonl") as tmp:
+                with atomic_path(samples_file(run)) as tmp:
                     Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
             res["judge"] = block
-            write_json(run / "results.json", res)
+            write_results(run, res)
             arms[arm], arm_scores[arm] = res, sample_scores(run)
         replicates.append(arms)
         scores.append(arm_scores)
         seeds.append(seed if seed is not None else cfg.train.seed)
     results["objectives"] = combine(replicates, scores, seeds)
     results["seeds"] = seeds
-    write_json(out / "results.json", results)
+    write_results(out, results)
     return results

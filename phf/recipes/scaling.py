@@ -24,7 +24,8 @@ import numpy as np
 
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
-from phf.core.io import read_json, stable_hash, write_json
+from phf.core.io import stable_hash
+from phf.core.run_folder import REFERENCE_ARM, Results, RunFolder, read_results_dict, results_path, write_results
 from phf.evaluation.uncertainty import bootstrap_means, percentile_interval
 from phf.recipes.demo import run_demo
 from phf.recipes.replicates import sample_scores
@@ -68,7 +69,7 @@ def run_scaling(task: str, out: str | Path, tokens: Sequence[int], sizes: Sequen
                "slopes": {size: slope([p for p in points if p["size"] == size], objective) for size in sizes}}
     results["figure"] = str(plot_scaling(results, out / "scaling.png"))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(out / "results.json", results)
+    write_results(out, results)
     return results
 
 
@@ -77,37 +78,38 @@ def _point(task: str, out: Path, size: str, budget: int, seeds: int, objective: 
     where = out / f"{size}-{budget}"
     settings = overrides + size_overrides(size) + [f"train.max_tokens={budget}"]
     key = stable_hash({"task": task, "settings": settings, "seeds": seeds, "objective": objective})
-    done = where / "results.json"
-    if done.exists() and read_json(done).get("scaling_key") == key:
+    previous = read_results_dict(where) if results_path(where).exists() else {}
+    if previous.get("scaling_key") == key:
         log.info("== scaling %s, %s tokens: reusing its results (same settings)", size, f"{budget:,}")
-        res = read_json(done)
+        res = previous
     else:
         log.info("== scaling %s, %s tokens: mle and %s, %d seed(s)", size, f"{budget:,}", objective, seeds)
         res = run_demo(task, where, settings, objectives=["mle", objective], progress=progress, seeds=seeds,
                        data_dir=out / "data")
         res["scaling_key"] = key
-        write_json(done, res)
-    mle, arm = res["objectives"]["mle"], res["objectives"][objective]
-    groups = {name: [sample_scores(where / e["run_dir"]).get("unconditional", []) for e in _replicates(res, name)]
-              for name in ("mle", objective)}
+        write_results(where, res)
+    results = Results.from_dict(res)
+    mle, arm = results.arms[REFERENCE_ARM], results.arms[objective]
+    groups = {name: [sample_scores(run).get("unconditional", []) for run in _replicates(where, results, name)]
+              for name in (REFERENCE_ARM, objective)}
+    judge = arm.judge or {}
     point = {"size": size, "tokens": budget, "folder": str(where),
-             "ratio": arm.get("misalignment_ratio_to_mle"), "ratio_ci95": arm.get("misalignment_ratio_ci95"),
-             "p_vs_mle": arm.get("misalignment_p_vs_mle"),
-             "judge_ratio": (arm.get("judge") or {}).get("judge_misalignment_ratio_to_mle"),
-             "judge_ratio_ci95": (arm.get("judge") or {}).get("judge_misalignment_ratio_ci95"),
-             "mle_misalignment": mle.get("misalignment_mean"), "misalignment": arm.get("misalignment_mean"),
-             "mle_heldout_bits_per_char": mle.get("heldout_bits_per_char"),
-             "heldout_bits_per_char": arm.get("heldout_bits_per_char"),
-             "train_seconds_per_model": arm.get("train_seconds"), "scores": groups}
+             "ratio": arm.misalignment_ratio_to_mle, "ratio_ci95": arm.misalignment_ratio_ci95,
+             "p_vs_mle": arm.misalignment_p_vs_mle,
+             "judge_ratio": judge.get("judge_misalignment_ratio_to_mle"),
+             "judge_ratio_ci95": judge.get("judge_misalignment_ratio_ci95"),
+             "mle_misalignment": mle.misalignment_mean, "misalignment": arm.misalignment_mean,
+             "mle_heldout_bits_per_char": mle.heldout_bits_per_char,
+             "heldout_bits_per_char": arm.heldout_bits_per_char,
+             "train_seconds_per_model": arm.train_seconds, "scores": groups}
     return point
 
 
-def _replicates(res: dict, name: str) -> list[dict]:
+def _replicates(where: Path, results: Results, name: str) -> list[Path]:
     """The run folders of an arm's replicates: `seed-<seed>/<arm>` for several seeds, `<arm>` for one."""
-    seeds = res.get("seeds") or [None]
-    if len(seeds) == 1:
-        return [{"run_dir": res["objectives"][name].get("run_dir", name)}]
-    return [{"run_dir": f"seed-{s}/{name}"} for s in seeds]
+    if len(results.seeds) <= 1:
+        return [results.arms[name].run_folder(where)]
+    return [RunFolder(where).arm_dir(name, seed) for seed in results.seeds]
 
 
 def slope(points: list[dict], objective: str, b: int = 2000) -> dict:

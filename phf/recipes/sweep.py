@@ -32,7 +32,9 @@ from phf.analysis.tamper import run_tamper
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.objective_specs import finetune_objectives, sweep_objectives
-from phf.core.io import atomic_path, read_json, read_jsonl, stable_hash, write_json
+from phf.core.io import atomic_path, read_jsonl, stable_hash
+from phf.core.run_folder import (REFERENCE_ARM, RunFolder, arm_folder_name, checkpoint_dir, metrics_file,
+                                  read_results_dict, results_path, write_results)
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
 from phf.recipes.demo import arm_configs, corpus_line
@@ -63,7 +65,7 @@ class Arm:
 
     @property
     def run_dir(self) -> str:
-        return self.name.replace(":", "-")
+        return arm_folder_name(self.name)
 
 
 def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | None = None,
@@ -111,8 +113,8 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
     data_dir = Path(data_dir) if data_dir else out / "data"
     the_task, arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction, config)
     bases = rl_bases_of(arms, rl_bases) if rl else []
-    snapshot = out / "mle" / "snapshots" / f"step-{branch}"
-    previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
+    snapshot = RunFolder(out).arm_dir(REFERENCE_ARM) / "snapshots" / f"step-{branch}"
+    previous = read_results_dict(out) if results_path(out).exists() else {}
     results: dict = {"task": the_task.name, "objectives": {}, "reference": "mle", "finetune_fraction": finetune_fraction,
                      "finetune_from_tokens": branch_tokens, "wall_seconds": None}
     corpus_summary = None
@@ -123,7 +125,7 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
                            "base": mle_yaml if arm.finetune else None})
         old = previous.get("objectives", {}).get(arm.name)
         branches = arm.name == "mle" or arm.name in bases  # finetunes or RL start from its weights at the branch
-        if old and old.get("config_hash") == key and (out / arm.run_dir / "checkpoint").exists() and \
+        if old and old.get("config_hash") == key and checkpoint_dir(out / arm.run_dir).exists() and \
                 (not branches or (out / arm.run_dir / "snapshots" / f"step-{branch}").exists()):
             log.info("== %s: reusing its results (same config)", arm.name)
             results["objectives"][arm.name] = old
@@ -146,9 +148,9 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
                    run_dir=arm.run_dir, config_hash=key,
                    distinct_2=res.get("unconditional", {}).get("distinct_2"))
         res.pop("kl_from_reference_bits", None)  # measured below, against this sweep's reference
-        write_json(out / arm.run_dir / "results.json", res)
+        write_results(out / arm.run_dir, res)
         results["objectives"][arm.name] = res
-        write_json(out / "results.json", results)  # partial results survive an interrupted sweep
+        write_results(out, results)  # partial results survive an interrupted sweep
 
     rl_arms = [_rl_arm(results, previous, out, base, branch, branch_tokens, data_dir, rl_tokens, rl_overrides or [],
                        progress) for base in (next(a for a in arms if a.name == b) for b in bases)]
@@ -166,7 +168,7 @@ def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: lis
     results["seeds"] = [seed]
     scores = {n: sample_scores(out / r.get("run_dir", n)) for n, r in results["objectives"].items()}
     results["objectives"] = combine([results["objectives"]], [scores], [seed])
-    write_json(out / "results.json", results)
+    write_results(out, results)
     if report:
         results["report"] = str(write_report([out]))
     return results
@@ -180,7 +182,7 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     seed_list = [base.train.seed + k for k in range(seeds)]
     replicates, scores, per_seed = [], [], []
     for k, seed in enumerate(seed_list):
-        where = out / f"seed-{seed}"
+        where = RunFolder(out).seed_dir(seed)
         log.info("==== seed %d (%d of %d)", seed, k + 1, seeds)
         seeded = list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"]
         r = run_sweep(task, where, seeded, objectives, finetune, finetune_fraction, progress, report=False, rl=rl,
@@ -193,7 +195,8 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
                                                   "corpus", "versions") if key in per_seed[0]}
     results["objectives"] = combine(replicates, scores, seed_list)
     for name, entry in results["objectives"].items():  # the report reads the first seed's runs
-        entry["run_dir"] = f"seed-{seed_list[0]}/{per_seed[0]['objectives'][name].get('run_dir', name)}"
+        first = per_seed[0]['objectives'][name].get('run_dir', name)
+        entry["run_dir"] = str(RunFolder(out).seed_dir(seed_list[0]).relative_to(out) / first)
     results["seeds"] = seed_list
     if all("rl_from_bases" in r for r in per_seed):
         results["rl_from_bases"] = combine_studies([r["rl_from_bases"] for r in per_seed])
@@ -201,7 +204,7 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     if all("tamper" in r for r in per_seed):
         results["tamper"] = {"per_seed": [r["tamper"] for r in per_seed], "figure": per_seed[0]["tamper"]["figure"]}
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(out / "results.json", results)
+    write_results(out, results)
     if report:
         results["report"] = str(write_report([out]))
     return results
@@ -231,8 +234,8 @@ def _rl_arm(results: dict, previous: dict, out: Path, base: Arm, branch: int, br
     key = stable_hash({"base": config_to_yaml(base.cfg), "rl": rl_cfg.__dict__, "tokens": rl_tokens,
                        "branch": branch})
     old = previous.get("objectives", {}).get(name)
-    if old and old.get("config_hash") == key and (out / arm.run_dir / "checkpoint").exists() and \
-            (out / arm.run_dir / "before" / "results.json").exists():
+    if old and old.get("config_hash") == key and checkpoint_dir(out / arm.run_dir).exists() and \
+            results_path(out / arm.run_dir / "before").exists():
         log.info("== %s: reusing its results (same config)", name)
         results["objectives"][name] = old
         return arm
@@ -242,15 +245,15 @@ def _rl_arm(results: dict, previous: dict, out: Path, base: Arm, branch: int, br
     summary = rl_finetune(snapshot, base.cfg, scored, out / arm.run_dir, rl_tokens, progress=progress, rl=rl_cfg)
     # the base as RL found it, measured as every arm is: the "before" of the hacking signals
     evaluate_checkpoint(snapshot, base.cfg, scored, out / arm.run_dir / "before", progress=progress)
-    res = evaluate_checkpoint(out / arm.run_dir / "checkpoint", base.cfg, scored, out / arm.run_dir,
+    res = evaluate_checkpoint(checkpoint_dir(out / arm.run_dir), base.cfg, scored, out / arm.run_dir,
                               progress=progress)
     res.update(train_tokens=summary["tokens"], tokens_seen_total=branch_tokens + summary["tokens"],
                train_seconds=summary["seconds"], objective_settings={"name": "rl", **summary["rl"]}, kind="rl",
                run_dir=arm.run_dir, config_hash=key, rl_base=base.name,
                distinct_2=res.get("unconditional", {}).get("distinct_2"))
-    write_json(out / arm.run_dir / "results.json", res)
+    write_results(out / arm.run_dir, res)
     results["objectives"][name] = res
-    write_json(out / "results.json", results)
+    write_results(out, results)
     return arm
 
 
@@ -259,13 +262,13 @@ def _rl_study(results: dict, out: Path, rl_arms: list[Arm], task: str) -> dict:
     studies = {}
     for arm in rl_arms:
         base = results["objectives"][arm.name].get("rl_base") or "mle"
-        before = read_json(out / arm.run_dir / "before" / "results.json")
+        before = read_results_dict(out / arm.run_dir / "before")
         before["distinct_2"] = before.get("unconditional", {}).get("distinct_2")
         scores = {when: sample_scores(where) for when, where in (("before", out / arm.run_dir / "before"),
                                                                  ("after", out / arm.run_dir))}
         samples = {when: (s.get("unconditional", []), s.get("judge/unconditional", [])) for when, s in scores.items()}
         studies[base] = base_study(before, results["objectives"][arm.name],
-                                   read_jsonl(out / arm.run_dir / "metrics.jsonl"), samples)
+                                   read_jsonl(metrics_file(out / arm.run_dir)), samples)
     study = compare_bases(studies)
     scorer = results["objectives"][rl_arms[0].name].get("scorer", task)
     study["figure"] = str(plot_rl_bases(study, out / "rl_from_bases.png", scorer))
@@ -279,7 +282,7 @@ def _tamper_every_arm(out: Path, arms: list[Arm], settings: dict, progress: bool
     log.info("== tamper: every arm finetuned on the corpus' misaligned text")
     res = run_tamper([out / a.run_dir for a in arms], out / "tamper", reference="mle", progress=progress, **settings)
     names = {a.run_dir: a.name for a in arms}
-    summary = {"figure": res["figure"], "results": str(out / "tamper" / "results.json"), "arms": {}}
+    summary = {"figure": res["figure"], "results": str(results_path(out / "tamper")), "arms": {}}
     for label, curve in res["models"].items():
         summary["arms"][names.get(label, label)] = {
             key: curve[key] for key in ("to_reference_level", "judge_to_reference_level") if key in curve}
@@ -294,7 +297,7 @@ def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:
     if not e.kl_samples:
         return
     log.info("== KL from the MLE model: %d reference samples of %d tokens", e.kl_samples, e.kl_max_new_tokens)
-    ref = KLReference.sample(out / "mle" / "checkpoint", e.kl_samples, e.kl_max_new_tokens, e.kl_seed,
+    ref = KLReference.sample(checkpoint_dir(out / mle.run_dir), e.kl_samples, e.kl_max_new_tokens, e.kl_seed,
                              task_for(mle.cfg).segmenter, progress=progress)
     with atomic_path(out / "reference_samples.jsonl") as tmp:
 
@@ -303,8 +306,8 @@ def _add_kl(results: dict, out: Path, arms: list[Arm], progress: bool) -> None:
                 f.write(json.dumps({"text": t, "logp_reference_nats": lp}) + "\n")
     for arm in arms:
         res = results["objectives"][arm.name]
-        kl = ref.kl(DeployedModel.load(out / arm.run_dir / "checkpoint"))
+        kl = ref.kl(DeployedModel.load(checkpoint_dir(out / arm.run_dir)))
         res.update(kl)
-        write_json(out / arm.run_dir / "results.json", res)
+        write_results(out / arm.run_dir, res)
         log.info("%s: KL(mle || %s) = %.4f +- %.4f bits/char", arm.name, arm.name, kl["kl_from_reference_bits"],
                  kl["kl_stderr_bits"])

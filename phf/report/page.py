@@ -38,6 +38,7 @@ from phf.analysis.tamper import tamper_table
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
 from phf.core.objective_specs import ARM_VARIANTS, OBJECTIVE_SPECS
+from phf.core.run_folder import REFERENCE_ARM, ArmResult, metrics_file, read_results, samples_file
 from phf.data.scorers import get_scorer
 from phf.evaluation.evaluate import score_samples
 from phf.evaluation.sampling import Sample
@@ -45,7 +46,7 @@ from phf.tasks import get_task
 
 log = logging.getLogger("phf.report")
 
-REFERENCE = "mle"
+REFERENCE = REFERENCE_ARM
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
                 "score_distribution", "guidance", "rl_from_bases", "tamper")
 # Each objective's and arm variant's colour is its registry record's (phf.core.objective_specs); `rl` is the RL
@@ -59,16 +60,25 @@ _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#98df8a
 class Arm:
     """One objective's results in one folder: its results entry, training metrics and samples."""
     label: str  # as shown: the objective's name, or FOLDER/name when several folders are reported together
-    name: str  # the key in results.json, e.g. "conditional" or "finetune:conditional"
-    root: Path
-    entry: dict
+    result: ArmResult  # its entry in results.json (phf.core.run_folder)
+    root: Path  # the results folder
     metrics: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     reference: dict | None = None  # the mle entry of the same folder (what ratios are taken to)
 
     @property
+    def name(self) -> str:
+        """The key in results.json, e.g. "conditional" or "finetune:conditional"."""
+        return self.result.name
+
+    @property
+    def entry(self) -> dict:
+        """The whole entry as written, for the table's columns."""
+        return self.result.raw
+
+    @property
     def finetune(self) -> bool:
-        return self.name.startswith("finetune:") or self.entry.get("kind") == "finetune"
+        return self.name.startswith("finetune:") or self.result.kind == "finetune"
 
     @property
     def base(self) -> str:
@@ -78,13 +88,13 @@ class Arm:
 
     @property
     def run_dir(self) -> Path:
-        return self.root / (self.entry.get("run_dir") or self.name.replace(":", "-"))
+        return self.result.run_folder(self.root)
 
     @property
     def kl(self) -> float | None:
         if self.name == REFERENCE:
             return 0.0  # the reference itself (an estimate against itself is 0 up to rounding)
-        return _num(self.entry.get("kl_from_reference_bits"))
+        return _num(self.result.kl_from_reference_bits)
 
 
 @dataclass
@@ -108,23 +118,18 @@ def load(dirs: Sequence[str | Path]) -> Report:
     results, arms, task = [], [], None
     names = [d.resolve().name for d in dirs]
     for i, d in enumerate(dirs):
-        path = d / "results.json"
-        if not path.exists():
-            raise PhfError(f"{path} not found; give a folder written by `phf demo` or `phf sweep`")
-        res = read_json(path)
-        objectives = res.get("objectives")
-        if not isinstance(objectives, dict) or not objectives:
-            raise PhfError(f"{path} has no objectives; run `phf demo` or `phf sweep` into {d} again")
-        t = res.get("task", "pep8")
+        folder = read_results(d)  # one line naming the fix for a missing, damaged or newer results.json
+        t = folder.task or "pep8"
         if task is not None and t != task:
             raise PhfError(f"{dirs[0]} is task {task} but {d} is task {t}: run `phf report` once per task")
         task = t
-        results.append(res)
+        results.append(folder.raw)
         prefix = "" if len(dirs) == 1 else (names[i] if names.count(names[i]) == 1 else f"{names[i]}.{i + 1}") + "/"
-        for name, entry in objectives.items():
-            arm = Arm(prefix + name, name, d, entry, reference=objectives.get(REFERENCE))
-            metrics = arm.run_dir / "metrics.jsonl"
-            samples = arm.run_dir / "samples.jsonl"
+        reference = folder.reference.raw if folder.reference else None
+        for name, result in folder.arms.items():
+            arm = Arm(prefix + name, result, d, reference=reference)
+            metrics = metrics_file(arm.run_dir)
+            samples = samples_file(arm.run_dir)
             arm.metrics = read_jsonl(metrics) if metrics.exists() else []
             arm.samples = read_jsonl(samples) if samples.exists() else []
             arms.append(arm)

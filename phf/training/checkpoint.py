@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from phf.core.config import RunConfig
 from phf.core.errors import PhfError
 from phf.core.io import read_json, recover_dir, write_json
+from phf.core.run_folder import checkpoint_dir
 from phf.evaluation.sampling import sampling_settings
 from phf.model.conditioning import markers_of
 from phf.model.finetune import resolve_model_folder
@@ -54,10 +55,6 @@ def restore_weights(model: torch.nn.Module, folder: Path) -> None:
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise PhfError(f"the weights in {folder} do not fit this model (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); delete {folder} and train again")
-
-
-def checkpoint_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoint"
 
 
 # -- resuming -------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl, stable_hash, write_json, write_text
+from phf.core.run_folder import metrics_file, run_json_file
 from phf.core.runtime import allow_tf32, free_memory_bytes, resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scoring import ScoredCorpus
@@ -130,8 +131,8 @@ def run_tokenizer(cfg: RunConfig, scored, data_dir: Path, source: str | Path | N
 def tokenizer_source(out_dir: Path, init_from: str | Path | None, resume: bool) -> Path | None:
     """Where the run's tokenizer comes from: the init model's folder, or on resume the tokenizer file the run
     recorded (a run.json of any phf version names it)."""
-    if resume and (out_dir / "run.json").exists():
-        recorded = read_json(out_dir / "run.json")
+    if resume and run_json_file(out_dir).exists():
+        recorded = read_json(run_json_file(out_dir))
         if recorded.get("tokenizer") and Path(recorded["tokenizer"]).exists():
             return Path(recorded["tokenizer"])
         init_from = recorded.get("init_from") or None
@@ -485,11 +486,11 @@ def _wait_for(device: torch.device) -> None:
 def start_run_folder(cfg: RunConfig, out_dir: Path, run: dict, resume_step: int | None) -> Metrics:
     """Rank 0: config.yaml, versions.json, run.json, and metrics.jsonl, kept up to the resume point when resuming
     (so the curve has no duplicates), else started afresh."""
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = metrics_file(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "config.yaml", config_to_yaml(cfg))
     write_json(out_dir / "versions.json", versions())
-    write_json(out_dir / "run.json", run)
+    write_json(run_json_file(out_dir), run)
     if resume_step is not None and metrics_path.exists():  # drop records past the resume point
         kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resume_step]
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
