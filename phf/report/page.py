@@ -15,9 +15,10 @@ Figures:
   loss vs tokens              validation loss (and training loss, faint) against tokens seen
   score distribution          share of unconditional samples scoring above each threshold, per objective
 
-Studies written into a folder appear in their own section: `phf probe guidance --run DIR` (DIR/guidance: the
-guidance curve's figure and table), `phf sweep --rl` (`rl_from_bases` in results.json: RL from each base) and
-`phf sweep --tamper` (DIR/tamper: every arm under adversarial finetuning).
+Studies written into a folder appear in their own section, one per study record of phf.analysis.registry: e.g.
+`phf probe guidance --run DIR` (DIR/guidance: the guidance curve's figure and table), `phf sweep --rl`
+(`rl_from_bases` in results.json: RL from each base) and `phf sweep --tamper` (DIR/tamper: every arm under
+adversarial finetuning).
 """
 from __future__ import annotations
 
@@ -32,9 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from phf.analysis.guidance import guidance_table
-from phf.analysis.rl import rl_study_table
-from phf.analysis.tamper import tamper_table
+from phf.analysis.registry import studies as registered_studies
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
 from phf.core.objective_specs import ARM_VARIANTS, OBJECTIVE_SPECS
@@ -47,7 +46,7 @@ log = logging.getLogger("phf.report")
 
 REFERENCE = "mle"
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
-                "score_distribution", "guidance", "rl_from_bases", "tamper")
+                "score_distribution")  # and each study's (phf.analysis.registry)
 # Each objective's and arm variant's colour is its registry record's (phf.core.objective_specs); `rl` is the RL
 # baseline's.
 COLORS = {**{name: spec.color for name, spec in {**OBJECTIVE_SPECS, **ARM_VARIANTS}.items()}, "rl": "#8c564b"}
@@ -443,52 +442,21 @@ def _rows_html(rows: list[list[str]]) -> str:
 
 
 def studies(rep: Report) -> tuple[list[Figure], str]:
-    """The figures and HTML of the studies found in the report's folders (the guidance curve, RL from bases)."""
+    """The figures and HTML of the studies found in the report's folders: each study record of
+    phf.analysis.registry (a probe's, e.g. the guidance curve, or a recipe's, e.g. RL from bases) in each folder."""
     figures, parts = [], []
-    for d, res in zip(rep.dirs, rep.results):
-        study = res.get("rl_from_bases")
-        if study:
-            seeds = study["bases"][next(iter(study["bases"]))].get("seeds", 1)
-            caption = ("PHF, then RL: the same GRPO budget from each pretraining arm's weights at the same step. "
-                       "Left: the training misalignment (-reward) per step and its moving average; right: the KL to "
-                       f"the start model. Table: each base before and after RL ({seeds} seed(s); figures are means "
-                       "over seeds); judge/scorer change above 1 means the reward improved more than the judge saw.")
-            png = d / "rl_from_bases.png" if (d / "rl_from_bases.png").exists() else None
-            png = png or next(iter(sorted(d.glob("seed-*/rl_from_bases.png"))), None)
+    for study in registered_studies().values():
+        for d, res in zip(rep.dirs, rep.results):
+            found = study.find(d, res)
+            if found is None:
+                continue
+            results, png = found
+            caption = study.caption(results)
             if png is not None:
-                figures.append(Figure("rl_from_bases", "PHF, then RL", caption, png.read_bytes()))
-            answers = study.get("answer_per_seed") or [study.get("answer", "")]
-            parts.append(f"<h3>PHF, then RL ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
-                         + _rows_html(rl_study_table(study))
-                         + "".join(f"<p>{html.escape(a)}</p>" for a in answers))
-        # a sweep over seeds shows its first seed's tamper curves
-        tamper = next((p for p in [d / "tamper" / "results.json", *sorted(d.glob("seed-*/tamper/results.json"))]
-                       if p.exists()), None)
-        if tamper is not None and res.get("tamper"):
-            t = read_json(tamper)
-            caption = (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of "
-                       f"a logarithmic series of steps ({next(iter(t['models'].values()))['num_samples']} samples per "
-                       f"point, 95% intervals): the adversarial tokens until each reaches the {t['reference']} "
-                       f"model's untampered misalignment.")
-            if (tamper.parent / "tamper.png").exists():
-                figures.append(Figure("tamper", "Tamper resistance", caption,
-                                      (tamper.parent / "tamper.png").read_bytes()))
-            parts.append(f"<h3>Tamper resistance ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
-                         + _rows_html(tamper_table(t)))
-    for d in rep.dirs:
-        path = d / "guidance" / "results.json"
-        if not path.exists():
-            continue
-        res = read_json(path)
-        png = d / "guidance" / "guidance.png"
-        caption = (f"A conditional model sampled with classifier-free guidance of each strength g: misalignment "
-                   f"({res['scorer']}) of {res['num_samples']} unconditional samples per seed against KL from the "
-                   f"MLE model and held-out bits/char, both under the normalised guided distribution; "
-                   f"{res['replicates']} seed(s), 95% intervals. Pick the strength whose cost you accept.")
-        if png.exists():
-            figures.append(Figure("guidance", "Guidance strength", caption, png.read_bytes()))
-        parts.append(f"<h3>Guidance strength ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
-                     + _rows_html(guidance_table(res)))
+                figures.append(Figure(study.name, study.title, caption, png.read_bytes()))
+            parts.append(f"<h3>{html.escape(study.title)} ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
+                         + _rows_html(study.table(results))
+                         + "".join(f"<p>{html.escape(a)}</p>" for a in study.notes(results)))
     return figures, ("<h2>Studies</h2>" + "".join(parts)) if parts else ""
 
 
@@ -773,7 +741,7 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
     samples, sample_notes = samples_html(rep)
     fig_dir = out / "figures"
     made = {f.name for f in figures}
-    for name in FIGURE_NAMES:  # figures of an earlier report that this one does not make
+    for name in (*FIGURE_NAMES, *registered_studies()):  # figures of an earlier report that this one does not make
         if name not in made:
             (fig_dir / f"{name}.png").unlink(missing_ok=True)
     for f in figures:
