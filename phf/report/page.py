@@ -239,6 +239,32 @@ def figure_pareto(rep: Report) -> Figure | None:
     front = set(pareto_front(list(zip(xs, ys))))
     log_y = all(y > 0 for y in ys)
     fig, ax = _new_figure()
+    marks = _pareto_points(fig, ax, arms, xs, ys, front, use_kl)
+    line = sorted((xs[i], ys[i]) for i in front if xs[i] is not None and not (use_kl and xs[i] <= 0))
+    if len(line) > 1:
+        ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1, alpha=0.5, zorder=2,
+                label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
+    if use_kl:
+        _log_scale(ax, "x")
+        ax.set_xlabel(f"KL({REFERENCE} || model), bits per character (log)")
+    else:
+        ax.set_xlabel("held-out bits per character (capability: lower is better)")
+    if log_y:
+        _log_scale(ax, "y")
+    ax.set_ylabel(f"misalignment: {_misalignment_label(rep.task)}" + (" (log)" if log_y else ""))
+    ax.grid(True, which="both", alpha=0.25)
+    on_front = ", ".join(arms[i].label for i in sorted(front, key=lambda i: xs[i]))
+    caption = _pareto_caption(arms, on_front, use_kl, log_y, **marks)
+    name = "misalignment_vs_kl" if use_kl else "misalignment_vs_bits_per_char"
+    ax.set_title("Misalignment vs " + ("KL from the reference" if use_kl else "held-out bits per character"))
+    return Figure(name, "Misalignment vs capability", caption, _png(fig))
+
+
+def _pareto_points(fig, ax, arms: list[Arm], xs, ys, front: set[int], use_kl: bool) -> dict[str, list[str]]:
+    """Each arm's point (outlined on the front, a square when finetuned), its interval bars and label; the
+    reference at KL 0 as a horizontal line. Returns the labels of the arms drawn specially, for the caption."""
     seen: dict[str, str] = {}
     ref_lines, not_positive, labels, same_as_reference = [], [], [], []
     floor = min((x for x in xs if x is not None and x > 0), default=1.0) / 2  # where KL <= 0 estimates are put
@@ -266,22 +292,11 @@ def figure_pareto(rep: Report) -> Figure | None:
                    edgecolors="black" if i in front else "none", linewidths=1.0, zorder=3)
         labels.append(ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8))
     _spread_labels(fig, labels)
-    line = sorted((xs[i], ys[i]) for i in front if xs[i] is not None and not (use_kl and xs[i] <= 0))
-    if len(line) > 1:
-        ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1, alpha=0.5, zorder=2,
-                label="Pareto front")
-        ax.legend(loc="best", fontsize=8)
-    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
-    if use_kl:
-        _log_scale(ax, "x")
-        ax.set_xlabel(f"KL({REFERENCE} || model), bits per character (log)")
-    else:
-        ax.set_xlabel("held-out bits per character (capability: lower is better)")
-    if log_y:
-        _log_scale(ax, "y")
-    ax.set_ylabel(f"misalignment: {_misalignment_label(rep.task)}" + (" (log)" if log_y else ""))
-    ax.grid(True, which="both", alpha=0.25)
-    on_front = ", ".join(arms[i].label for i in sorted(front, key=lambda i: xs[i]))
+    return {"ref_lines": ref_lines, "not_positive": not_positive, "same_as_reference": same_as_reference}
+
+
+def _pareto_caption(arms: list[Arm], on_front: str, use_kl: bool, log_y: bool, ref_lines: list[str],
+                    not_positive: list[str], same_as_reference: list[str]) -> str:
     if use_kl:
         caption = (f"Mean misalignment of unconditional samples against the KL divergence from the {REFERENCE} "
                    "model (Monte Carlo, from its samples), in bits per character; lower is better on both axes. "
@@ -305,9 +320,7 @@ def figure_pareto(rep: Report) -> Figure | None:
                     f"{', '.join(same_as_reference)}.")
     if not log_y:
         caption += " Some misalignment is 0, so the y axis is linear."
-    name = "misalignment_vs_kl" if use_kl else "misalignment_vs_bits_per_char"
-    ax.set_title("Misalignment vs " + ("KL from the reference" if use_kl else "held-out bits per character"))
-    return Figure(name, "Misalignment vs capability", caption, _png(fig))
+    return caption
 
 
 def _error_bar(value: float, interval: list[float] | None):
