@@ -82,3 +82,13 @@ def test_negative_or_missing_strengths_are_refused(demo_like, tmp_path):
         with pytest.raises(PhfError, match="--strengths"):
             GuidanceConfig.of({"model": [demo_like / "conditional"], "reference": [demo_like / "mle"],
                                "out": tmp_path / "g", "strengths": strengths})
+
+
+def test_the_command_line_asks_for_a_run_or_models_in_one_line(capsys):
+    from phf.cli.main import main
+
+    for args in ([], ["--model", "c"], ["--run", "r", "--model", "c"], ["--model", "c", "--reference", "m"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["-q", "probe", "guidance", *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("phf: error: give ") and err.count("\n") == 1

@@ -74,9 +74,7 @@ class GuidanceConfig(ProbeConfig):
     def validate(self) -> None:
         if self.run and (self.model or self.reference):
             raise PhfError("give either --run DIR or --model/--reference, not both")
-        if not self.run and not self.model:
-            raise PhfError("phf probe guidance needs a conditional model (--model) or a run folder (--run)")
-        if not self.run and not self.reference:
+        if not self.run and not (self.model and self.reference):
             raise PhfError("give --run DIR (a demo or sweep folder) or --model CONDITIONAL --reference MLE")
         if len(self.reference) not in (0, 1, len(self.model)):
             raise PhfError(f"give one --reference, or one per --model ({len(self.model)}); got {len(self.reference)}")
