@@ -60,20 +60,35 @@ def test_the_curve_starts_at_the_plain_measurements_and_enters_the_report(demo_l
 
 
 def test_a_model_without_conditional_training_and_an_empty_folder_are_refused(demo_like, tmp_path):
-    from phf.analysis.guidance import pairs_in, run_guidance
+    from phf.analysis.guidance import GuidanceConfig, pairs_in, run_guidance
 
     with pytest.raises(PhfError, match="conditional training"):
-        run_guidance([demo_like / "mle"], [demo_like / "mle"], tmp_path / "g", strengths=[0, 1], num_samples=4,
-                     kl_samples=2, heldout_chars=500)
+        run_guidance(GuidanceConfig.of({"model": [demo_like / "mle"], "reference": [demo_like / "mle"],
+                                        "out": tmp_path / "g", "strengths": [0, 1], "num_samples": 4,
+                                        "kl_samples": 2, "heldout_chars": 500}))
     with pytest.raises(PhfError, match="no conditional and mle runs"):
         pairs_in(tmp_path)
     with pytest.raises(PhfError, match="one per --model"):
-        run_guidance([demo_like / "conditional"] * 2, [demo_like / "mle"] * 3, tmp_path / "g")
+        GuidanceConfig.of({"model": [demo_like / "conditional"] * 2, "reference": [demo_like / "mle"] * 3,
+                           "out": tmp_path / "g"})
+    with pytest.raises(PhfError, match="unknown setting 'samples' of GuidanceConfig"):
+        GuidanceConfig.of({"run": demo_like, "samples": 4})
 
 
 def test_negative_or_missing_strengths_are_refused(demo_like, tmp_path):
-    from phf.analysis.guidance import run_guidance
+    from phf.analysis.guidance import GuidanceConfig
 
-    for strengths in ([-1.0, 1.0], [], [float("inf")]):
+    for strengths in ([-1.0, 1.0], [], [float("inf")], "1,strong"):
         with pytest.raises(PhfError, match="--strengths"):
-            run_guidance([demo_like / "conditional"], [demo_like / "mle"], tmp_path / "g", strengths=strengths)
+            GuidanceConfig.of({"model": [demo_like / "conditional"], "reference": [demo_like / "mle"],
+                               "out": tmp_path / "g", "strengths": strengths})
+
+
+def test_the_command_line_asks_for_a_run_or_models_in_one_line(capsys):
+    from phf.cli.main import main
+
+    for args in ([], ["--model", "c"], ["--run", "r", "--model", "c"], ["--model", "c", "--reference", "m"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["-q", "probe", "guidance", *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("phf: error: give ") and err.count("\n") == 1

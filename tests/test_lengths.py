@@ -150,11 +150,11 @@ def test_evaluation_records_the_length_statistics_and_probe_lengths_reads_them(t
 
 
 def test_probe_lengths_names_a_folder_without_samples(tmp_path):
-    from phf.analysis.lengths import lengths_probe
+    from phf.analysis.lengths import LengthsConfig, lengths_probe
 
     (tmp_path / "config.yaml").write_text("task: pep8\n")
     with pytest.raises(PhfError, match="has no samples.jsonl"):
-        lengths_probe([tmp_path])
+        lengths_probe(LengthsConfig(dirs=(str(tmp_path),)))
 
 
 def test_ending_probe_returns_probabilities_and_writes_its_json(tiny_evaluated, tmp_path):

@@ -20,6 +20,7 @@ document's tail is read) and at the boundaries inside its opening (where it is n
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from phf.analysis.probes import load, run_config, scored_corpus_for
+from phf.analysis.registry import Probe, ProbeConfig, register
 from phf.core.errors import PhfError
 from phf.core.io import write_json
 from phf.core.run_folder import results_path
@@ -107,52 +109,39 @@ def ending_figures(probs: torch.Tensor, eos: int, banned: list[int], exempt: lis
             "p_eos_sampled_whole_nucleus": nucleus_probs(tempered, top_p)[:, eos].numpy()}
 
 
-def ending_probe(model_paths: Sequence[str | Path], out_dir: str | Path, num_docs: int = 64, data_dir=None,
-                 batch_size: int = 8, progress: bool = True) -> dict:
-    """The ending figures of each model on the same held-out documents; writes `out_dir/results.json`."""
-    if not model_paths:
-        raise PhfError("give at least one --model (a model folder or a run folder holding checkpoint/)")
-    results: dict = {"probe": "ending", "num_docs": num_docs, "models": {}}
-    for path in model_paths:
+@dataclass(frozen=True)
+class EndingConfig(ProbeConfig):
+    """`phf probe ending`: the models and how many held-out documents to read."""
+    model: tuple[str, ...] = field(metadata={"required": True, "append": True})
+    """Model or run folder (repeat to compare)."""
+    out: str = field(metadata={"required": True})
+    """Folder for results.json."""
+    num_docs: int = 64
+    """Held-out test documents."""
+    data_dir: str | None = None
+    """Data folder of the scored corpus (default: from the run's run.json)."""
+    batch_size: int = 8
+    """Documents per forward pass."""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise PhfError("give at least one --model (a model folder or a run folder holding checkpoint/)")
+        for name in ("num_docs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PhfError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def ending_probe(settings: EndingConfig, progress: bool = True) -> dict:
+    """The ending figures of each model on the same held-out documents; writes `out/results.json`."""
+    results: dict = {"probe": "ending", "num_docs": settings.num_docs, "models": {}}
+    for path in settings.model:
         m = load(path)
         cfg = run_config(m.folder)
-        task = task_for(cfg)
-        scored = scored_corpus_for(m.folder, cfg, data_dir)
-        segmenter = get_segmenter(task.segmenter)
-        tok = m.backend
-        eos = tok.eos_id
-        banned = [tok.token_to_id(t) for t in m.deployment.banned_tokens]
-        exempt = [tok.token_to_id(t) for t in CONTROL_TOKENS
-                  if t not in m.deployment.banned_tokens] if m.deployment.conditional else []
-        aligned = tok.token_to_id(ALIGNED)
-        block = context_length(m.model)
-        docs = [d.text for d in scored.documents("test") if d.text.strip()][:num_docs]
+        scored = scored_corpus_for(m.folder, cfg, settings.data_dir)
+        docs = [d.text for d in scored.documents("test") if d.text.strip()][:settings.num_docs]
         if not docs:
             raise PhfError(f"the scored corpus of {m.folder} has no test documents; score it with a test_fraction")
-        m.model.eval()
-        inside: dict[str, list] = {}
-        at_end: dict[str, list] = {}
-        after_inside, after_end = [], []
-        for b in tqdm(range(0, len(docs), batch_size), desc=f"ending ({m.folder.parent.name})", leave=False,
-                      disable=not progress):
-            windows = [document_windows(t, segmenter, m.deployment, tok, block - 1) for t in docs[b:b + batch_size]]
-            # the tail gets the control token appended: its last position is the document's end, the one after it
-            # is "right after <|aligned|>"
-            tails = [w[2] + [aligned] if m.deployment.conditional else w[2] for w in windows]
-            head_p = next_token_probs(m.model, [w[0] for w in windows])
-            tail_p = next_token_probs(m.model, tails)
-            for w, hp, tp in zip(windows, head_p, tail_p):
-                for key, v in ending_figures(hp[w[1]], eos, banned, exempt, cfg.sample.top_p,
-                                             cfg.sample.temperature).items():
-                    inside.setdefault(key, []).extend(v.tolist())
-                for key, v in ending_figures(tp[w[3]], eos, banned, exempt, cfg.sample.top_p,
-                                             cfg.sample.temperature).items():
-                    at_end.setdefault(key, []).extend(v.tolist())
-                if m.deployment.conditional:
-                    # after the control token of the next segment: the token after a boundary in the head is the
-                    # control token, so the position of that token predicts what follows it
-                    after_inside.extend(hp[[p + 1 for p in w[1]], eos].tolist())
-                    after_end.append(float(tp[-1, eos]))
+        inside, at_end, after_inside, after_end = boundary_figures(m, cfg, docs, settings.batch_size, progress)
         row = {"folder": str(m.folder), "objective": m.meta.get("objective", {}).get("name"),
                "deployment": {"sampling_prefix": m.deployment.sampling_prefix,
                               "banned_tokens": m.deployment.banned_tokens, "line_prefix": m.deployment.line_prefix},
@@ -166,8 +155,45 @@ def ending_probe(model_paths: Sequence[str | Path], out_dir: str | Path, num_doc
             row["inside"]["p_eos_after_control"] = float(np.mean(after_inside)) if after_inside else float("nan")
         name = row["objective"] or m.folder.parent.name
         results["models"][name if name not in results["models"] else str(m.folder)] = row
-    write_json(results_path(out_dir), results)
+    write_json(results_path(settings.out), results)
     return results
+
+
+def boundary_figures(m, cfg, docs: list[str], batch_size: int, progress: bool) -> tuple[dict, dict, list, list]:
+    """The figures of `ending_figures` at each boundary inside the documents' openings and at their ends, and
+    (conditional models) p(<|endoftext|>) right after the control token there."""
+    tok = m.backend
+    eos, segmenter = tok.eos_id, get_segmenter(task_for(cfg).segmenter)
+    banned = [tok.token_to_id(t) for t in m.deployment.banned_tokens]
+    exempt = [tok.token_to_id(t) for t in CONTROL_TOKENS
+              if t not in m.deployment.banned_tokens] if m.deployment.conditional else []
+    aligned = tok.token_to_id(ALIGNED)
+    block = context_length(m.model)
+    m.model.eval()
+    inside: dict[str, list] = {}
+    at_end: dict[str, list] = {}
+    after_inside, after_end = [], []
+    for b in tqdm(range(0, len(docs), batch_size), desc=f"ending ({m.folder.parent.name})", leave=False,
+                  disable=not progress):
+        windows = [document_windows(t, segmenter, m.deployment, tok, block - 1) for t in docs[b:b + batch_size]]
+        # the tail gets the control token appended: its last position is the document's end, the one after it
+        # is "right after <|aligned|>"
+        tails = [w[2] + [aligned] if m.deployment.conditional else w[2] for w in windows]
+        head_p = next_token_probs(m.model, [w[0] for w in windows])
+        tail_p = next_token_probs(m.model, tails)
+        for w, hp, tp in zip(windows, head_p, tail_p):
+            for key, v in ending_figures(hp[w[1]], eos, banned, exempt, cfg.sample.top_p,
+                                         cfg.sample.temperature).items():
+                inside.setdefault(key, []).extend(v.tolist())
+            for key, v in ending_figures(tp[w[3]], eos, banned, exempt, cfg.sample.top_p,
+                                         cfg.sample.temperature).items():
+                at_end.setdefault(key, []).extend(v.tolist())
+            if m.deployment.conditional:
+                # after the control token of the next segment: the token after a boundary in the head is the
+                # control token, so the position of that token predicts what follows it
+                after_inside.extend(hp[[p + 1 for p in w[1]], eos].tolist())
+                after_end.append(float(tp[-1, eos]))
+    return inside, at_end, after_inside, after_end
 
 
 def format_ending(results: dict) -> str:
@@ -181,3 +207,9 @@ def format_ending(results: dict) -> str:
             cells = [f"{f[k]:.4f}" if k in f else "-" for k in keys]
             lines.append("| " + " | ".join([name, where.replace("_", " "), str(f["boundaries"]), *cells]) + " |")
     return "\n".join(lines)
+
+
+register(Probe(
+    name="ending", config=EndingConfig, run=ending_probe,
+    help="probability of <|endoftext|> at segment boundaries of held-out documents",
+    show=lambda results, cfg: f"{format_ending(results)}\nresults: {Path(cfg.out) / 'results.json'}"))

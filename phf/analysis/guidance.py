@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from phf.analysis.probes import load, run_config, scored_corpus_for
+from phf.analysis.registry import Probe, ProbeConfig, Study, register, results_file
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
@@ -44,6 +45,59 @@ from phf.tasks import task_for
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class GuidanceConfig(ProbeConfig):
+    """`phf probe guidance`: the replicates (a demo or sweep folder, or models and references) and the curve."""
+    run: str | None = None
+    """A folder written by `phf demo` or `phf sweep`: its conditional and mle runs (every seed's); results go to
+    RUN/guidance and into its report."""
+    model: tuple[str, ...] = field(default=(), metadata={"append": True})
+    """A conditional model or run folder (repeatable: one per seed)."""
+    reference: tuple[str, ...] = field(default=(), metadata={"append": True})
+    """The MLE model to compare with (one, or one per --model, in the same order)."""
+    out: str | None = None
+    """Folder for results.json and guidance.png (with --run: RUN/guidance)."""
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    """Guidance strengths, separated by commas."""
+    num_samples: int = 256
+    """Unconditional samples per strength and seed."""
+    kl_samples: int | None = None
+    """Samples of the MLE model for the KL (default: the run's eval.kl_samples)."""
+    heldout_chars: int = 0
+    """Held-out characters for bits/char (0: the run's eval.heldout_chars)."""
+    seed: int = 0
+    """Sampling seed of the first replicate (+1 per replicate)."""
+    data_dir: str | None = None
+    """The data folder the models were trained from (default: from run.json)."""
+
+    def validate(self) -> None:
+        if self.run and (self.model or self.reference):
+            raise PhfError("give either --run DIR or --model/--reference, not both")
+        if not self.run and not (self.model and self.reference):
+            raise PhfError("give --run DIR (a demo or sweep folder) or --model CONDITIONAL --reference MLE")
+        if len(self.reference) not in (0, 1, len(self.model)):
+            raise PhfError(f"give one --reference, or one per --model ({len(self.model)}); got {len(self.reference)}")
+        if self.out is None and not self.run:
+            raise PhfError("give --out DIR for the results (with --run it defaults to RUN/guidance)")
+        g = self.strengths
+        if not g or min(g) < 0 or not all(math.isfinite(v) for v in g):
+            raise PhfError(f"--strengths must be finite guidance strengths >= 0, got {sorted(set(g))}")
+
+    @property
+    def curve_strengths(self) -> list[float]:
+        return sorted(set(float(g) for g in self.strengths))
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.run) / "guidance"
+
+    def pairs(self) -> list[tuple]:
+        """(conditional model, MLE model) of every replicate."""
+        if self.run:
+            return pairs_in(self.run)
+        return list(zip(self.model, self.reference * len(self.model) if len(self.reference) == 1 else self.reference))
 
 
 def pairs_in(run_dir: str | Path) -> list[tuple[Path, Path]]:
@@ -65,15 +119,14 @@ def _samples(m, scfg: SampleConfig, scorer, judge, progress: bool, desc: str) ->
     return score_samples(samples, scorer), (score_samples(samples, judge) if judge is not None else [])
 
 
-def replicate_curve(model_path, reference_path, strengths: Sequence[float], num_samples: int, seed: int,
-                    kl_samples: int | None = None, heldout_chars: int = 0, data_dir=None,
-                    progress: bool = True) -> dict:
+def replicate_curve(model_path, reference_path, settings: GuidanceConfig, seed: int, progress: bool = True) -> dict:
     """One replicate: its reference's sample scores, then per strength the guided model's sample scores (scorer
-    and judge), KL(reference || guided) and held-out bits/char."""
+    and judge), KL(reference || guided) and held-out bits/char; sampled with `seed`."""
+    num_samples, kl_samples, heldout_chars = settings.num_samples, settings.kl_samples, settings.heldout_chars
     m = load(model_path)
     cfg = run_config(m.folder)
     m.deployment.negative(m.tokenizer.convert_tokens_to_ids, 1.0)  # refuses a model without conditional training
-    scored = scored_corpus_for(m.folder, cfg, data_dir)
+    scored = scored_corpus_for(m.folder, cfg, settings.data_dir)
     task, scorer = task_for(cfg), scorer_for(cfg.scoring)
     judge, judge_block = judge_for(cfg, task)
     segmenter = get_segmenter(scorer.segmenter)
@@ -91,7 +144,7 @@ def replicate_curve(model_path, reference_path, strengths: Sequence[float], num_
     del ref
     deployed = DeployedModel(m.model, m.backend, m.deployment)
     points = []
-    for g in strengths:
+    for g in settings.curve_strengths:
         scores, judged = _samples(m, sampling(g), scorer, judge, progress, f"sampling at guidance {g:g}")
         point = {"guidance": float(g), "scores": scores, "misalignment_mean": float(np.nanmean(scores))}
         if judge is not None:
@@ -133,28 +186,17 @@ def summarise(replicates: list[dict], strengths: Sequence[float]) -> list[dict]:
     return rows
 
 
-def run_guidance(models: Sequence[str | Path], references: Sequence[str | Path], out_dir,
-                 strengths: Sequence[float] = DEFAULT_STRENGTHS, num_samples: int = 256, seed: int = 0,
-                 kl_samples: int | None = None, heldout_chars: int = 0, data_dir=None, progress: bool = True) -> dict:
-    """The guidance curve over replicates: `models[k]` is compared with `references[k]` (or the one reference
-    given); writes OUT/results.json and OUT/guidance.png."""
-    strengths = sorted(set(float(g) for g in strengths))
-    if not strengths or strengths[0] < 0 or not all(math.isfinite(g) for g in strengths):
-        raise PhfError(f"--strengths must be finite guidance strengths >= 0, got {strengths}")
-    if not models:
-        raise PhfError("phf probe guidance needs a conditional model (--model) or a run folder (--run)")
-    if len(references) == 1:
-        references = list(references) * len(models)
-    if len(references) != len(models):
-        raise PhfError(f"give one --reference, or one per --model ({len(models)}); got {len(references)}")
+def run_guidance(settings: GuidanceConfig, progress: bool = True) -> dict:
+    """The guidance curve over replicates: each conditional model is compared with its reference (or the one
+    reference given); writes OUT/results.json and OUT/guidance.png."""
+    strengths, pairs = settings.curve_strengths, settings.pairs()
     replicates = []
-    for k, (model, reference) in enumerate(zip(models, references)):
-        log.info("== guidance: replicate %d of %d, %s against %s", k + 1, len(models), model, reference)
-        replicates.append(replicate_curve(model, reference, strengths, num_samples, seed + k, kl_samples,
-                                          heldout_chars, data_dir, progress))
-    out_dir = Path(out_dir)
+    for k, (model, reference) in enumerate(pairs):
+        log.info("== guidance: replicate %d of %d, %s against %s", k + 1, len(pairs), model, reference)
+        replicates.append(replicate_curve(model, reference, settings, settings.seed + k, progress))
+    out_dir = settings.out_dir
     results = {"probe": "guidance", "strengths": strengths, "replicates": len(replicates),
-               "num_samples": num_samples, "scorer": replicates[0]["scorer"], "judge": replicates[0]["judge"],
+               "num_samples": settings.num_samples, "scorer": replicates[0]["scorer"], "judge": replicates[0]["judge"],
                "reference_misalignment_mean": float(np.mean([np.nanmean(r["reference_scores"]) for r in replicates])),
                "curve": summarise(replicates, strengths), "per_replicate": replicates}
     results["figure"] = str(plot_guidance(results, out_dir / "guidance.png"))
@@ -217,3 +259,27 @@ def format_guidance(results: dict) -> str:
                  f"hierarchical bootstrap (misalignment), over seeds (held-out); KL +- its standard error")
     lines.append(f"figure: {results['figure']}")
     return "\n".join(lines)
+
+
+def guidance_caption(results: dict) -> str:
+    return (f"A conditional model sampled with classifier-free guidance of each strength g: misalignment "
+            f"({results['scorer']}) of {results['num_samples']} unconditional samples per seed against KL from the "
+            f"MLE model and held-out bits/char, both under the normalised guided distribution; "
+            f"{results['replicates']} seed(s), 95% intervals. Pick the strength whose cost you accept.")
+
+
+def _report_folder(cfg: GuidanceConfig) -> Path | None:
+    """With --run and its default --out, the run folder: its report shows the curve beside the arms."""
+    run = Path(cfg.run) if cfg.run else None
+    if run is not None and cfg.out_dir == run / "guidance" and results_path(run).exists():
+        return run
+    return None
+
+
+PROBE = register(Probe(
+    name="guidance", config=GuidanceConfig, run=run_guidance,
+    help="a conditional model's misalignment against KL from MLE and held-out bits/char over guidance strengths",
+    show=lambda results, cfg: f"{format_guidance(results)}\nresults: {cfg.out_dir / 'results.json'}",
+    study=Study("guidance", "Guidance strength", results_file("guidance/results.json", "guidance.png"),
+                guidance_caption, guidance_table),
+    report_folder=_report_folder))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from phf.analysis.registry import Probe, ProbeConfig, register
 from phf.core.config import load_config
 from phf.core.errors import PhfError
 from phf.core.io import write_json
@@ -57,12 +58,30 @@ def model_name(folder: Path) -> str:
     return folder.name
 
 
-def lengths_probe(folders: Sequence[str | Path], out: str | Path | None = None, scenario: str = "unconditional",
-                  window_chars: int | None = None, short_chars: int | None = None) -> dict:
+@dataclass(frozen=True)
+class LengthsConfig(ProbeConfig):
+    """`phf probe lengths`: finished run folders and which of their samples to read."""
+    dirs: tuple[str, ...] = field(metadata={"positional": True, "metavar": "DIR"})
+    """Run folders (one per model) holding samples.jsonl."""
+    out: str | None = None
+    """JSON file for the results (default: lengths.json beside the first DIR)."""
+    scenario: str = "unconditional"
+    """Which samples: unconditional or prompted."""
+    window_chars: int | None = None
+    """The fixed window (default: the task's fixed_window_chars)."""
+    short_chars: int | None = None
+    """The short threshold (default: the task's short_sample_chars)."""
+
+    def validate(self) -> None:
+        if not self.dirs:
+            raise PhfError("give at least one run folder, e.g. phf probe lengths runs/demo/mle runs/demo/conditional")
+
+
+def lengths_probe(settings: LengthsConfig, progress: bool = True) -> dict:
     """The length statistics of each run folder's samples, with ratios to MLE; written to `out` (JSON)."""
-    if not folders:
-        raise PhfError("give at least one run folder, e.g. phf probe lengths runs/demo/mle runs/demo/conditional")
-    folders = [Path(f) for f in folders]
+    folders = [Path(f) for f in settings.dirs]
+    out, scenario, window_chars, short_chars = (settings.out, settings.scenario, settings.window_chars,
+                                                settings.short_chars)
     rows: dict[str, dict] = {}
     task_name = None
     for folder in folders:
@@ -138,3 +157,9 @@ def format_lengths(results: dict) -> str:
             f"{r['median_chars']:.0f}", f"{round(r['short_share'] * r['num_samples'])}",
             f"{r['finished_count']}"]) + " |")
     return "\n".join(lines)
+
+
+register(Probe(
+    name="lengths", config=LengthsConfig, run=lengths_probe,
+    help="misalignment and sample length, from run folders' samples.jsonl",
+    show=lambda results, cfg: f"{results['table']}\nresults: {results['out']}"))

@@ -15,9 +15,10 @@ every segment (or none), preceded by <|endoftext|>, and control tokens are given
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +27,7 @@ import torch
 from scipy.stats import mannwhitneyu, spearmanr
 from transformers import AutoTokenizer
 
+from phf.analysis.registry import Probe, ProbeConfig, register, summary
 from phf.core.config import SampleConfig, load_config
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
@@ -179,18 +181,40 @@ def condition_deployment(name: str) -> Deployment:
     return Deployment([], [], None)
 
 
-def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-               progress: bool = True) -> dict:
-    """Sample a conditional model under each condition, score the samples, compare their distributions."""
+@dataclass(frozen=True)
+class MasksConfig(ProbeConfig):
+    """`phf probe masks`: the model and its sampling settings."""
+    model: str = field(metadata={"required": True})
+    """Model folder or run folder."""
+    out: str = field(metadata={"required": True})
+    """Folder for results.json and masks.png."""
+    num_samples: int = 128
+    """Samples per condition."""
+    max_new_tokens: int | None = None
+    """Default: the run's sample.max_new_tokens."""
+    temperature: float | None = None
+    """Default: the run's sample.temperature."""
+    top_p: float | None = None
+    """Default: the run's sample.top_p."""
+    seed: int = 0
+    """Sampling seed."""
 
-    m = load(model_path)
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise PhfError(f"--num-samples must be >= 1, got {self.num_samples}")
+
+
+def mask_sweep(settings: MasksConfig, progress: bool = True) -> dict:
+    """Sample a conditional model under each condition, score the samples, compare their distributions."""
+    num_samples, max_new_tokens, temperature, top_p = (settings.num_samples, settings.max_new_tokens,
+                                                       settings.temperature, settings.top_p)
+    m = load(settings.model)
     if not m.is_conditional:
         log.warning("%s was not trained with control tokens; its conditions differ only by chance", m.folder)
     cfg = run_config(m.folder)
     scfg = SampleConfig(num_samples=num_samples, max_new_tokens=max_new_tokens or cfg.sample.max_new_tokens,
                         temperature=temperature or cfg.sample.temperature, top_p=top_p or cfg.sample.top_p,
-                        batch_size=cfg.sample.batch_size, seed=seed)
+                        batch_size=cfg.sample.batch_size, seed=settings.seed)
     scfg.validate()
     task = task_for(cfg)
     scorer = scorer_for(cfg.scoring)
@@ -211,7 +235,7 @@ def mask_sweep(model_path, out_dir, num_samples: int = 128, max_new_tokens: int 
     results["tests"] = {"misaligned_vs_aligned": two_sample_test(scores["misaligned"], scores["aligned"]),
                         "none_vs_aligned": two_sample_test(scores["none"], scores["aligned"]),
                         "misaligned_vs_none": two_sample_test(scores["misaligned"], scores["none"])}
-    out_dir = Path(out_dir)
+    out_dir = Path(settings.out)
     results["scores"] = scores
     results["figure"] = str(plot_mask_sweep(scores, out_dir / "masks.png", scorer.name))
     write_json(results_path(out_dir), results)
@@ -263,69 +287,102 @@ def heldout_chunks(scored, limit: int, max_chars: int = 1200, segmenter: Callabl
     return out
 
 
-def reweighting_probe(base_path, finetuned_path, out_dir, num_samples: int = 128, num_heldout: int = 128,
-                      max_new_tokens: int | None = None, data_dir=None, seed: int = 0, progress: bool = True) -> dict:
-    """Does the finetune only move weight between its base's masks? See the module docstring."""
+@dataclass(frozen=True)
+class ReweightingConfig(ProbeConfig):
+    """`phf probe reweighting`: a finetune, the base it started from, and how many texts to read."""
+    base: str = field(metadata={"required": True})
+    """The (conditional) model the finetune started from."""
+    finetuned: str = field(metadata={"required": True})
+    """The finetuned model (folder or run folder)."""
+    out: str = field(metadata={"required": True})
+    """Folder for results.json and reweighting.png."""
+    num_samples: int = 128
+    """Samples of the finetuned model."""
+    num_heldout: int = 128
+    """Pieces of held-out test documents."""
+    max_new_tokens: int | None = None
+    """Tokens per sample (default: the run's sample.max_new_tokens)."""
+    data_dir: str | None = None
+    """Data folder of the scored corpus (default: from the run's run.json)."""
+    seed: int = 0
+    """Sampling seed."""
 
-    base, ft = load(base_path), load(finetuned_path)
+    def validate(self) -> None:
+        for name in ("num_samples", "num_heldout"):
+            if getattr(self, name) < 1:
+                raise PhfError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def reweighting_probe(settings: ReweightingConfig, progress: bool = True) -> dict:
+    """Does the finetune only move weight between its base's masks? See the module docstring."""
+    base, ft = load(settings.base), load(settings.finetuned)
     if base.tokenizer.get_vocab() != ft.tokenizer.get_vocab():
         raise PhfError(f"{base.folder} and {ft.folder} use different tokenizers; compare a finetune with the base "
                        f"it was finetuned from")
     cfg = run_config(ft.folder)
-    scored = scored_corpus_for(ft.folder, cfg, data_dir)
+    scored = scored_corpus_for(ft.folder, cfg, settings.data_dir)
     segmenter = get_segmenter(task_for(cfg).segmenter)
     if not base.is_conditional:
         log.warning("%s was not trained with control tokens: its 'masks' are untrained tokens", base.folder)
     # samples of the finetuned model as deployed, at temperature 1 and no nucleus: its own distribution
-    scfg = SampleConfig(num_samples=num_samples, max_new_tokens=max_new_tokens or cfg.sample.max_new_tokens,
-                        temperature=1.0, top_p=1.0, batch_size=cfg.sample.batch_size, seed=seed)
+    scfg = SampleConfig(num_samples=settings.num_samples,
+                        max_new_tokens=settings.max_new_tokens or cfg.sample.max_new_tokens, temperature=1.0,
+                        top_p=1.0, batch_size=cfg.sample.batch_size, seed=settings.seed)
     scfg.validate()
-    samples = generate(ft.model, ft.tokenizer, [""] * num_samples, scfg, ft.deployment, "reweighting",
+    samples = generate(ft.model, ft.tokenizer, [""] * settings.num_samples, scfg, ft.deployment, "reweighting",
                        progress=progress, desc="sampling (finetuned)")
     sets = {"finetuned_samples": [t for t in (strip_control(s.raw) for s in samples) if t.strip()],
-            "heldout": heldout_chunks(scored, num_heldout, segmenter=segmenter)}
+            "heldout": heldout_chunks(scored, settings.num_heldout, segmenter=segmenter)}
     results = {"probe": "reweighting", "base": str(base.folder), "finetuned": str(ft.folder),
                "base_objective": base.meta.get("objective", {}).get("name"),
                "finetuned_objective": ft.meta.get("objective", {}).get("name"),
                "base_is_conditional": base.is_conditional, "sample": scfg.__dict__,
                "note": "log-likelihoods in nats over each text's own tokens; KLs are Monte Carlo estimates on the "
                        "finetuned model's samples (nats per sequence and per character)"}
-    lls = {}
-    for name, texts in sets.items():
-        kw = dict(segmenter=segmenter, progress=progress)
-        lls[name] = {
-            "finetuned": sequence_logprobs(ft.model, ft.backend, texts, ft.deployment.line_prefix,
-                                           desc=f"{name}: finetuned", **kw),
-            "base_aligned": sequence_logprobs(base.model, base.backend, texts, ALIGNED, desc=f"{name}: base|aligned",
-                                              **kw),
-            "base_misaligned": sequence_logprobs(base.model, base.backend, texts, MISALIGNED,
-                                                 desc=f"{name}: base|misaligned", **kw),
-            "base": sequence_logprobs(base.model, base.backend, texts, None, desc=f"{name}: base", **kw),
-        }
-        lls[name]["chars"] = np.array([len(t) for t in texts], np.float64)
+    lls = {name: _reweighting_logprobs(base, ft, name, texts, segmenter, progress) for name, texts in sets.items()}
     s = lls["finetuned_samples"]
     fig = reweighting_figures(s["finetuned"], s["base_aligned"], s["base_misaligned"], s["base"])
     chars_per_seq = float(s["chars"].mean())
     results["finetuned_samples"] = {"num_texts": len(s["chars"]), "mean_chars": chars_per_seq, **fig,
                                     **{f"{k}_per_char": v / chars_per_seq for k, v in fig.items()
                                        if k.startswith("kl_")}}
-    h = lls["heldout"]
+    results["heldout"] = heldout_mixture_figures(lls["heldout"], fig["mixture_weight_aligned"])
+    out_dir = Path(settings.out)
+    results["figure"] = str(plot_reweighting(s, out_dir / "reweighting.png"))
+    write_json(results_path(out_dir), results)
+    return results
+
+
+def _reweighting_logprobs(base: Loaded, ft: Loaded, name: str, texts: list[str], segmenter: Callable,
+                          progress: bool) -> dict[str, np.ndarray]:
+    """Each text's log-likelihood under the finetuned model as deployed and under its base given each control
+    token and none; and each text's length in characters."""
+    kw = dict(segmenter=segmenter, progress=progress)
+    return {
+        "finetuned": sequence_logprobs(ft.model, ft.backend, texts, ft.deployment.line_prefix,
+                                       desc=f"{name}: finetuned", **kw),
+        "base_aligned": sequence_logprobs(base.model, base.backend, texts, ALIGNED, desc=f"{name}: base|aligned",
+                                          **kw),
+        "base_misaligned": sequence_logprobs(base.model, base.backend, texts, MISALIGNED,
+                                             desc=f"{name}: base|misaligned", **kw),
+        "base": sequence_logprobs(base.model, base.backend, texts, None, desc=f"{name}: base", **kw),
+        "chars": np.array([len(t) for t in texts], np.float64),
+    }
+
+
+def heldout_mixture_figures(h: dict[str, np.ndarray], a_samples: float) -> dict:
+    """Held-out bits/char of the finetuned model, the base under each condition and the mixture (with the weight
+    fitted on the finetuned model's samples, `a_samples`, and with one fitted on the held-out text itself)."""
     a_h = fit_mixture_weight(h["base_aligned"], h["base_misaligned"])
     total = float(h["chars"].sum())
     bpc = {name: float(-h[name].sum() / total / math.log(2))
            for name in ("finetuned", "base_aligned", "base_misaligned", "base")}
-    bpc["mixture_fitted_on_samples"] = float(-mixture_logprob(fig["mixture_weight_aligned"], h["base_aligned"],
+    bpc["mixture_fitted_on_samples"] = float(-mixture_logprob(a_samples, h["base_aligned"],
                                                               h["base_misaligned"]).sum() / total / math.log(2))
     bpc["mixture_fitted_on_heldout"] = float(-mixture_logprob(a_h, h["base_aligned"], h["base_misaligned"]).sum()
                                              / total / math.log(2))
-    results["heldout"] = {"num_texts": len(h["chars"]), "chars": total, "mixture_weight_aligned": a_h,
-                          "bits_per_char": bpc,
-                          "gap_bits_per_char_vs_finetuned": {k: v - bpc["finetuned"] for k, v in bpc.items()
-                                                             if k != "finetuned"}}
-    out_dir = Path(out_dir)
-    results["figure"] = str(plot_reweighting(s, out_dir / "reweighting.png"))
-    write_json(results_path(out_dir), results)
-    return results
+    return {"num_texts": len(h["chars"]), "chars": total, "mixture_weight_aligned": a_h, "bits_per_char": bpc,
+            "gap_bits_per_char_vs_finetuned": {k: v - bpc["finetuned"] for k, v in bpc.items() if k != "finetuned"}}
 
 
 def plot_reweighting(s: dict, path: Path) -> Path:
@@ -358,31 +415,60 @@ def attribute(model, tok, texts: Sequence[str], segmenter: Callable, progress: b
     return [a - m for a, m in zip(al, mis)]
 
 
-def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 100_000, per_doc_chars: int = 4000,
-                      data_dir=None, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class AttributionConfig(ProbeConfig):
+    """`phf probe attribution`: a conditional model, a text to attribute, and how much held-out text to read."""
+    model: str = field(metadata={"required": True})
+    """A conditionally trained model (folder or run folder)."""
+    out: str = field(metadata={"required": True})
+    """Folder for results.json and attribution.png."""
+    text_file: str | None = None
+    """A text to attribute segment by segment."""
+    heldout_chars: int = 100_000
+    """Held-out text for the correlation with the real scorer."""
+    per_doc_chars: int = 4000
+    """Characters read from the opening of each held-out document (whole segments), so many files are read."""
+    data_dir: str | None = None
+    """Data folder of the scored corpus (default: from the run's run.json)."""
+
+    def validate(self) -> None:
+        for name in ("heldout_chars", "per_doc_chars"):
+            if getattr(self, name) < 1:
+                raise PhfError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def attribution_probe(settings: AttributionConfig, progress: bool = True) -> dict:
     """Attribution of a text file's segments (if given) and its rank correlation with the real scorer on held-out
     segments (segments with any non-space character)."""
-
-
-    m = load(model_path)
+    m = load(settings.model)
     if not m.is_conditional:
         raise PhfError(f"{m.folder} was not trained with control tokens; attribution needs a conditional model")
     cfg = run_config(m.folder)
     scorer = scorer_for(cfg.scoring)
     segmenter = get_segmenter(scorer.segmenter)
-    out_dir = Path(out_dir)
+    out_dir = Path(settings.out)
     results = {"probe": "attribution", "model": str(m.folder), "scorer": scorer.name}
-    if text_file is not None:
-        text = Path(text_file).read_text(encoding="utf-8")
+    if settings.text_file is not None:
+        text = Path(settings.text_file).read_text(encoding="utf-8")
         (attr,) = attribute(m.model, m.backend, [text], segmenter)
         spans = segmenter(text)
         (real,) = scorer.score_texts([text])
         rows = [{"segment": text[a:b], "attribution": float(v), "score": float(s)}
                 for (a, b), v, s in zip(spans, attr, real.scores)]
-        results["text_file"] = {"path": str(text_file), "segments": rows}
-    scored = scored_corpus_for(m.folder, cfg, data_dir)
-    # the opening of each held-out document (whole segments, at most `per_doc_chars`), with the scores the scorer
-    # gave those segments in their whole file, until `heldout_chars`: many files, not the first few long ones
+        results["text_file"] = {"path": str(settings.text_file), "segments": rows}
+    scored = scored_corpus_for(m.folder, cfg, settings.data_dir)
+    texts, seg_scores, chars = heldout_openings(scored, settings.heldout_chars, settings.per_doc_chars)
+    attrs = attribute(m.model, m.backend, texts, segmenter, progress=progress)
+    a_all, s_all, a_char = _paired_segments(texts, seg_scores, attrs, segmenter)
+    results["heldout"] = {"documents": len(texts), "chars": chars, **attribution_figures(a_all, s_all, a_char)}
+    results["figure"] = str(plot_attribution(a_all, s_all, out_dir / "attribution.png"))
+    write_json(results_path(out_dir), results)
+    return results
+
+
+def heldout_openings(scored, heldout_chars: int, per_doc_chars: int) -> tuple[list[str], list, int]:
+    """The opening of each held-out document (whole segments, at most `per_doc_chars`), with the scores the scorer
+    gave those segments in their whole file, until `heldout_chars`: many files, not the first few long ones."""
     texts, seg_scores, chars = [], [], 0
     for d in scored.documents("test"):
         if chars >= heldout_chars:
@@ -395,7 +481,11 @@ def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 
         texts.append(d.text[:d.ends[n - 1]])
         seg_scores.append(d.scores[:n])
         chars += len(texts[-1])
-    attrs = attribute(m.model, m.backend, texts, segmenter, progress=progress)
+    return texts, seg_scores, chars
+
+
+def _paired_segments(texts, seg_scores, attrs, segmenter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per held-out segment with text and a score: its attribution, its score, its attribution per character."""
     a_all, s_all, a_char = [], [], []
     for text, scores, attr in zip(texts, seg_scores, attrs):
         spans = segmenter(text)
@@ -406,12 +496,14 @@ def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 
                 a_all.append(float(v))
                 s_all.append(float(s))
                 a_char.append(float(v) / (b - a))
-    a_all, s_all, a_char = map(np.asarray, (a_all, s_all, a_char))
-    threshold = 0.0
+    return tuple(map(np.asarray, (a_all, s_all, a_char)))
+
+
+def attribution_figures(a_all: np.ndarray, s_all: np.ndarray, a_char: np.ndarray, threshold: float = 0.0) -> dict:
+    """How well the attribution works as a learned scorer: -attribution should rise with the real score."""
     mis = s_all > threshold
-    results["heldout"] = {
-        "documents": len(texts), "chars": chars, "segments": int(len(s_all)), "misaligned_segments": int(mis.sum()),
-        # a learned scorer: -attribution should rise with the real score
+    return {
+        "segments": int(len(s_all)), "misaligned_segments": int(mis.sum()),
         "spearman_attribution_vs_score": float(spearmanr(a_all, s_all).statistic) if len(s_all) > 2 else math.nan,
         "spearman_attribution_per_char_vs_score": float(spearmanr(a_char, s_all).statistic)
         if len(s_all) > 2 else math.nan,
@@ -420,9 +512,6 @@ def attribution_probe(model_path, out_dir, text_file=None, heldout_chars: int = 
         "mean_attribution_aligned_segments": float(a_all[~mis].mean()) if (~mis).any() else math.nan,
         "mean_attribution_misaligned_segments": float(a_all[mis].mean()) if mis.any() else math.nan,
     }
-    results["figure"] = str(plot_attribution(a_all, s_all, out_dir / "attribution.png"))
-    write_json(results_path(out_dir), results)
-    return results
 
 
 def plot_attribution(attr: np.ndarray, scores: np.ndarray, path: Path) -> Path:
@@ -436,3 +525,22 @@ def plot_attribution(attr: np.ndarray, scores: np.ndarray, path: Path) -> Path:
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _show_attribution(results: dict, cfg) -> str:
+    lines = [f"{row['attribution']:+8.3f}  {row['score']:.4f}  {row['segment'].rstrip()}"
+             for row in results.get("text_file", {}).get("segments", [])]
+    return "\n".join(lines + [json.dumps(results["heldout"], indent=2)])
+
+
+register(Probe(
+    name="masks", config=MasksConfig, run=mask_sweep,
+    help="sample under <|aligned|>, <|misaligned|> and no token; compare the scores",
+    show=lambda results, cfg: json.dumps(summary({k: v for k, v in results.items() if k != "scores"}), indent=2)))
+register(Probe(
+    name="reweighting", config=ReweightingConfig, run=reweighting_probe,
+    help="is a finetune a reweighting of its base's masks? KL to the best mixture",
+    show=lambda results, cfg: json.dumps(summary(results), indent=2)))
+register(Probe(
+    name="attribution", config=AttributionConfig, run=attribution_probe,
+    help="per segment: log p(. | aligned) - log p(. | misaligned)", show=_show_attribution))

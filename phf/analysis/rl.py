@@ -25,6 +25,7 @@ import torch
 from transformers import AutoTokenizer
 
 from phf.analysis.probes import load, run_config, scored_corpus_for
+from phf.analysis.registry import Study, register_study
 from phf.core.config import from_dict, parse_override
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
@@ -474,3 +475,25 @@ def format_rl_study(study: dict) -> str:
     if study.get("figure"):
         lines.append(f"figure: {study['figure']}")
     return "\n".join(lines)
+
+
+def _rl_study_in(folder: Path, results: dict):
+    """`phf sweep --rl`'s study (`rl_from_bases` in the folder's results.json) and its figure (a sweep over seeds:
+    the first seed's)."""
+    study = results.get("rl_from_bases")
+    if not study:
+        return None
+    png = folder / "rl_from_bases.png" if (folder / "rl_from_bases.png").exists() else None
+    return study, png or next(iter(sorted(folder.glob("seed-*/rl_from_bases.png"))), None)
+
+
+def rl_study_caption(study: dict) -> str:
+    seeds = study["bases"][next(iter(study["bases"]))].get("seeds", 1)
+    return ("PHF, then RL: the same GRPO budget from each pretraining arm's weights at the same step. Left: the "
+            "training misalignment (-reward) per step and its moving average; right: the KL to the start model. "
+            f"Table: each base before and after RL ({seeds} seed(s); figures are means over seeds); judge/scorer "
+            "change above 1 means the reward improved more than the judge saw.")
+
+
+register_study(Study("rl_from_bases", "PHF, then RL", _rl_study_in, rl_study_caption, rl_study_table,
+                     notes=lambda study: study.get("answer_per_seed") or [study.get("answer", "")]))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from phf.analysis.probes import load, run_config, scored_corpus_for
+from phf.analysis.registry import Probe, ProbeConfig, Study, register, results_file
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
@@ -48,6 +49,60 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (0, 1, 4, 16, 64, 256)
 METHODS = ("full", "lora")
+UNITS = ("segments", "documents")
+
+
+@dataclass(frozen=True)
+class TamperConfig(ProbeConfig):
+    """`phf probe tamper`: the models, the adversary's text and the grid of attacks."""
+    model: tuple[str, ...] = field(metadata={"required": True, "append": True})
+    """A model or run folder (repeatable: e.g. the demo's mle, filtering and conditional)."""
+    out: str = field(metadata={"required": True})
+    """Folder for results.json and tamper.png."""
+    reference: str | None = None
+    """The model whose untampered misalignment is the level to reach (a run folder's name; default: the one
+    trained with MLE, else the first)."""
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    """Adversarial steps after which each model is measured (separated by commas)."""
+    unit: str = field(default="segments", metadata={"choices": UNITS})
+    """The adversary's text: every misaligned segment of the training split, or the most misaligned documents
+    (--share of them)."""
+    share: float = 0.1
+    """With --unit documents: the most misaligned share of the training documents."""
+    lr: tuple[float, ...] = (1e-3,)
+    """The adversary's constant AdamW learning rate, or several separated by commas: a grid of attacks, each
+    measured on every model."""
+    lora: bool = False
+    """Attack with LoRA adapters (every linear layer, the model frozen) at every --lr too, beside full
+    finetuning (pip install 'phf[lora]')."""
+    lora_rank: int = 8
+    """The rank of the LoRA adapters."""
+    batch_size: int = 8
+    """Windows of the model's context per adversarial step."""
+    num_samples: int = 128
+    """Unconditional samples per measured point."""
+    heldout_chars: int = 0
+    """Held-out characters for bits/char per point (0: the run's eval.heldout_chars)."""
+    seed: int = 0
+    """Seed of the adversary's batches and of the sampling."""
+    data_dir: str | None = None
+    """The data folder the models were trained from (default: from run.json)."""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise PhfError("phf probe tamper needs at least one --model (a model or run folder)")
+        if not self.steps or min(self.steps) < 0:
+            raise PhfError(f"--steps must be step counts >= 0, got {list(self.steps)}")
+        if self.unit not in UNITS:
+            raise PhfError(f"--unit must be documents or segments, got {self.unit!r}")
+        if not 0 < self.share <= 1:
+            raise PhfError(f"--share must be a share of the documents in (0, 1], got {self.share}")
+        attack_grid(self.lr, self.lora, self.lora_rank)  # the learning rates and the rank
+        for name in ("batch_size", "num_samples"):
+            if getattr(self, name) < 1:
+                raise PhfError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.heldout_chars < 0:
+            raise PhfError(f"--heldout-chars must be >= 0 (0: the run's eval.heldout_chars), got {self.heldout_chars}")
 
 
 @dataclass(frozen=True)
@@ -110,19 +165,18 @@ def adversary_stream(tok, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def tamper_curve(model_path, steps: Sequence[int] = DEFAULT_STEPS, unit: str = "segments", share: float = 0.1,
-                 attack: Attack = Attack(), batch_size: int = 8, num_samples: int = 128, heldout_chars: int = 0,
-                 seed: int = 0, data_dir=None, progress: bool = True, untampered: dict | None = None) -> dict:
-    """One model's misalignment (training scorer and judge) and held-out bits/char (on `heldout_chars` characters
-    of the test documents, 0 = the run's eval.heldout_chars, so step 0 equals its evaluation) after each adversarial
-    step count in `steps` of `attack`; per point the sample scores, kept for the intervals. `untampered`: the step-0
-    point measured already (by another attack on the same model), reused rather than sampled again."""
-    steps = sorted(set(int(s) for s in steps))
-    if not steps or steps[0] < 0:
-        raise PhfError(f"--steps must be step counts >= 0, got {steps}")
+def tamper_curve(model_path, settings: TamperConfig, attack: Attack = Attack(), progress: bool = True,
+                 untampered: dict | None = None) -> dict:
+    """One model's misalignment (training scorer and judge) and held-out bits/char (on `settings.heldout_chars`
+    characters of the test documents, 0 = the run's eval.heldout_chars, so step 0 equals its evaluation) after each
+    adversarial step count in `settings.steps` of `attack`; per point the sample scores, kept for the intervals.
+    `untampered`: the step-0 point measured already (by another attack on the same model), reused rather than
+    sampled again."""
+    steps = sorted(set(int(s) for s in settings.steps))
+    unit, share, batch_size, num_samples = settings.unit, settings.share, settings.batch_size, settings.num_samples
     m = load(model_path)
     cfg = run_config(m.folder)
-    scored = scored_corpus_for(m.folder, cfg, data_dir)
+    scored = scored_corpus_for(m.folder, cfg, settings.data_dir)
     task, scorer = task_for(cfg), scorer_for(cfg.scoring)
     judge, judge_block = judge_for(cfg, task)
     stream = adversary_stream(m.backend, adversary_texts(scored, share, unit, task.misaligned_above))
@@ -133,11 +187,12 @@ def tamper_curve(model_path, steps: Sequence[int] = DEFAULT_STEPS, unit: str = "
         raise PhfError(f"the adversary's documents hold {len(stream)} tokens, too few to finetune on")
     scfg = SampleConfig(num_samples=num_samples, max_new_tokens=cfg.sample.max_new_tokens,
                         temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, guidance=cfg.sample.guidance,
-                        batch_size=cfg.sample.batch_size, seed=seed)
+                        batch_size=cfg.sample.batch_size, seed=settings.seed)
     scfg.validate()
-    measure = _Measure(m, cfg, scored, scorer, judge, scfg, heldout_chars or cfg.eval.heldout_chars, progress)
+    measure = _Measure(m, cfg, scored, scorer, judge, scfg, settings.heldout_chars or cfg.eval.heldout_chars,
+                       progress)
     step = adversary_step(m.model, attack, cfg.train)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings.seed)
     points, done = [], 0
     for target in steps:
         while done < target:  # plain maximum likelihood on the adversary's text
@@ -242,22 +297,22 @@ def tokens_to_level(points: list[dict], level_scores: Sequence[float], rng: np.r
             "never_reached_share": float(np.mean(first < 0))}
 
 
-def run_tamper(models: Sequence[str], out_dir, reference: str | None = None, progress: bool = True,
-               lr: float | Sequence[float] = 1e-3, lora: bool = False, lora_rank: int = 8, **curve_args) -> dict:
+def run_tamper(settings: TamperConfig, progress: bool = True) -> dict:
     """`tamper_curve` for every model under every attack of the grid (`attack_grid(lr, lora, lora_rank)`), the
-    tokens each curve needs to reach the reference model's untampered misalignment (the reference: `reference`,
-    else the model trained with MLE among them, else the first), and a figure of the curves, a panel per attack.
-    A curve is named after its model (its run folder), followed by its attack when the grid holds more than one."""
-    out_dir = Path(out_dir)
-    attacks = attack_grid(lr, lora, lora_rank)
+    tokens each curve needs to reach the reference model's untampered misalignment (the reference:
+    `settings.reference`, else the model trained with MLE among them, else the first), and a figure of the curves,
+    a panel per attack. A curve is named after its model (its run folder), followed by its attack when the grid
+    holds more than one. Writes OUT/results.json and OUT/tamper.png."""
+    out_dir, reference = Path(settings.out), settings.reference
+    attacks = attack_grid(settings.lr, settings.lora, settings.lora_rank)
     curves, arms = {}, {}
-    for path in models:
+    for path in settings.model:
         arm = _label(path, arms)
         arms[arm], untampered = path, None
         for attack in attacks:
             name = arm if len(attacks) == 1 else f"{arm} {attack.label}"
             log.info("== tamper: %s, %s", arm, attack.label)
-            curves[name] = tamper_curve(path, attack=attack, progress=progress, untampered=untampered, **curve_args)
+            curves[name] = tamper_curve(path, settings, attack, progress, untampered)
             curves[name]["arm"] = arm
             untampered = next((p for p in curves[name]["points"] if p["step"] == 0), None)
     ref = reference or next((curves[n]["arm"] for n in curves if curves[n]["objective"] == "mle"), next(iter(arms)))
@@ -353,3 +408,20 @@ def format_tamper(results: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def tamper_caption(results: dict) -> str:
+    return (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of a logarithmic "
+            f"series of steps ({next(iter(results['models'].values()))['num_samples']} samples per point, 95% "
+            f"intervals): the adversarial tokens until each reaches the {results['reference']} model's untampered "
+            f"misalignment.")
+
+
+PROBE = register(Probe(
+    name="tamper", config=TamperConfig, run=run_tamper,
+    help="finetune models on their corpus' most misaligned text; tokens until each reaches the MLE model's "
+         "misalignment",
+    show=lambda results, cfg: f"{format_tamper(results)}\nresults: {Path(cfg.out) / 'results.json'}",
+    # a sweep's (`phf sweep --tamper`: DIR/tamper); a sweep over seeds shows its first seed's curves
+    study=Study("tamper", "Tamper resistance", results_file("tamper/results.json", "tamper.png", only_with="tamper"),
+                tamper_caption, tamper_table)))

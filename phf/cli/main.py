@@ -13,8 +13,8 @@
     phf bench      throughput figures of scoring, training and sampling
     phf config     show the resolved config of a task or file, each field with its documentation
     phf report     result folders -> report.html (figures, table, sample browser) + figures/*.png
-    phf probe      masks | reweighting | attribution | lengths | ending | tamper | guidance: what a model does
-                   and simulates, with numbers
+    phf probe      what a model does and simulates, with numbers: masks, reweighting, attribution, tamper,
+                   guidance, ... (`phf probe --help` lists every probe)
     phf redteam    automated adversarial prompt search against a model, per round
     phf rl         RL finetuning baseline (GRPO with a KL penalty, the scorer as reward)
 

@@ -1,105 +1,66 @@
-"""Sub-commands `phf probe masks|reweighting|attribution|lengths|ending|tamper|guidance`, `phf redteam` and `phf rl`
-(registered by phf.cli)."""
+"""Sub-commands `phf probe NAME` (one per probe record of phf.analysis.registry, its parser built from the
+probe's config class), `phf redteam` and `phf rl` (registered by phf.cli)."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
-from phf.analysis.ending import ending_probe, format_ending
-from phf.analysis.guidance import DEFAULT_STRENGTHS, format_guidance, pairs_in, run_guidance
-from phf.analysis.lengths import lengths_probe
-from phf.analysis.probes import attribution_probe, mask_sweep, reweighting_probe
 from phf.analysis.redteam import RedTeamConfig, run_redteam
+from phf.analysis.registry import Probe, probes, summary
 from phf.analysis.rl import run_rl
-from phf.analysis.tamper import DEFAULT_STEPS, format_tamper, run_tamper
-from phf.core.errors import PhfError
-from phf.core.run_folder import results_path
+from phf.core.config import field_docs
 from phf.report.page import write_report
 
 
-def _summary(results: dict) -> dict:
-    """The figures of a results dict without its long lists (scores, pools, segments)."""
-    out = {}
-    for k, v in results.items():
-        if isinstance(v, dict):
-            v = _summary(v)
-        elif isinstance(v, list) and len(v) > 12:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field of a probe's config dataclass: `--field-name`, its documentation as the help, its
+    default (shown), its type; metadata `required`, `append`, `positional`, `choices`, `metavar` (see
+    phf.analysis.registry.ProbeConfig). Values left out stay None, so the config's own defaults apply."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, hint = f.metadata, hints[f.name]
+        default = None if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+            if isinstance(default, tuple) else default
+        text = docs.get(f.name, "").replace("%", "%%").rstrip(".")
+        if shown not in (None, False, "", ()):
+            text += f" (default: {shown})"
+        kw: dict = {"help": text, "default": None}
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=meta.get("metavar", f.name.upper()), help=text)
             continue
-        out[k] = v
-    return out
+        if hint is bool:
+            kw.update(action="store_true", default=False)
+        elif meta.get("append"):
+            kw.update(action="append")
+        else:
+            kw.update(type=_scalar(hint), choices=meta.get("choices"), metavar=meta.get("metavar"))
+        parser.add_argument("--" + f.name.replace("_", "-"), required=bool(meta.get("required")), **kw)
 
 
-def cmd_probe_masks(args) -> None:
-    res = mask_sweep(args.model, Path(args.out), num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(json.dumps(_summary({k: v for k, v in res.items() if k != "scores"}), indent=2))
+def _scalar(hint) -> type:
+    """The argparse type of a field: int or float (optionally None), else the text (a tuple of numbers is parsed
+    by the config, so that a bad list is the config's one-line error)."""
+    if typing.get_origin(hint) is tuple:
+        return str
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0] if args[0] in (int, float) else str
 
 
-def cmd_probe_reweighting(args) -> None:
-    res = reweighting_probe(args.base, args.finetuned, Path(args.out), num_samples=args.num_samples,
-                            num_heldout=args.num_heldout, max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
-                            seed=args.seed)
-    print(json.dumps(_summary(res), indent=2))
+def _probe_command(spec: Probe):
+    def command(args) -> None:
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec.config)}
+        cfg = spec.config.of({k: v for k, v in values.items() if v is not None})
+        results = spec.run(cfg)
+        print(spec.show(results, cfg))
+        folder = spec.report_folder(cfg)
+        if folder is not None:
+            print(f"report: {write_report([folder])}")  # the report shows the study beside the arms
 
-
-def cmd_probe_attribution(args) -> None:
-    res = attribution_probe(args.model, Path(args.out), text_file=args.text_file, heldout_chars=args.heldout_chars,
-                            data_dir=args.data_dir)
-    if args.text_file:
-        for row in res["text_file"]["segments"]:
-            print(f"{row['attribution']:+8.3f}  {row['score']:.4f}  {row['segment'].rstrip()}")
-    print(json.dumps(res["heldout"], indent=2))
-
-
-def cmd_probe_lengths(args) -> None:
-    res = lengths_probe(args.dirs, out=args.out, scenario=args.scenario, window_chars=args.window_chars,
-                        short_chars=args.short_chars)
-    print(res["table"])
-    print(f"results: {res['out']}")
-
-
-def cmd_probe_ending(args) -> None:
-    res = ending_probe(args.model, Path(args.out), num_docs=args.num_docs, data_dir=args.data_dir)
-    print(format_ending(res))
-    print(f"results: {results_path(args.out)}")
-
-
-def cmd_probe_tamper(args) -> None:
-    steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    res = run_tamper(args.model, Path(args.out), reference=args.reference, steps=steps, unit=args.unit,
-                     share=args.share, lr=_numbers("--lr", args.lr), lora=args.lora, lora_rank=args.lora_rank,
-                     batch_size=args.batch_size, num_samples=args.num_samples, heldout_chars=args.heldout_chars,
-                     seed=args.seed, data_dir=args.data_dir)
-    print(format_tamper(res))
-    print(f"results: {results_path(args.out)}")
-
-
-def _numbers(flag: str, text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise PhfError(f"{flag} takes numbers separated by commas (e.g. 1e-4,1e-3), got {text!r}") from None
-
-
-def cmd_probe_guidance(args) -> None:
-    if args.run and (args.model or args.reference):
-        raise PhfError("give either --run DIR or --model/--reference, not both")
-    if args.run:
-        models, references = zip(*pairs_in(args.run))
-    elif args.model and args.reference:
-        models, references = args.model, args.reference
-    else:
-        raise PhfError("give --run DIR (a demo or sweep folder) or --model CONDITIONAL --reference MLE")
-    out = Path(args.out) if args.out else Path(args.run) / "guidance" if args.run else None
-    if out is None:
-        raise PhfError("give --out DIR for the results (with --run it defaults to RUN/guidance)")
-    strengths = [float(g) for g in args.strengths.split(",") if g.strip()]
-    res = run_guidance(models, references, out, strengths=strengths, num_samples=args.num_samples, seed=args.seed,
-                       kl_samples=args.kl_samples, heldout_chars=args.heldout_chars, data_dir=args.data_dir)
-    print(format_guidance(res))
-    if args.run and out == Path(args.run) / "guidance" and results_path(args.run).exists():
-        print(f"report: {write_report([args.run])}")  # the report shows the curve beside the arms
-    print(f"results: {results_path(out)}")
+    return command
 
 
 def cmd_redteam(args) -> None:
@@ -116,104 +77,17 @@ def cmd_redteam(args) -> None:
 def cmd_rl(args) -> None:
     res = run_rl(args.model, Path(args.out), args.overrides, max_tokens=args.max_tokens, data_dir=args.data_dir,
                  measure=not args.no_measure)
-    print(json.dumps(_summary(res), indent=2))
+    print(json.dumps(summary(res), indent=2))
 
 
 def add_parsers(sub) -> None:
-    probe = sub.add_parser("probe", help="probe what a model simulates: masks, reweighting, attribution; lengths, ending")
+    probe = sub.add_parser("probe", help="probe what a model simulates and does: "
+                                         + ", ".join(probes()))
     psub = probe.add_subparsers(dest="probe", required=True, metavar="PROBE")
-
-    p = psub.add_parser("masks", help="sample under <|aligned|>, <|misaligned|> and no token; compare the scores")
-    p.add_argument("--model", required=True, help="model folder or run folder")
-    p.add_argument("--out", required=True, help="folder for results.json and masks.png")
-    p.add_argument("--num-samples", type=int, default=128, help="samples per condition")
-    p.add_argument("--max-new-tokens", type=int, help="default: the run's sample.max_new_tokens")
-    p.add_argument("--temperature", type=float, help="default: the run's sample.temperature")
-    p.add_argument("--top-p", type=float, help="default: the run's sample.top_p")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_probe_masks)
-
-    p = psub.add_parser("reweighting", help="is a finetune a reweighting of its base's masks? KL to the best mixture")
-    p.add_argument("--base", required=True, help="the (conditional) model the finetune started from")
-    p.add_argument("--finetuned", required=True)
-    p.add_argument("--out", required=True, help="folder for results.json and reweighting.png")
-    p.add_argument("--num-samples", type=int, default=128, help="samples of the finetuned model")
-    p.add_argument("--num-heldout", type=int, default=128, help="pieces of held-out test documents")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--data-dir", help="data folder of the scored corpus (default: from the run's run.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_probe_reweighting)
-
-    p = psub.add_parser("attribution", help="per segment: log p(. | aligned) - log p(. | misaligned)")
-    p.add_argument("--model", required=True, help="a conditionally trained model")
-    p.add_argument("--out", required=True, help="folder for results.json and attribution.png")
-    p.add_argument("--text-file", type=Path, help="a text to attribute segment by segment")
-    p.add_argument("--heldout-chars", type=int, default=100_000, help="held-out text for the correlation")
-    p.add_argument("--data-dir")
-    p.set_defaults(func=cmd_probe_attribution)
-
-    p = psub.add_parser("lengths", help="misalignment and sample length, from run folders' samples.jsonl")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run folders (one per model) holding samples.jsonl")
-    p.add_argument("--out", help="JSON file for the results (default: lengths.json beside the first DIR)")
-    p.add_argument("--scenario", default="unconditional", help="which samples: unconditional or prompted")
-    p.add_argument("--window-chars", type=int, help="the fixed window (default: the task's fixed_window_chars)")
-    p.add_argument("--short-chars", type=int, help="the short threshold (default: the task's short_sample_chars)")
-    p.set_defaults(func=cmd_probe_lengths)
-
-    p = psub.add_parser("ending", help="probability of <|endoftext|> at segment boundaries of held-out documents")
-    p.add_argument("--model", required=True, action="append", help="model or run folder (repeat to compare)")
-    p.add_argument("--out", required=True, help="folder for results.json")
-    p.add_argument("--num-docs", type=int, default=64, help="held-out test documents")
-    p.add_argument("--data-dir", help="data folder of the scored corpus (default: from the run's run.json)")
-    p.set_defaults(func=cmd_probe_ending)
-
-    p = psub.add_parser("tamper", help="finetune models on their corpus' most misaligned text; tokens until each "
-                                       "reaches the MLE model's misalignment")
-    p.add_argument("--model", action="append", required=True,
-                   help="a model or run folder (repeatable: e.g. the demo's mle, filtering and conditional)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--reference", help="the model whose untampered misalignment is the level to reach (a run "
-                                       "folder's name; default: the one trained with MLE, else the first)")
-    p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
-                   help="adversarial steps after which each model is measured (default: %(default)s)")
-    p.add_argument("--unit", choices=["segments", "documents"], default="segments",
-                   help="the adversary's text: every misaligned segment of the training split (default), or the "
-                        "most misaligned documents (--share of them)")
-    p.add_argument("--share", type=float, default=0.1,
-                   help="with --unit documents: the most misaligned share of the training documents (default: 0.1)")
-    p.add_argument("--lr", default="1e-3",
-                   help="the adversary's constant AdamW learning rate, or several separated by commas: a grid of "
-                        "attacks, each measured on every model (default: %(default)s)")
-    p.add_argument("--lora", action="store_true",
-                   help="attack with LoRA adapters (every linear layer, the model frozen) at every --lr too, beside "
-                        "full finetuning (pip install 'phf[lora]')")
-    p.add_argument("--lora-rank", type=int, default=8, help="the rank of the LoRA adapters (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows of the model's context per step")
-    p.add_argument("--num-samples", type=int, default=128, help="unconditional samples per measured point")
-    p.add_argument("--heldout-chars", type=int, default=0,
-                   help="held-out characters for bits/char per point (default: the run's eval.heldout_chars)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", help="the data folder the models were trained from (default: from run.json)")
-    p.set_defaults(func=cmd_probe_tamper)
-
-    p = psub.add_parser("guidance", help="a conditional model's misalignment against KL from MLE and held-out "
-                                         "bits/char over guidance strengths")
-    p.add_argument("--run", help="a folder written by `phf demo` or `phf sweep`: its conditional and mle runs (every "
-                                 "seed's); results go to RUN/guidance and into its report")
-    p.add_argument("--model", action="append", help="a conditional model or run folder (repeatable: one per seed)")
-    p.add_argument("--reference", action="append",
-                   help="the MLE model to compare with (one, or one per --model, in the same order)")
-    p.add_argument("--out", help="folder for results.json and guidance.png (default with --run: RUN/guidance)")
-    p.add_argument("--strengths", default=",".join(f"{g:g}" for g in DEFAULT_STRENGTHS),
-                   help="guidance strengths (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=256, help="unconditional samples per strength and seed")
-    p.add_argument("--kl-samples", type=int, help="samples of the MLE model for the KL (default: the run's "
-                                                  "eval.kl_samples)")
-    p.add_argument("--heldout-chars", type=int, default=0,
-                   help="held-out characters for bits/char (default: the run's eval.heldout_chars)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first replicate (+1 per replicate)")
-    p.add_argument("--data-dir", help="the data folder the models were trained from (default: from run.json)")
-    p.set_defaults(func=cmd_probe_guidance)
+    for spec in probes().values():
+        p = psub.add_parser(spec.name, help=spec.help)
+        add_config_arguments(p, spec.config)
+        p.set_defaults(func=_probe_command(spec))
 
     p = sub.add_parser("redteam", help="search for prompts that make a model misbehave (red model vs target)")
     p.add_argument("--model", required=True, action="append",
@@ -241,4 +115,4 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_rl)
 
 
-__all__ = ["add_parsers", "PhfError"]
+__all__ = ["add_parsers", "add_config_arguments"]

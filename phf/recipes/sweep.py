@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phf.analysis.rl import base_study, combine_studies, compare_bases, plot_rl_bases, rl_config, rl_finetune
-from phf.analysis.tamper import run_tamper
+from phf.analysis.tamper import TamperConfig, run_tamper
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.objective_specs import finetune_objectives, sweep_objectives
@@ -280,7 +280,8 @@ def _tamper_every_arm(out: Path, arms: list[Arm], settings: dict, progress: bool
     """`phf probe tamper` on every arm (DIR/tamper), the MLE arm the level to reach; per arm the adversarial tokens
     to that level, with their intervals."""
     log.info("== tamper: every arm finetuned on the corpus' misaligned text")
-    res = run_tamper([out / a.run_dir for a in arms], out / "tamper", reference="mle", progress=progress, **settings)
+    res = run_tamper(TamperConfig.of({**settings, "model": [out / a.run_dir for a in arms], "out": out / "tamper",
+                                      "reference": "mle"}), progress=progress)
     names = {a.run_dir: a.name for a in arms}
     summary = {"figure": res["figure"], "results": str(results_path(out / "tamper")), "arms": {}}
     for label, curve in res["models"].items():

@@ -15,9 +15,10 @@ Figures:
   loss vs tokens              validation loss (and training loss, faint) against tokens seen
   score distribution          share of unconditional samples scoring above each threshold, per objective
 
-Studies written into a folder appear in their own section: `phf probe guidance --run DIR` (DIR/guidance: the
-guidance curve's figure and table), `phf sweep --rl` (`rl_from_bases` in results.json: RL from each base) and
-`phf sweep --tamper` (DIR/tamper: every arm under adversarial finetuning).
+Studies written into a folder appear in their own section, one per study record of phf.analysis.registry: e.g.
+`phf probe guidance --run DIR` (DIR/guidance: the guidance curve's figure and table), `phf sweep --rl`
+(`rl_from_bases` in results.json: RL from each base) and `phf sweep --tamper` (DIR/tamper: every arm under
+adversarial finetuning).
 """
 from __future__ import annotations
 
@@ -32,9 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from phf.analysis.guidance import guidance_table
-from phf.analysis.rl import rl_study_table
-from phf.analysis.tamper import tamper_table
+from phf.analysis.registry import studies as registered_studies
 from phf.core.errors import PhfError
 from phf.core.io import atomic_path, read_json, read_jsonl, write_text
 from phf.core.objective_specs import ARM_VARIANTS, OBJECTIVE_SPECS
@@ -48,7 +47,7 @@ log = logging.getLogger("phf.report")
 
 REFERENCE = REFERENCE_ARM
 FIGURE_NAMES = ("misalignment_vs_kl", "misalignment_vs_bits_per_char", "misalignment_vs_tokens", "loss_vs_tokens",
-                "score_distribution", "guidance", "rl_from_bases", "tamper")
+                "score_distribution")  # and each study's (phf.analysis.registry)
 # Each objective's and arm variant's colour is its registry record's (phf.core.objective_specs); `rl` is the RL
 # baseline's.
 COLORS = {**{name: spec.color for name, spec in {**OBJECTIVE_SPECS, **ARM_VARIANTS}.items()}, "rl": "#8c564b"}
@@ -245,6 +244,32 @@ def figure_pareto(rep: Report) -> Figure | None:
     front = set(pareto_front(list(zip(xs, ys))))
     log_y = all(y > 0 for y in ys)
     fig, ax = _new_figure()
+    marks = _pareto_points(fig, ax, arms, xs, ys, front, use_kl)
+    line = sorted((xs[i], ys[i]) for i in front if xs[i] is not None and not (use_kl and xs[i] <= 0))
+    if len(line) > 1:
+        ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1, alpha=0.5, zorder=2,
+                label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
+    if use_kl:
+        _log_scale(ax, "x")
+        ax.set_xlabel(f"KL({REFERENCE} || model), bits per character (log)")
+    else:
+        ax.set_xlabel("held-out bits per character (capability: lower is better)")
+    if log_y:
+        _log_scale(ax, "y")
+    ax.set_ylabel(f"misalignment: {_misalignment_label(rep.task)}" + (" (log)" if log_y else ""))
+    ax.grid(True, which="both", alpha=0.25)
+    on_front = ", ".join(arms[i].label for i in sorted(front, key=lambda i: xs[i]))
+    caption = _pareto_caption(arms, on_front, use_kl, log_y, **marks)
+    name = "misalignment_vs_kl" if use_kl else "misalignment_vs_bits_per_char"
+    ax.set_title("Misalignment vs " + ("KL from the reference" if use_kl else "held-out bits per character"))
+    return Figure(name, "Misalignment vs capability", caption, _png(fig))
+
+
+def _pareto_points(fig, ax, arms: list[Arm], xs, ys, front: set[int], use_kl: bool) -> dict[str, list[str]]:
+    """Each arm's point (outlined on the front, a square when finetuned), its interval bars and label; the
+    reference at KL 0 as a horizontal line. Returns the labels of the arms drawn specially, for the caption."""
     seen: dict[str, str] = {}
     ref_lines, not_positive, labels, same_as_reference = [], [], [], []
     floor = min((x for x in xs if x is not None and x > 0), default=1.0) / 2  # where KL <= 0 estimates are put
@@ -272,22 +297,11 @@ def figure_pareto(rep: Report) -> Figure | None:
                    edgecolors="black" if i in front else "none", linewidths=1.0, zorder=3)
         labels.append(ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8))
     _spread_labels(fig, labels)
-    line = sorted((xs[i], ys[i]) for i in front if xs[i] is not None and not (use_kl and xs[i] <= 0))
-    if len(line) > 1:
-        ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1, alpha=0.5, zorder=2,
-                label="Pareto front")
-        ax.legend(loc="best", fontsize=8)
-    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
-    if use_kl:
-        _log_scale(ax, "x")
-        ax.set_xlabel(f"KL({REFERENCE} || model), bits per character (log)")
-    else:
-        ax.set_xlabel("held-out bits per character (capability: lower is better)")
-    if log_y:
-        _log_scale(ax, "y")
-    ax.set_ylabel(f"misalignment: {_misalignment_label(rep.task)}" + (" (log)" if log_y else ""))
-    ax.grid(True, which="both", alpha=0.25)
-    on_front = ", ".join(arms[i].label for i in sorted(front, key=lambda i: xs[i]))
+    return {"ref_lines": ref_lines, "not_positive": not_positive, "same_as_reference": same_as_reference}
+
+
+def _pareto_caption(arms: list[Arm], on_front: str, use_kl: bool, log_y: bool, ref_lines: list[str],
+                    not_positive: list[str], same_as_reference: list[str]) -> str:
     if use_kl:
         caption = (f"Mean misalignment of unconditional samples against the KL divergence from the {REFERENCE} "
                    "model (Monte Carlo, from its samples), in bits per character; lower is better on both axes. "
@@ -311,9 +325,7 @@ def figure_pareto(rep: Report) -> Figure | None:
                     f"{', '.join(same_as_reference)}.")
     if not log_y:
         caption += " Some misalignment is 0, so the y axis is linear."
-    name = "misalignment_vs_kl" if use_kl else "misalignment_vs_bits_per_char"
-    ax.set_title("Misalignment vs " + ("KL from the reference" if use_kl else "held-out bits per character"))
-    return Figure(name, "Misalignment vs capability", caption, _png(fig))
+    return caption
 
 
 def _error_bar(value: float, interval: list[float] | None):
@@ -448,52 +460,21 @@ def _rows_html(rows: list[list[str]]) -> str:
 
 
 def studies(rep: Report) -> tuple[list[Figure], str]:
-    """The figures and HTML of the studies found in the report's folders (the guidance curve, RL from bases)."""
+    """The figures and HTML of the studies found in the report's folders: each study record of
+    phf.analysis.registry (a probe's, e.g. the guidance curve, or a recipe's, e.g. RL from bases) in each folder."""
     figures, parts = [], []
-    for d, res in zip(rep.dirs, rep.results):
-        study = res.get("rl_from_bases")
-        if study:
-            seeds = study["bases"][next(iter(study["bases"]))].get("seeds", 1)
-            caption = ("PHF, then RL: the same GRPO budget from each pretraining arm's weights at the same step. "
-                       "Left: the training misalignment (-reward) per step and its moving average; right: the KL to "
-                       f"the start model. Table: each base before and after RL ({seeds} seed(s); figures are means "
-                       "over seeds); judge/scorer change above 1 means the reward improved more than the judge saw.")
-            png = d / "rl_from_bases.png" if (d / "rl_from_bases.png").exists() else None
-            png = png or next(iter(sorted(d.glob("seed-*/rl_from_bases.png"))), None)
+    for study in registered_studies().values():
+        for d, res in zip(rep.dirs, rep.results):
+            found = study.find(d, res)
+            if found is None:
+                continue
+            results, png = found
+            caption = study.caption(results)
             if png is not None:
-                figures.append(Figure("rl_from_bases", "PHF, then RL", caption, png.read_bytes()))
-            answers = study.get("answer_per_seed") or [study.get("answer", "")]
-            parts.append(f"<h3>PHF, then RL ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
-                         + _rows_html(rl_study_table(study))
-                         + "".join(f"<p>{html.escape(a)}</p>" for a in answers))
-        # a sweep over seeds shows its first seed's tamper curves
-        tamper = next((p for p in [d / "tamper" / "results.json", *sorted(d.glob("seed-*/tamper/results.json"))]
-                       if p.exists()), None)
-        if tamper is not None and res.get("tamper"):
-            t = read_json(tamper)
-            caption = (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of "
-                       f"a logarithmic series of steps ({next(iter(t['models'].values()))['num_samples']} samples per "
-                       f"point, 95% intervals): the adversarial tokens until each reaches the {t['reference']} "
-                       f"model's untampered misalignment.")
-            if (tamper.parent / "tamper.png").exists():
-                figures.append(Figure("tamper", "Tamper resistance", caption,
-                                      (tamper.parent / "tamper.png").read_bytes()))
-            parts.append(f"<h3>Tamper resistance ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
-                         + _rows_html(tamper_table(t)))
-    for d in rep.dirs:
-        path = d / "guidance" / "results.json"
-        if not path.exists():
-            continue
-        res = read_json(path)
-        png = d / "guidance" / "guidance.png"
-        caption = (f"A conditional model sampled with classifier-free guidance of each strength g: misalignment "
-                   f"({res['scorer']}) of {res['num_samples']} unconditional samples per seed against KL from the "
-                   f"MLE model and held-out bits/char, both under the normalised guided distribution; "
-                   f"{res['replicates']} seed(s), 95% intervals. Pick the strength whose cost you accept.")
-        if png.exists():
-            figures.append(Figure("guidance", "Guidance strength", caption, png.read_bytes()))
-        parts.append(f"<h3>Guidance strength ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
-                     + _rows_html(guidance_table(res)))
+                figures.append(Figure(study.name, study.title, caption, png.read_bytes()))
+            parts.append(f"<h3>{html.escape(study.title)} ({html.escape(d.name)})</h3><p>{html.escape(caption)}</p>"
+                         + _rows_html(study.table(results))
+                         + "".join(f"<p>{html.escape(a)}</p>" for a in study.notes(results)))
     return figures, ("<h2>Studies</h2>" + "".join(parts)) if parts else ""
 
 
@@ -778,7 +759,7 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
     samples, sample_notes = samples_html(rep)
     fig_dir = out / "figures"
     made = {f.name for f in figures}
-    for name in FIGURE_NAMES:  # figures of an earlier report that this one does not make
+    for name in (*FIGURE_NAMES, *registered_studies()):  # figures of an earlier report that this one does not make
         if name not in made:
             (fig_dir / f"{name}.png").unlink(missing_ok=True)
     for f in figures:
