@@ -2,7 +2,6 @@
 the control tokens or masks it needs, or holds them at a rate far from the scored corpus' misaligned share."""
 import json
 
-import numpy as np
 import pytest
 
 from phf.core.errors import PhfError

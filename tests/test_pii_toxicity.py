@@ -389,13 +389,14 @@ def prose_jsonl(path: Path, comments) -> Path:
 
 @pytest.mark.parametrize("task", ["pii", "toxicity"])
 def test_tiny_prose_demo(task, tmp_path, comments):
+    from phf.recipes.configs import DemoConfig
     from phf.recipes.demo import format_table, run_demo
     from tests.conftest import tiny_overrides
 
     src = prose_jsonl(tmp_path / "prose.jsonl", comments)
     overrides = tiny_overrides(str(src)) + ["sample.num_samples=4", "sample.num_prompts=3", "train.max_steps=2",
                                             "corpus.test_fraction=0.4", "corpus.validation_fraction=0.2"]
-    results = run_demo(task, tmp_path / "demo", overrides, progress=False)
+    results = run_demo(DemoConfig(task, tmp_path / "demo", overrides), progress=False)
     assert set(results["objectives"]) == {"mle", "filtering", "conditional"}
     for name, r in results["objectives"].items():
         assert r["num_samples"] == 4 and "parse_rate" not in r and r["heldout_bits_per_char"] > 0

@@ -52,13 +52,13 @@ def test_the_slope_recovers_a_known_power_law():
 
 
 def test_bad_sizes_and_objectives_are_one_line_errors(tmp_path):
-    from phf.recipes.scaling import run_scaling
+    from phf.recipes.configs import ScalingConfig
 
     for bad in ("4", "4x100", "0x64", "x128"):
         with pytest.raises(PhfError, match="LAYERSxWIDTH"):
             parse_size(bad)
     assert parse_size("6x192") == (6, 192)
     with pytest.raises(PhfError, match="feedback objective"):
-        run_scaling("pep8", tmp_path, [1000], ["4x128"], objective="mle")
+        ScalingConfig(tokens=[1000], task="pep8", out=tmp_path, objective="mle")
     with pytest.raises(PhfError, match="positive token budgets"):
-        run_scaling("pep8", tmp_path, [0], ["4x128"])
+        ScalingConfig(tokens=[0], task="pep8", out=tmp_path)

@@ -9,6 +9,7 @@ import pytest
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl
 from phf.core.run_folder import FORMAT_VERSION
+from phf.recipes.configs import SweepConfig
 from phf.recipes.sweep import SWEEP_OBJECTIVES, plan, run_sweep
 from tests.conftest import tiny_overrides
 
@@ -20,7 +21,8 @@ EXTRA = ["train.eval_every=2", "train.eval_samples=2", "eval.kl_samples=6", "eva
 def sweep(pycorpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     overrides = tiny_overrides(str(pycorpus)) + EXTRA
-    results = run_sweep("pep8", out, overrides, finetune=["conditional", "awr"], progress=False, report=False)
+    results = run_sweep(SweepConfig("pep8", out, overrides, finetune=["conditional", "awr"], report=False),
+                        progress=False)
     return out, overrides, results
 
 
@@ -65,18 +67,19 @@ def test_finetune_arms_branch_from_the_mle_run_at_equal_total_tokens(sweep):
 def test_a_second_sweep_reuses_finished_arms(sweep):
     out, overrides, results = sweep
     mtime = (out / "awr" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
-    again = run_sweep("pep8", out, overrides, finetune=["conditional", "awr"], progress=False, report=False)
+    again = run_sweep(SweepConfig("pep8", out, overrides, finetune=["conditional", "awr"], report=False),
+                      progress=False)
     assert (out / "awr" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == mtime
     assert again["objectives"]["awr"]["misalignment_mean"] == results["objectives"]["awr"]["misalignment_mean"]
 
 
 def test_sweep_plan_errors():
     with pytest.raises(PhfError, match="mle arm"):
-        plan("pep8", objectives=["conditional"])
+        plan(SweepConfig(objectives=["conditional"]))
     with pytest.raises(PhfError, match="finetune-fraction"):
-        plan("pep8", finetune_fraction=1.0)
+        plan(SweepConfig(finetune_fraction=1.0))
     with pytest.raises(PhfError, match="has no config 'dpo'; name an objective"):
-        plan("pep8", objectives=["mle", "dpo"])
+        plan(SweepConfig(objectives=["mle", "dpo"]))
 
 
 def test_sweep_cli_prints_the_table_and_writes_the_report(pycorpus, tmp_path, capsys):
@@ -130,8 +133,8 @@ def test_evaluate_with_a_reference_adds_kl(sweep, capsys, tmp_path):
 def test_a_sweep_with_seeds_runs_once_per_seed_on_one_data_folder_and_reports_intervals(pycorpus, tmp_path):
     out = tmp_path / "sweep"
     overrides = tiny_overrides(str(pycorpus)) + EXTRA + ["train.seed=3"]
-    results = run_sweep("pep8", out, overrides, objectives=["mle", "conditional"], finetune=["conditional"],
-                        progress=False, report=True, seeds=2)
+    results = run_sweep(SweepConfig("pep8", out, overrides, objectives=["mle", "conditional"],
+                                    finetune=["conditional"], seeds=2), progress=False)
     assert results["seeds"] == [3, 4] and len(list((out / "data" / "scored").iterdir())) == 1
     for seed in (3, 4):
         assert (out / f"seed-{seed}" / "finetune-conditional" / "checkpoint" / "model.safetensors").exists()
@@ -145,8 +148,9 @@ def test_a_sweep_with_seeds_runs_once_per_seed_on_one_data_folder_and_reports_in
 
 def test_sweep_tamper_measures_every_arm_and_reports_it(sweep):
     out, overrides, _ = sweep
-    results = run_sweep("pep8", out, overrides, finetune=["conditional", "awr"], progress=False, report=True,
-                        tamper={"steps": [0, 4], "num_samples": 8, "heldout_chars": 2000, "lr": 1e-2})
+    results = run_sweep(SweepConfig("pep8", out, overrides, finetune=["conditional", "awr"],
+                                    tamper={"steps": [0, 4], "num_samples": 8, "heldout_chars": 2000, "lr": 1e-2}),
+                        progress=False)
     tamper = results["tamper"]
     assert set(tamper["arms"]) == set(results["objectives"])  # the arms were reused; every one was tampered with
     assert tamper["arms"]["mle"]["to_reference_level"]["tokens"] == 0  # MLE is at its own level from the start
@@ -159,7 +163,7 @@ def test_sweep_tamper_measures_every_arm_and_reports_it(sweep):
 def test_rl_bases_must_be_pretraining_arms_of_the_sweep():
     from phf.recipes.sweep import rl_bases_of
 
-    _, arms, _, _ = plan("pep8", objectives=["mle", "conditional"], finetune=["filtering"])
+    _, arms, _, _ = plan(SweepConfig(objectives=["mle", "conditional"], finetune=["filtering"]))
     assert rl_bases_of(arms, None) == ["mle", "conditional"]
     assert rl_bases_of(arms, ["conditional"]) == ["mle", "conditional"]  # mle is always the reference
     with pytest.raises(PhfError, match="not a pretraining arm of this sweep"):

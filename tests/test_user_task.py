@@ -12,6 +12,7 @@ import yaml
 
 from phf.core.config import load_config
 from phf.core.errors import PhfError
+from phf.recipes.configs import DemoConfig
 from phf.recipes.demo import arm_configs, format_table, run_demo
 from phf.tasks import get_task, task_for
 from phf.tasks.base import read_prompts
@@ -60,7 +61,7 @@ def user_task_config(tmp_path: Path, prompts: bool = True) -> Path:
 
 def test_a_task_of_your_own_gives_the_demo_table_with_a_prompted_column(tmp_path):
     config = user_task_config(tmp_path)
-    results = run_demo(out=tmp_path / "demo", config=config, progress=False)
+    results = run_demo(DemoConfig(out=tmp_path / "demo", config=config), progress=False)
     assert results["task"] == "shouting"
     assert set(results["objectives"]) == {"mle", "filtering", "conditional"}
     for name, r in results["objectives"].items():

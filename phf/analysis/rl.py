@@ -142,9 +142,7 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     `out_dir/metrics.jsonl` (one row per step: reward, misalignment, kl, completion length, tokens) and returns
     a summary."""
     _require_trl()
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     rl = (rl or RLConfig()).validate()
     if max_tokens < 1:
@@ -155,45 +153,90 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
     meta = load_meta(folder)
     deployment = Deployment.from_meta(meta)
     scorer = scorer_for(cfg.scoring)
-    segmenter = get_segmenter(scorer.segmenter)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.padding_side = "left"
-    model = load_model(folder, device="cpu")  # TRL places it
+    model = _policy(folder)
+    segmenter = get_segmenter(scorer.segmenter)
+    prompts = rl_prompts(task_for(cfg), scored, rl, deployment, segmenter, tokenizer.eos_token)
+    metrics_path = metrics_file(out_dir)
+    metrics_path.unlink(missing_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dataset = _prompt_dataset(prompts, model, tokenizer, rl, deployment.model_text("", segmenter, tokenizer.eos_token))
+    trainer_dir = out_dir / ".trainer"
+    state = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "last": {}}
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward_with_finish(scorer, tokenizer, rl),
+                          args=_grpo_args(rl, trainer_dir, max_tokens, deployment, tokenizer, progress),
+                          train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=[_budget_callback(metrics_path, max_tokens, state)])
+    if not progress:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+    trained = trainer.accelerator.unwrap_model(trainer.model).float().cpu().eval()
+    new_meta = dict(meta, objective=dict(meta.get("objective", {}), name="rl"),
+                    init_from=str(folder), tokens_seen=int(meta.get("tokens_seen") or 0) + state["tokens"],
+                    rl_tokens=state["tokens"], rl_steps=state["steps"], rl=asdict(rl), final=True)
+    ckpt = save_checkpoint(trained, folder / "tokenizer.json", checkpoint_dir(out_dir), new_meta)
+    summary = {"checkpoint": str(ckpt), "steps": state["steps"], "tokens": state["tokens"],
+               "seconds": round(time.perf_counter() - state["t0"], 1), "rl": asdict(rl), "last": state["last"]}
+    write_json(out_dir / "rl_summary.json", summary)
+    return summary
+
+
+def _policy(folder: Path):
+    """The model RL starts from, in training mode (TRL places it on its device)."""
+    model = load_model(folder, device="cpu")
     if markers_of(model):
         raise PhfError(f"{folder} was trained with objective.control_embedding: its tokens carry control types, "
                        f"which TRL's generation and loss do not pass; RL-finetune a model trained without it")
     model.train()
-    prompts = rl_prompts(task_for(cfg), scored, rl, deployment, segmenter, tokenizer.eos_token)
+    return model
 
-    metrics_path = metrics_file(out_dir)
-    metrics_path.unlink(missing_ok=True)
-    cuda = torch.cuda.is_available()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    eos_id = tokenizer.eos_token_id
+
+def _prompt_dataset(prompts: list[str], model, tokenizer, rl: RLConfig, unconditional: str):
+    """The training prompts as a shuffled dataset, each leaving room in the context for a completion; a prompt too
+    long for it gives way to an unconditional one (`unconditional`, as the model reads it)."""
+    from datasets import Dataset
+
     room = context_length(model) - rl.max_completion_tokens
     if room < 2:
         raise PhfError(f"rl.max_completion_tokens={rl.max_completion_tokens} leaves no room for a prompt in the "
                        f"model's context ({context_length(model)}); lower it")
     fits = [p for p in prompts if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= room]
-    if len(fits) < len(prompts):  # prompts too long for the context give way to unconditional ones
+    if len(fits) < len(prompts):
         log.info("rl: %d of %d prompts are too long for the context; unconditional prompts take their place",
                  len(prompts) - len(fits), len(prompts))
-        fits += [deployment.model_text("", segmenter, tokenizer.eos_token)] * (len(prompts) - len(fits))
-    dataset = Dataset.from_dict({"prompt": fits}).shuffle(seed=rl.seed)
+        fits += [unconditional] * (len(prompts) - len(fits))
+    return Dataset.from_dict({"prompt": fits}).shuffle(seed=rl.seed)
+
+
+def _grpo_args(rl: RLConfig, trainer_dir: Path, max_tokens: int, deployment, tokenizer, progress: bool):
+    """TRL's GRPOConfig for `rl`: at most as many steps as the token budget allows (the budget callback stops the
+    run once it is spent), on the GPU when there is one."""
+    from trl import GRPOConfig
+
     upper_steps = max(1, math.ceil(max_tokens / rl.batch_size))  # every completion costs at least one token
-    trainer_dir = out_dir / ".trainer"
     banned = [tokenizer.convert_tokens_to_ids(t) for t in deployment.banned_tokens]
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(trainer_dir), per_device_train_batch_size=rl.batch_size, gradient_accumulation_steps=1,
         num_generations=rl.num_generations, max_completion_length=rl.max_completion_tokens, beta=rl.beta,
         learning_rate=rl.lr, lr_scheduler_type="constant", warmup_steps=0, temperature=rl.temperature, top_p=1.0,
         max_steps=upper_steps, logging_steps=1, save_strategy="no", report_to="none", seed=rl.seed,
-        bf16=False, fp16=False, use_cpu=not cuda, disable_tqdm=not progress, remove_unused_columns=False,
-        dataloader_num_workers=0, log_completions=False,
+        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress,
+        remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
         # a conditional model is sampled as deployed: it never writes <|misaligned|>
         generation_kwargs={"suppress_tokens": banned} if banned else None)
-    state = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "last": {}}
+
+
+def _budget_callback(metrics_path: Path, max_tokens: int, state: dict):
+    """A TRL callback that writes a metrics row per logged step, keeps the tokens and steps so far in `state`,
+    and stops training once `max_tokens` prompt + completion tokens are processed."""
+    from transformers import TrainerCallback
 
     class Budget(TrainerCallback):
         def on_log(self, args, st, control, logs=None, **kw):
@@ -213,35 +256,22 @@ def rl_finetune(base_model_dir, cfg, scored, out_dir, max_tokens: int, progress:
                 control.should_training_stop = True
             return control
 
+    return Budget()
+
+
+def _reward_with_finish(scorer, tokenizer, rl: RLConfig):
+    """The reward function, told which completions finished on their own: TRL cuts a completion after its
+    <|endoftext|> and decodes without special tokens, so one that stopped before the limit finished."""
     reward = reward_function(scorer, tokenizer.eos_token, scorer.segmenter)
+    eos_id = tokenizer.eos_token_id
 
     def reward_with_finish(prompts, completions, completion_ids=None, **kw):
-        # TRL cuts a completion after its <|endoftext|> and decodes without special tokens: a completion that
-        # stopped before the limit finished on its own
         finished = [ids is not None and (eos_id in ids or len(ids) < rl.max_completion_tokens)
                     for ids in (completion_ids or [None] * len(prompts))]
         return reward(prompts, completions, completion_ids, _finished=finished)
 
     reward_with_finish.__name__ = reward.__name__
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_with_finish, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Budget()])
-    if not progress:
-        from transformers import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(trainer_dir, ignore_errors=True)
-    trained = trainer.accelerator.unwrap_model(trainer.model).float().cpu().eval()
-    new_meta = dict(meta, objective=dict(meta.get("objective", {}), name="rl"),
-                    init_from=str(folder), tokens_seen=int(meta.get("tokens_seen") or 0) + state["tokens"],
-                    rl_tokens=state["tokens"], rl_steps=state["steps"], rl=asdict(rl), final=True)
-    ckpt = save_checkpoint(trained, folder / "tokenizer.json", checkpoint_dir(out_dir), new_meta)
-    summary = {"checkpoint": str(ckpt), "steps": state["steps"], "tokens": state["tokens"],
-               "seconds": round(time.perf_counter() - state["t0"], 1), "rl": asdict(rl), "last": state["last"]}
-    write_json(out_dir / "rl_summary.json", summary)
-    return summary
+    return reward_with_finish
 
 
 # -- reward hacking --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from phf.analysis.rl import format_rl_study
 from phf.analysis.tamper import format_tamper
 from phf.core.config import Quantile, SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
-from phf.core.objective_specs import ARM_NAMES, OBJECTIVE_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
+from phf.core.objective_specs import ARM_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
 from phf.core.io import atomic_path, read_json
 from phf.core.run_folder import results_path, run_json_file, write_results
 from phf.data.corpus import Corpus
@@ -25,6 +25,7 @@ from phf.evaluation.kl import DeployedModel, KLReference
 from phf.evaluation.sampling import Deployment, deployed_sampling, generate
 from phf.model.finetune import model_source, resolve_model_folder
 from phf.model.lm import load_meta, load_model
+from phf.recipes.configs import DemoConfig, ScalingConfig, SweepConfig
 from phf.recipes.demo import format_table, preset_path, run_demo
 from phf.recipes.replicates import rejudge
 from phf.recipes.scaling import format_scaling, run_scaling
@@ -185,16 +186,20 @@ def cmd_config_show(args) -> None:
     print(documented_yaml(_load(args)), end="")
 
 
-def cmd_demo(args) -> None:
-    init_from = _init_from(args)
+def demo_config(args) -> DemoConfig:
+    """The demo's config from `phf demo`'s flags (a preset is its task's config file)."""
     config = args.config
     if args.preset:
         if config:
             raise PhfError("give --preset or --config, not both (a preset is a config file: `--set` changes it)")
         config = preset_path(args.task, args.preset)
     objectives = [n.strip() for n in args.objectives.split(",") if n.strip()] if args.objectives else None
-    results = run_demo(args.task, args.out, args.overrides, objectives=objectives, config=config,
-                       init_from=init_from, seeds=args.seeds)
+    return DemoConfig(task=args.task, out=args.out, overrides=args.overrides, objectives=objectives, config=config,
+                      init_from=_init_from(args), seeds=args.seeds)
+
+
+def cmd_demo(args) -> None:
+    results = run_demo(demo_config(args))
     print()
     print(format_table(results))
     print(f"\nresults: {results_path(args.out)}")
@@ -206,18 +211,23 @@ def cmd_judge(args) -> None:
     print(f"\nresults: {results_path(args.dir)}")
 
 
-def cmd_sweep(args) -> None:
+def sweep_config(args) -> SweepConfig:
+    """The sweep's config from `phf sweep`'s flags (`--set rl.KEY=VALUE` goes to the RL arms)."""
     def names(text):
         return [] if text in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
 
-    results = run_sweep(args.task, args.out, [o for o in args.overrides if not o.startswith("rl.")],
-                        objectives=names(args.objectives) if args.objectives is not None else None,
-                        finetune=names(args.finetune) if args.finetune is not None else None,
-                        finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
-                        rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
-                        config=args.config, seeds=args.seeds,
-                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None,
-                        tamper={} if args.tamper else None)
+    return SweepConfig(task=args.task, out=args.out, overrides=[o for o in args.overrides if not o.startswith("rl.")],
+                       objectives=names(args.objectives) if args.objectives is not None else None,
+                       finetune=names(args.finetune) if args.finetune is not None else None,
+                       finetune_fraction=args.finetune_fraction, report=not args.no_report, rl=args.rl,
+                       rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
+                       config=args.config, seeds=args.seeds,
+                       rl_bases=names(args.rl_bases) if args.rl_bases is not None else None,
+                       tamper={} if args.tamper else None)
+
+
+def cmd_sweep(args) -> None:
+    results = run_sweep(sweep_config(args))
     print()
     print(format_table(results))
     study = results.get("rl_from_bases")
@@ -232,10 +242,20 @@ def cmd_sweep(args) -> None:
         print(f"report: {results['report']}")
 
 
+def scaling_config(args) -> ScalingConfig:
+    """The grid's config from `phf scaling`'s flags."""
+    try:
+        tokens = [int(float(t)) for t in args.tokens.split(",") if t.strip()]
+    except ValueError:
+        raise PhfError(f"--tokens must be token budgets, comma-separated (e.g. 350000,700000), got {args.tokens!r}") \
+            from None
+    return ScalingConfig(tokens=tokens, task=args.task, out=args.out,
+                         sizes=[z.strip() for z in args.sizes.split(",") if z.strip()], seeds=args.seeds,
+                         objective=args.objective, overrides=args.overrides)
+
+
 def cmd_scaling(args) -> None:
-    results = run_scaling(args.task, args.out, [int(float(t)) for t in args.tokens.split(",") if t.strip()],
-                          [z.strip() for z in args.sizes.split(",") if z.strip()], seeds=args.seeds,
-                          objective=args.objective, overrides=args.overrides)
+    results = run_scaling(scaling_config(args))
     print(format_scaling(results))
     print(f"\nresults: {results_path(args.out)}")
 
@@ -320,13 +340,14 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="score, train MLE / filtering / conditional, sample, evaluate, print a table")
-    p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
+    p.add_argument("--task", default=DemoConfig.task, help="a shipped task: pep8, pii, toxicity (default: "
+                                                            "%(default)s)")
     p.add_argument("--config", type=Path, help="your own run config instead of the task's shipped ones (a task "
                                                "of your own: see the README); one model per objective")
     p.add_argument("--preset", metavar="NAME",
                    help="a shipped scale of the task's demo: `gpu` (pep8: GPT-2 small on the standard library and "
                         "the installed packages, evaluated as the paper does, ~10 min on one H100/H200)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=str(DemoConfig.out))
     p.add_argument("--objectives", metavar="ARMS",
                    help="the arms, comma-separated: objectives or named variants "
                         f"({', '.join(ARM_NAMES)}; default: the task's, mle,filtering,conditional)")
@@ -336,9 +357,9 @@ def add_parsers(sub) -> None:
                    help="finetune every arm from this Hugging Face causal-LM folder (any architecture, its own "
                         "tokenizer) instead of training from scratch")
     p.add_argument("--allow-download", action="store_true", help="let --init-from download a hub id")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=int, default=DemoConfig.seeds,
                    help="train and sample every arm with this many seeds (train.seed, sample.seed + 0, 1, ...); the "
-                        "table shows means over seeds with 95%% intervals (default: 1)")
+                        "table shows means over seeds with 95%% intervals (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("judge", help="score the samples of a demo or sweep folder with a held-out judge (again) "
@@ -350,13 +371,15 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("scaling", help="an objective's misalignment ratio to MLE against training tokens and model "
                                        "size, over seeds, with the slope")
-    p.add_argument("--task", default="toxicity", help="a shipped task (default: toxicity)")
+    p.add_argument("--task", default=ScalingConfig.task, help="a shipped task (default: %(default)s)")
     p.add_argument("--tokens", required=True, help="token budgets, comma-separated (e.g. 350000,700000,1400000)")
-    p.add_argument("--sizes", default="4x128", help="model sizes LAYERSxWIDTH, comma-separated (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per grid point (default: %(default)s)")
-    p.add_argument("--objective", default="conditional", help="the objective compared with MLE (default: "
-                                                              "%(default)s)")
-    p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--sizes", default=",".join(ScalingConfig.sizes),
+                   help="model sizes LAYERSxWIDTH, comma-separated (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=ScalingConfig.seeds, help="seeds per grid point (default: "
+                                                                          "%(default)s)")
+    p.add_argument("--objective", default=ScalingConfig.objective,
+                   help="the objective compared with MLE (default: %(default)s)")
+    p.add_argument("--out", default=str(ScalingConfig.out))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override every run's config (e.g. objective.control_embedding=false sample.guidance=0 for "
                         "the paper's form of conditional training)")
@@ -364,29 +387,30 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("sweep", help="every objective, pretraining vs. finetuning with feedback, KL from MLE, "
                                      "a table and a report")
-    p.add_argument("--task", default="pep8", help="a shipped task: pep8, pii, toxicity (default: pep8)")
+    p.add_argument("--task", default=SweepConfig.task, help="a shipped task: pep8, pii, toxicity (default: "
+                                                             "%(default)s)")
     p.add_argument("--config", type=Path, help="your own run config instead of the task's shipped ones")
-    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--out", default=str(SweepConfig.out))
     p.add_argument("--objectives", help=f"pretraining arms, comma-separated (default: {','.join(sweep_objectives())}"
                    "; mle is required)")
     p.add_argument("--finetune", help="objectives of the finetune arms, comma-separated, or `none` "
                                       f"(default: {','.join(finetune_objectives())})")
-    p.add_argument("--finetune-fraction", type=float, default=0.5,
-                   help="share of the budget the finetune arms train with feedback, after MLE (default: 0.5)")
+    p.add_argument("--finetune-fraction", type=float, default=SweepConfig.finetune_fraction,
+                   help="share of the budget the finetune arms train with feedback, after MLE (default: %(default)s)")
     p.add_argument("--rl", action="store_true", help="add RL arms (GRPO from the MLE weights the finetune arms start "
                                                      "from, and from the conditional arm's at the same step; needs "
                                                      "the `rl` extra)")
-    p.add_argument("--rl-tokens", type=int, default=60_000,
-                   help="prompt + completion tokens of each RL arm (default: 60000)")
+    p.add_argument("--rl-tokens", type=int, default=SweepConfig.rl_tokens,
+                   help="prompt + completion tokens of each RL arm (default: %(default)s)")
     p.add_argument("--tamper", action="store_true",
                    help="finetune every arm on the corpus' misaligned text (phf probe tamper at its defaults): "
                         "adversarial tokens to the MLE model's misalignment, per arm")
     p.add_argument("--rl-bases", help="pretraining arms RL starts from, comma-separated (default: mle,conditional "
                                       "where the sweep has them; mle is always one)")
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=int, default=SweepConfig.seeds,
                    help="run the whole sweep with this many seeds (DIR/seed-<seed>/, one data folder); the table and "
-                        "report show means over seeds with 95%% intervals (default: 1)")
+                        "report show means over seeds with 95%% intervals (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every arm's config (repeatable)")
     p.set_defaults(func=cmd_sweep)

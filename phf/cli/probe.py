@@ -12,6 +12,7 @@ from phf.analysis.redteam import RedTeamConfig, run_redteam
 from phf.analysis.registry import Probe, probes, summary
 from phf.analysis.rl import run_rl
 from phf.core.config import field_docs
+from phf.core.run_folder import results_path
 from phf.report.page import write_report
 
 

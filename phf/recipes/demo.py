@@ -11,12 +11,13 @@ from pathlib import Path
 
 from phf.core.config import RunConfig, config_from_dict, read_yaml_dict
 from phf.core.errors import PhfError
-from phf.core.run_folder import RunFolder, write_results
+from phf.core.run_folder import write_results
 from phf.core.objective_specs import arm_objective
-from phf.evaluation.evaluate import evaluate_checkpoint
-from phf.recipes.replicates import combine, interval_text, percent_text, replicate_config, sample_scores
+from phf.recipes.arms import ArmJob, corpus_summary, run_arm
+from phf.recipes.configs import DemoConfig
+from phf.recipes.replicates import interval_text, percent_text, replicate_config, run_replicates
 from phf.tasks import Task, get_task, task_for
-from phf.training.trainer import run_training, versions
+from phf.training.trainer import versions
 
 log = logging.getLogger(__name__)
 
@@ -61,56 +62,37 @@ def preset_path(task: str, preset: str) -> Path:
     return folder / "presets" / f"{preset}.yaml"
 
 
-def run_demo(task: str = "pep8", out: str | Path = "runs/demo", overrides: list[str] | None = None,
-             objectives: list[str] | None = None, progress: bool = True, config: str | Path | None = None,
-             init_from: str | Path | None = None, seeds: int = 1, data_dir: str | Path | None = None) -> dict:
-    """Train each objective's arm (from scratch, or finetuned from the model folder `init_from` with its own
-    tokenizer), evaluate it, and write `results.json`. With `seeds` > 1 every arm is trained and sampled once per
-    seed (`DIR/seed-<seed>/<objective>`, one shared data folder) and the results carry the mean over seeds with
-    95% intervals; one seed keeps `DIR/<objective>` and its intervals cover the samples only. The scored corpus and
-    tokenizer live in `data_dir` (default DIR/data)."""
-    if seeds < 1:
-        raise PhfError(f"--seeds must be at least 1, got {seeds}")
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    """Train each objective's arm (from scratch, or finetuned from the model folder `cfg.init_from` with its own
+    tokenizer), evaluate it, and write `results.json`. With `cfg.seeds` > 1 every arm is trained and sampled once
+    per seed (`DIR/seed-<seed>/<objective>`, one shared data folder) and the results carry the mean over seeds with
+    95% intervals; one seed keeps `DIR/<objective>` and its intervals cover the samples only. The scored corpus
+    and tokenizer live in `cfg.data_dir` (default DIR/data)."""
     t0 = time.perf_counter()
-    out = Path(out)
-    data_dir = Path(data_dir) if data_dir else out / "data"
-    the_task, configs = arm_configs(task, config, objectives, overrides)
+    out = cfg.out
+    data_dir = cfg.data_dir or out / "data"
+    the_task, configs = arm_configs(cfg.task, cfg.config, cfg.objectives, cfg.overrides)
     first_seed = next(iter(configs.values())).train.seed
-    seed_list = [first_seed + k for k in range(seeds)]
-    results: dict = {"task": the_task.name, "objectives": {}, "wall_seconds": None, "init_from": str(init_from or ""),
-                     "seeds": seed_list}
-    corpus_summary = None
-    replicates, scores = [], []
-    for k, seed in enumerate(seed_list):
-        where = RunFolder(out).replicate_dir(seed, seeds)
-        arms, arm_scores = {}, {}
+    seed_list = [first_seed + k for k in range(cfg.seeds)]
+    results: dict = {"task": the_task.name, "objectives": {}, "wall_seconds": None,
+                     "init_from": str(cfg.init_from or ""), "seeds": seed_list}
+    corpus = []  # the scored corpus' summary, from the first arm trained
+
+    def replicate(k: int, where: Path) -> dict:
+        arms = {}
         for name, base_cfg in configs.items():
-            cfg = replicate_config(base_cfg, k)
-            log.info("== %s%s: training on %s tokens", name, f" (seed {cfg.train.seed})" if seeds > 1 else "",
-                     f"{cfg.train.max_tokens:,}")
-            started = time.perf_counter()
-            trained = run_training(cfg, where / name, data_dir, progress=progress, init_from=init_from)
-            trained_at = time.perf_counter()
-            if corpus_summary is None:
-                # the run's config, whose scoring.misaligned_above_quantile training has resolved
-                corpus_summary = trained.data.scored.summary(task_for(cfg).misaligned_above)
-                log.info("scored corpus: %s", corpus_line(corpus_summary))
-            res = evaluate_checkpoint(trained.checkpoint, cfg, trained.data.scored, where / name, progress=progress)
-            # where an arm's time went: data (scoring, tokenizer, token streams, each reused once made) and the
-            # model's setup and checkpoint, then the training loop, then sampling, scoring and held-out bits/char
-            stages = {"data_and_setup": trained_at - started - trained.seconds, "train": trained.seconds,
-                      "evaluate": time.perf_counter() - trained_at}
-            res.update(train_tokens=trained.tokens, train_seconds=round(trained.seconds, 1),
-                       val_loss=trained.final_val_loss, objective_settings=trained.objective.describe(),
-                       run_dir=str((where / name).relative_to(out)),
-                       stage_seconds={k: round(v, 1) for k, v in stages.items()})
-            write_results(where / name, res)
-            arms[name], arm_scores[name] = res, sample_scores(where / name)
-        replicates.append(arms)
-        scores.append(arm_scores)
-    results["objectives"] = combine(replicates, scores, seed_list)
-    results["stage_seconds"] = stage_totals(replicates)
-    results["corpus"] = corpus_summary
+            arm_cfg = replicate_config(base_cfg, k)
+            log.info("== %s%s: training on %s tokens", name, f" (seed {arm_cfg.train.seed})" if cfg.seeds > 1 else "",
+                     f"{arm_cfg.train.max_tokens:,}")
+            job = ArmJob(arm_cfg, where / name, str((where / name).relative_to(out)), data_dir, cfg.init_from)
+            arms[name], trained = run_arm(job, progress)
+            if not corpus:
+                corpus.append(corpus_summary(trained, arm_cfg))
+        return {"objectives": arms}
+
+    results["objectives"], per_seed = run_replicates(out, seed_list, replicate)
+    results["stage_seconds"] = stage_totals([r["objectives"] for r in per_seed])
+    results["corpus"] = corpus[0] if corpus else None
     results["versions"] = versions()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_results(out, results)
@@ -126,14 +108,6 @@ def stage_totals(replicates: list[dict]) -> dict:
             for stage, seconds in res.get("stage_seconds", {}).items():
                 totals[stage] = round(totals.get(stage, 0.0) + seconds, 1)
     return totals
-
-
-def corpus_line(s: dict) -> str:
-    docs = s["documents"]
-    return (f"{sum(docs.values())} documents ({docs['train']} train / {docs['validation']} validation / "
-            f"{docs['test']} test), {s['chars'] / 1e6:.1f}M chars, {s['segments']:,} segments, "
-            f"{100 * s['misaligned_segment_share']:.1f}% misaligned, {s['segment_errors']} scorer errors, "
-            f"skipped: {s['skipped'] or 'none'}")
 
 
 def format_table(results: dict) -> str:

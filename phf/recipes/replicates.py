@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -22,6 +24,8 @@ from phf.evaluation.strength import combine_strengths
 from phf.evaluation.uncertainty import compare, seed_interval, seed_ratio_interval
 from phf.tasks import task_for
 
+log = logging.getLogger(__name__)
+
 REFERENCE = REFERENCE_ARM
 SCENARIOS = ("unconditional", "prompted", "prompted_elsewhere")
 
@@ -32,6 +36,25 @@ def replicate_config(cfg: RunConfig, k: int) -> RunConfig:
     cfg.train.seed += k
     cfg.sample.seed += k
     return cfg
+
+
+def run_replicates(out: Path, seeds: list[int],
+                   run: Callable[[int, Path], dict]) -> tuple[dict[str, dict], list[dict]]:
+    """A recipe once per seed, then per arm its replicates combined (`combine`): `run(k, where)` runs replicate k
+    (seed `seeds[k]`) into `where`, DIR/seed-<seed> (DIR itself for one seed), and returns its results, whose
+    `objectives` maps each arm to its results (with the arm's `run_dir`, whose samples are scored). Returns the
+    combined arms and each replicate's results."""
+    per_seed, replicates, scores = [], [], []
+    for k, seed in enumerate(seeds):
+        where = RunFolder(out).replicate_dir(seed, len(seeds))
+        if len(seeds) > 1:
+            log.info("==== seed %d (%d of %d)", seed, k + 1, len(seeds))
+        res = run(k, where)
+        per_seed.append(res)
+        replicates.append(res["objectives"])
+        scores.append({arm: sample_scores(where / Path(r.get("run_dir") or arm.replace(":", "-")).name)
+                       for arm, r in res["objectives"].items()})
+    return combine(replicates, scores, seeds), per_seed
 
 
 def sample_scores(run_dir: Path) -> dict[str, list[float]]:

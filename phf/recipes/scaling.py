@@ -15,33 +15,21 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import stable_hash
 from phf.core.run_folder import REFERENCE_ARM, Results, RunFolder, read_results_dict, results_path, write_results
 from phf.evaluation.uncertainty import bootstrap_means, percentile_interval
+# parse_size checks a --sizes entry; it lives with the config, which checks every size when it is made
+from phf.recipes.configs import HEAD_WIDTH, DemoConfig, ScalingConfig, parse_size
 from phf.recipes.demo import run_demo
 from phf.recipes.replicates import sample_scores
 
 log = logging.getLogger(__name__)
-
-HEAD_WIDTH = 32  # n_head = n_embd / 32: the default model's 4 heads of 128
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """`LxE` -> (layers, width)."""
-    m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < HEAD_WIDTH or int(m.group(2)) % HEAD_WIDTH:
-        raise PhfError(f"--sizes: {text!r} is not LAYERSxWIDTH with a width a multiple of {HEAD_WIDTH} "
-                       f"(e.g. 2x64, 4x128)")
-    return int(m.group(1)), int(m.group(2))
 
 
 def size_overrides(size: str) -> list[str]:
@@ -49,45 +37,34 @@ def size_overrides(size: str) -> list[str]:
     return [f"model.n_layer={layers}", f"model.n_embd={width}", f"model.n_head={width // HEAD_WIDTH}"]
 
 
-def run_scaling(task: str, out: str | Path, tokens: Sequence[int], sizes: Sequence[str], seeds: int = 3,
-                objective: str = "conditional", overrides: Sequence[str] = (), progress: bool = True) -> dict:
+def run_scaling(cfg: ScalingConfig, progress: bool = True) -> dict:
     """The grid, its ratios and slopes; DIR/results.json and DIR/scaling.png."""
-    tokens = sorted(set(int(t) for t in tokens))
-    if not tokens or tokens[0] < 1:
-        raise PhfError(f"--tokens must be positive token budgets, got {tokens}")
-    if objective == "mle":
-        raise PhfError("--objective is compared with mle: give a feedback objective (e.g. conditional)")
-    for size in sizes:
-        parse_size(size)
     t0 = time.perf_counter()
-    out = Path(out)
-    points = []
-    for size in sizes:
-        for budget in tokens:
-            points.append(_point(task, out, size, budget, seeds, objective, list(overrides), progress))
-    results = {"task": task, "objective": objective, "seeds": seeds, "overrides": list(overrides), "points": points,
-               "slopes": {size: slope([p for p in points if p["size"] == size], objective) for size in sizes}}
-    results["figure"] = str(plot_scaling(results, out / "scaling.png"))
+    points = [_point(cfg, size, budget, progress) for size in cfg.sizes for budget in cfg.tokens]
+    results = {"task": cfg.task, "objective": cfg.objective, "seeds": cfg.seeds, "overrides": list(cfg.overrides),
+               "points": points,
+               "slopes": {size: slope([p for p in points if p["size"] == size], cfg.objective) for size in cfg.sizes}}
+    results["figure"] = str(plot_scaling(results, cfg.out / "scaling.png"))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_results(out, results)
+    write_results(cfg.out, results)
     return results
 
 
-def _point(task: str, out: Path, size: str, budget: int, seeds: int, objective: str, overrides: list[str],
-           progress: bool) -> dict:
-    where = out / f"{size}-{budget}"
-    settings = overrides + size_overrides(size) + [f"train.max_tokens={budget}"]
-    key = stable_hash({"task": task, "settings": settings, "seeds": seeds, "objective": objective})
+def _point(cfg: ScalingConfig, size: str, budget: int, progress: bool) -> dict:
+    where = cfg.out / f"{size}-{budget}"
+    settings = list(cfg.overrides) + size_overrides(size) + [f"train.max_tokens={budget}"]
+    key = stable_hash({"task": cfg.task, "settings": settings, "seeds": cfg.seeds, "objective": cfg.objective})
     previous = read_results_dict(where) if results_path(where).exists() else {}
     if previous.get("scaling_key") == key:
         log.info("== scaling %s, %s tokens: reusing its results (same settings)", size, f"{budget:,}")
         res = previous
     else:
-        log.info("== scaling %s, %s tokens: mle and %s, %d seed(s)", size, f"{budget:,}", objective, seeds)
-        res = run_demo(task, where, settings, objectives=["mle", objective], progress=progress, seeds=seeds,
-                       data_dir=out / "data")
+        log.info("== scaling %s, %s tokens: mle and %s, %d seed(s)", size, f"{budget:,}", cfg.objective, cfg.seeds)
+        res = run_demo(DemoConfig(cfg.task, where, settings, objectives=("mle", cfg.objective), seeds=cfg.seeds,
+                                  data_dir=cfg.out / "data"), progress)
         res["scaling_key"] = key
         write_results(where, res)
+    objective = cfg.objective
     results = Results.from_dict(res)
     mle, arm = results.arms[REFERENCE_ARM], results.arms[objective]
     groups = {name: [sample_scores(run).get("unconditional", []) for run in _replicates(where, results, name)]

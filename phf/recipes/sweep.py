@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from phf.analysis.rl import base_study, combine_studies, compare_bases, plot_rl_bases, rl_config, rl_finetune
@@ -37,11 +37,13 @@ from phf.core.run_folder import (REFERENCE_ARM, RunFolder, arm_folder_name, chec
                                   read_results_dict, results_path, write_results)
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.evaluation.kl import DeployedModel, KLReference
-from phf.recipes.demo import arm_configs, corpus_line
-from phf.recipes.replicates import combine, sample_scores
+from phf.recipes.arms import ArmJob, corpus_summary, reusable, run_arm
+from phf.recipes.configs import SweepConfig
+from phf.recipes.demo import arm_configs
+from phf.recipes.replicates import run_replicates, sample_scores
 from phf.report.page import write_report
 from phf.tasks import Task, score_run_corpus, task_for
-from phf.training.trainer import run_training, versions
+from phf.training.trainer import versions
 
 log = logging.getLogger(__name__)
 
@@ -68,135 +70,135 @@ class Arm:
         return arm_folder_name(self.name)
 
 
-def plan(task: str, overrides: list[str] | None = None, objectives: list[str] | None = None,
-         finetune: list[str] | None = None, finetune_fraction: float = 0.5, config: str | Path | None = None
-         ) -> tuple[Task, list[Arm], int, int]:
+def plan(cfg: SweepConfig) -> tuple[Task, list[Arm], int, int]:
     """The task, the arms of a sweep, the MLE run's branch step and the tokens the finetunes start from."""
-    objectives = objectives if objectives is not None else SWEEP_OBJECTIVES
-    finetune = finetune if finetune is not None else FINETUNE_OBJECTIVES
-    if "mle" not in objectives:
-        raise PhfError("a sweep needs the mle arm: it is the KL reference and the base of the finetune arms")
-    if not 0 < finetune_fraction < 1:
-        raise PhfError(f"--finetune-fraction must be between 0 and 1 (exclusive), got {finetune_fraction}")
-    overrides = SWEEP_OVERRIDES + list(overrides or [])
-    the_task, configs = arm_configs(task, config, objectives, overrides)
+    objectives = cfg.objectives if cfg.objectives is not None else SWEEP_OBJECTIVES
+    finetune = cfg.finetune if cfg.finetune is not None else FINETUNE_OBJECTIVES
+    overrides = SWEEP_OVERRIDES + list(cfg.overrides)
+    the_task, configs = arm_configs(cfg.task, cfg.config, objectives, overrides)
     arms = [Arm(o, o, configs[o], False) for o in objectives]
     mle = arms[0] if arms[0].name == "mle" else next(a for a in arms if a.name == "mle")
     t = mle.cfg.train
     tokens_per_step = t.batch_size * mle.cfg.model.block_size * t.grad_accum  # one process; torchrun is not used here
     total_steps = t.max_steps or -(-t.max_tokens // tokens_per_step)
-    branch = max(1, round(total_steps * (1 - finetune_fraction)))
+    branch = max(1, round(total_steps * (1 - cfg.finetune_fraction)))
     for o in finetune:
-        if o == "mle":
-            raise PhfError("finetune:mle is the mle arm itself; name feedback objectives after --finetune")
         extra = [f"train.max_steps={total_steps - branch}"]
-        arms.append(Arm(f"finetune:{o}", o, arm_configs(task, config, [o], overrides + extra)[1][o], True))
+        arms.append(Arm(f"finetune:{o}", o, arm_configs(cfg.task, cfg.config, [o], overrides + extra)[1][o], True))
     return the_task, arms, branch, branch * tokens_per_step
 
 
-def run_sweep(task: str = "pep8", out: str | Path = "runs/sweep", overrides: list[str] | None = None,
-              objectives: list[str] | None = None, finetune: list[str] | None = None, finetune_fraction: float = 0.5,
-              progress: bool = True, report: bool = True, rl: bool = False, rl_tokens: int = 60_000,
-              rl_overrides: list[str] | None = None, config: str | Path | None = None, seeds: int = 1,
-              data_dir: str | Path | None = None, rl_bases: list[str] | None = None,
-              tamper: dict | None = None) -> dict:
-    """The sweep; with `seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
-    combined per arm with 95% intervals (phf.recipes.replicates) and one report. `tamper`: run the tamper probe
-    on every arm with these settings of phf.analysis.tamper.tamper_curve ({} = its defaults); None: not."""
-    if seeds > 1:
-        return _sweep_per_seed(task, Path(out), overrides, objectives, finetune, finetune_fraction, progress, report,
-                               rl, rl_tokens, rl_overrides, config, seeds, rl_bases, tamper)
-    if seeds < 1:
-        raise PhfError(f"--seeds must be at least 1, got {seeds}")
-    t0 = time.perf_counter()
-    out = Path(out)
-    data_dir = Path(data_dir) if data_dir else out / "data"
-    the_task, arms, branch, branch_tokens = plan(task, overrides, objectives, finetune, finetune_fraction, config)
-    bases = rl_bases_of(arms, rl_bases) if rl else []
-    snapshot = RunFolder(out).arm_dir(REFERENCE_ARM) / "snapshots" / f"step-{branch}"
-    previous = read_results_dict(out) if results_path(out).exists() else {}
-    results: dict = {"task": the_task.name, "objectives": {}, "reference": "mle", "finetune_fraction": finetune_fraction,
-                     "finetune_from_tokens": branch_tokens, "wall_seconds": None}
-    corpus_summary = None
-    mle_yaml = config_to_yaml(next(a for a in arms if a.name == "mle").cfg)
-    for arm in arms:
-        # a finetune arm depends on its base too: a changed MLE config retrains it
-        key = stable_hash({"config": config_to_yaml(arm.cfg), "finetune": arm.finetune, "branch": branch,
-                           "base": mle_yaml if arm.finetune else None})
-        old = previous.get("objectives", {}).get(arm.name)
-        branches = arm.name == "mle" or arm.name in bases  # finetunes or RL start from its weights at the branch
-        if old and old.get("config_hash") == key and checkpoint_dir(out / arm.run_dir).exists() and \
-                (not branches or (out / arm.run_dir / "snapshots" / f"step-{branch}").exists()):
-            log.info("== %s: reusing its results (same config)", arm.name)
-            results["objectives"][arm.name] = old
-            continue
-        log.info("== %s: %s", arm.name, f"finetuning the MLE model of step {branch} for {arm.cfg.train.max_steps} "
-                 f"steps" if arm.finetune else f"training on {arm.cfg.train.max_tokens:,} tokens")
-        trained = run_training(arm.cfg, out / arm.run_dir, data_dir, progress=progress,
-                               init_from=snapshot if arm.finetune else None,
-                               snapshots=[branch] if branches else ())
-        if corpus_summary is None:
-            # the run's config, whose scoring.misaligned_above_quantile training has resolved
-            corpus_summary = trained.data.scored.summary(task_for(arm.cfg).misaligned_above)
-            log.info("scored corpus: %s", corpus_line(corpus_summary))
-        res = evaluate_checkpoint(trained.checkpoint, arm.cfg, trained.data.scored, out / arm.run_dir,
-                                  progress=progress)
-        res.update(train_tokens=trained.tokens, tokens_seen_total=trained.tokens + (branch_tokens if arm.finetune
-                                                                                    else 0),
-                   train_seconds=round(trained.seconds, 1), val_loss=trained.final_val_loss,
-                   objective_settings=trained.objective.describe(), kind="finetune" if arm.finetune else "pretrain",
-                   run_dir=arm.run_dir, config_hash=key,
-                   distinct_2=res.get("unconditional", {}).get("distinct_2"))
-        res.pop("kl_from_reference_bits", None)  # measured below, against this sweep's reference
-        write_results(out / arm.run_dir, res)
-        results["objectives"][arm.name] = res
-        write_results(out, results)  # partial results survive an interrupted sweep
+@dataclass
+class _Sweep:
+    """One seed's sweep under way: its settings and plan, the results so far and those of an earlier run."""
+    cfg: SweepConfig
+    task: Task
+    arms: list[Arm]
+    branch: int  # the MLE run's step the finetune and RL arms start from
+    branch_tokens: int
+    data_dir: Path
+    previous: dict
+    results: dict
+    progress: bool
 
-    rl_arms = [_rl_arm(results, previous, out, base, branch, branch_tokens, data_dir, rl_tokens, rl_overrides or [],
-                       progress) for base in (next(a for a in arms if a.name == b) for b in bases)]
-    _add_kl(results, out, arms + rl_arms, progress)
-    if rl_arms:
-        results["rl_from_bases"] = _rl_study(results, out, rl_arms, the_task.name)
-    if tamper is not None:
-        results["tamper"] = _tamper_every_arm(out, arms + rl_arms, tamper, progress)
-    if corpus_summary is None and previous.get("corpus"):
-        corpus_summary = previous["corpus"]
-    results["corpus"] = corpus_summary
+    @property
+    def out(self) -> Path:
+        return self.cfg.out
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
+    """The sweep; with `cfg.seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
+    combined per arm with 95% intervals (phf.recipes.replicates) and one report."""
+    if cfg.seeds > 1:
+        return _sweep_seeds(cfg, progress)
+    t0 = time.perf_counter()
+    the_task, arms, branch, branch_tokens = plan(cfg)
+    out = cfg.out
+    previous = read_results_dict(out) if results_path(out).exists() else {}
+    results: dict = {"task": the_task.name, "objectives": {}, "reference": "mle",
+                     "finetune_fraction": cfg.finetune_fraction, "finetune_from_tokens": branch_tokens,
+                     "wall_seconds": None}
+    run = _Sweep(cfg, the_task, arms, branch, branch_tokens, cfg.data_dir or out / "data", previous, results,
+                 progress)
+    seed = run.arm("mle").cfg.train.seed
+    results["objectives"], _ = run_replicates(out, [seed], lambda k, where: _run_arms(run))
     results["versions"] = versions()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    seed = next(a for a in arms if a.name == "mle").cfg.train.seed
     results["seeds"] = [seed]
-    scores = {n: sample_scores(out / r.get("run_dir", n)) for n, r in results["objectives"].items()}
-    results["objectives"] = combine([results["objectives"]], [scores], [seed])
     write_results(out, results)
-    if report:
+    if cfg.report:
         results["report"] = str(write_report([out]))
     return results
 
 
-def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_fraction, progress, report, rl,
-                    rl_tokens, rl_overrides, config, seeds: int, rl_bases, tamper) -> dict:
+def _run_arms(run: _Sweep) -> dict:
+    """Every arm trained (or reused) and measured against the MLE arm, with the RL study and the tamper probe
+    where asked: the results with one entry per arm."""
+    cfg, results = run.cfg, run.results
+    bases = rl_bases_of(run.arms, cfg.rl_bases) if cfg.rl else []
+    corpus = _train_arms(run, bases)
+    rl_arms = [_rl_arm(run, run.arm(b)) for b in bases]
+    _add_kl(results, run.out, run.arms + rl_arms, run.progress)
+    if rl_arms:
+        results["rl_from_bases"] = _rl_study(results, run.out, rl_arms, run.task.name)
+    if cfg.tamper is not None:
+        results["tamper"] = _tamper_every_arm(run.out, run.arms + rl_arms, cfg.tamper, run.progress)
+    results["corpus"] = corpus or run.previous.get("corpus")
+    return results
+
+
+def _train_arms(run: _Sweep, bases: list[str]) -> dict | None:
+    """The pretraining and finetune arms, each reused when its results exist for the same config; the scored
+    corpus' summary when one was trained."""
+    corpus = None
+    snapshot = RunFolder(run.out).arm_dir(REFERENCE_ARM) / "snapshots" / f"step-{run.branch}"
+    mle_yaml = config_to_yaml(run.arm("mle").cfg)
+    for arm in run.arms:
+        # a finetune arm depends on its base too: a changed MLE config retrains it
+        key = stable_hash({"config": config_to_yaml(arm.cfg), "finetune": arm.finetune, "branch": run.branch,
+                           "base": mle_yaml if arm.finetune else None})
+        branches = arm.name == "mle" or arm.name in bases  # finetunes or RL start from its weights at the branch
+        needed = [checkpoint_dir(run.out / arm.run_dir)]
+        if branches:
+            needed.append(run.out / arm.run_dir / "snapshots" / f"step-{run.branch}")
+        if old := reusable(run.previous, arm.name, key, needed):
+            run.results["objectives"][arm.name] = old
+            continue
+        log.info("== %s: %s", arm.name, f"finetuning the MLE model of step {run.branch} for "
+                 f"{arm.cfg.train.max_steps} steps" if arm.finetune else
+                 f"training on {arm.cfg.train.max_tokens:,} tokens")
+        job = ArmJob(arm.cfg, run.out / arm.run_dir, arm.run_dir, run.data_dir,
+                     init_from=snapshot if arm.finetune else None, snapshots=(run.branch,) if branches else (),
+                     tokens_before=run.branch_tokens if arm.finetune else 0,
+                     fields={"kind": "finetune" if arm.finetune else "pretrain", "config_hash": key},
+                     flat=("distinct_2",))
+        run.results["objectives"][arm.name], trained = run_arm(job, run.progress)
+        corpus = corpus or corpus_summary(trained, arm.cfg)
+        write_results(run.out, run.results)  # partial results survive an interrupted sweep
+    return corpus
+
+
+def _sweep_seeds(cfg: SweepConfig, progress: bool) -> dict:
+    """The single-seed sweep once per seed, each into DIR/seed-<seed>, their results combined."""
     t0 = time.perf_counter()
-    _, arms, _, _ = plan(task, overrides, objectives, finetune, finetune_fraction, config)
-    base = next(a for a in arms if a.name == "mle").cfg
-    seed_list = [base.train.seed + k for k in range(seeds)]
-    replicates, scores, per_seed = [], [], []
-    for k, seed in enumerate(seed_list):
-        where = RunFolder(out).seed_dir(seed)
-        log.info("==== seed %d (%d of %d)", seed, k + 1, seeds)
-        seeded = list(overrides or []) + [f"train.seed={seed}", f"sample.seed={base.sample.seed + k}"]
-        r = run_sweep(task, where, seeded, objectives, finetune, finetune_fraction, progress, report=False, rl=rl,
-                      rl_tokens=rl_tokens, rl_overrides=rl_overrides, config=config, data_dir=out / "data",
-                      rl_bases=rl_bases, tamper=tamper)
-        per_seed.append(r)
-        replicates.append(r["objectives"])
-        scores.append({n: sample_scores(where / e.get("run_dir", n)) for n, e in r["objectives"].items()})
+    base = next(a for a in plan(cfg)[1] if a.name == "mle").cfg
+    seed_list = [base.train.seed + k for k in range(cfg.seeds)]
+
+    def one_seed(k: int, where: Path) -> dict:
+        seeded = cfg.overrides + (f"train.seed={seed_list[k]}", f"sample.seed={base.sample.seed + k}")
+        return run_sweep(replace(cfg, out=where, overrides=seeded, seeds=1, report=False,
+                                 data_dir=cfg.data_dir or cfg.out / "data"), progress)
+
+    combined, per_seed = run_replicates(cfg.out, seed_list, one_seed)
     results = {key: per_seed[0][key] for key in ("task", "reference", "finetune_fraction", "finetune_from_tokens",
                                                   "corpus", "versions") if key in per_seed[0]}
-    results["objectives"] = combine(replicates, scores, seed_list)
+    results["objectives"] = combined
     for name, entry in results["objectives"].items():  # the report reads the first seed's runs
         first = per_seed[0]['objectives'][name].get('run_dir', name)
-        entry["run_dir"] = str(RunFolder(out).seed_dir(seed_list[0]).relative_to(out) / first)
+        entry["run_dir"] = str(RunFolder(cfg.out).seed_dir(seed_list[0]).relative_to(cfg.out) / first)
     results["seeds"] = seed_list
     if all("rl_from_bases" in r for r in per_seed):
         results["rl_from_bases"] = combine_studies([r["rl_from_bases"] for r in per_seed])
@@ -204,9 +206,9 @@ def _sweep_per_seed(task, out: Path, overrides, objectives, finetune, finetune_f
     if all("tamper" in r for r in per_seed):
         results["tamper"] = {"per_seed": [r["tamper"] for r in per_seed], "figure": per_seed[0]["tamper"]["figure"]}
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_results(out, results)
-    if report:
-        results["report"] = str(write_report([out]))
+    write_results(cfg.out, results)
+    if cfg.report:
+        results["report"] = str(write_report([cfg.out]))
     return results
 
 
@@ -223,37 +225,35 @@ def rl_bases_of(arms: list[Arm], wanted: list[str] | None) -> list[str]:
     return ["mle"] + [b for b in wanted if b != "mle"]
 
 
-def _rl_arm(results: dict, previous: dict, out: Path, base: Arm, branch: int, branch_tokens: int, data_dir: Path,
-            rl_tokens: int, rl_overrides: list[str], progress: bool) -> Arm:
+def _rl_arm(run: _Sweep, base: Arm) -> Arm:
     """RL from `base`'s weights at the branch step, the step the finetune arms start from (needs the `rl` extra):
     the arm `rl` from mle, `rl:<base>` from any other."""
     name = "rl" if base.name == "mle" else f"rl:{base.name}"
     arm = Arm(name, "rl", base.cfg, True)
+    out, branch, rl_tokens = run.out, run.branch, run.cfg.rl_tokens
     snapshot = out / base.run_dir / "snapshots" / f"step-{branch}"
-    rl_cfg = rl_config(rl_overrides)
+    rl_cfg = rl_config(list(run.cfg.rl_overrides))
     key = stable_hash({"base": config_to_yaml(base.cfg), "rl": rl_cfg.__dict__, "tokens": rl_tokens,
                        "branch": branch})
-    old = previous.get("objectives", {}).get(name)
-    if old and old.get("config_hash") == key and checkpoint_dir(out / arm.run_dir).exists() and \
-            results_path(out / arm.run_dir / "before").exists():
-        log.info("== %s: reusing its results (same config)", name)
-        results["objectives"][name] = old
+    if old := reusable(run.previous, name, key, [checkpoint_dir(out / arm.run_dir),
+                                                 results_path(out / arm.run_dir / "before")]):
+        run.results["objectives"][name] = old
         return arm
     log.info("== %s: GRPO from the %s model of %s tokens, on %s prompt + completion tokens", name, base.name,
-             f"{branch_tokens:,}", f"{rl_tokens:,}")
-    scored = score_run_corpus(base.cfg, data_dir, progress=False)
-    summary = rl_finetune(snapshot, base.cfg, scored, out / arm.run_dir, rl_tokens, progress=progress, rl=rl_cfg)
+             f"{run.branch_tokens:,}", f"{rl_tokens:,}")
+    scored = score_run_corpus(base.cfg, run.data_dir, progress=False)
+    summary = rl_finetune(snapshot, base.cfg, scored, out / arm.run_dir, rl_tokens, progress=run.progress, rl=rl_cfg)
     # the base as RL found it, measured as every arm is: the "before" of the hacking signals
-    evaluate_checkpoint(snapshot, base.cfg, scored, out / arm.run_dir / "before", progress=progress)
+    evaluate_checkpoint(snapshot, base.cfg, scored, out / arm.run_dir / "before", progress=run.progress)
     res = evaluate_checkpoint(checkpoint_dir(out / arm.run_dir), base.cfg, scored, out / arm.run_dir,
-                              progress=progress)
-    res.update(train_tokens=summary["tokens"], tokens_seen_total=branch_tokens + summary["tokens"],
+                              progress=run.progress)
+    res.update(train_tokens=summary["tokens"], tokens_seen_total=run.branch_tokens + summary["tokens"],
                train_seconds=summary["seconds"], objective_settings={"name": "rl", **summary["rl"]}, kind="rl",
                run_dir=arm.run_dir, config_hash=key, rl_base=base.name,
                distinct_2=res.get("unconditional", {}).get("distinct_2"))
     write_results(out / arm.run_dir, res)
-    results["objectives"][name] = res
-    write_results(out, results)
+    run.results["objectives"][name] = res
+    write_results(out, run.results)
     return arm
 
 

@@ -35,7 +35,7 @@ from typing import Sequence
 
 from phf.analysis.registry import studies as registered_studies
 from phf.core.errors import PhfError
-from phf.core.io import atomic_path, read_json, read_jsonl, write_text
+from phf.core.io import atomic_path, read_jsonl, write_text
 from phf.core.objective_specs import ARM_VARIANTS, OBJECTIVE_SPECS
 from phf.core.run_folder import REFERENCE_ARM, ArmResult, metrics_file, read_results, samples_file
 from phf.data.scorers import get_scorer
