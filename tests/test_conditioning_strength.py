@@ -156,3 +156,31 @@ def test_seeds_combine_into_an_interval_over_seeds_and_learned_is_judged_on_it()
     assert replicates([-0.3, 0.0, 0.3])["conditional"]["conditioning_strength"]["learned"] is False
     one = replicates([0.6])["conditional"]["conditioning_strength"]
     assert one["misaligned"]["ci95"] == strength_block(0.6)["misaligned"]["ci95"]  # its interval over segments
+
+
+def test_a_cooldown_arm_read_unconditioned_is_compared_with_mles_samples_over_seeds():
+    """Over seeds, the cooldown arm's samples without control tokens get an interval and a ratio to MLE's
+    unconditional samples (by the training scorer and the judge), and the demo's notes show the ratio."""
+    from phf.recipes.replicates import combine
+
+    rng = np.random.default_rng(1)
+    mle_scores = [rng.uniform(0.4, 0.6, 40).tolist() for _ in range(3)]
+    cool_scores = [rng.uniform(0.1, 0.3, 40).tolist() for _ in range(3)]
+    reps = [{"mle": {"misalignment_mean": float(np.mean(m)), "heldout_bits_per_char": 2.0},
+             "conditional-cooldown": {"misalignment_mean": 0.3, "heldout_bits_per_char": 2.0,
+                                      "unconditioned": {"misalignment_mean": float(np.mean(c)),
+                                                        "heldout_bits_per_char": 2.1,
+                                                        "judge": {"judge_misalignment_mean": float(np.mean(c))}}}}
+            for m, c in zip(mle_scores, cool_scores)]
+    scores = [{"mle": {"unconditional": m, "judge/unconditional": m},
+               "conditional-cooldown": {"unconditioned": c, "judge/unconditioned": c}}
+              for m, c in zip(mle_scores, cool_scores)]
+    u = combine(reps, scores, [1, 2, 3])["conditional-cooldown"]["unconditioned"]
+    expected = np.mean([np.mean(c) for c in cool_scores]) / np.mean([np.mean(m) for m in mle_scores])
+    assert u["misalignment_ratio_to_mle"] == pytest.approx(expected)
+    assert u["misalignment_ratio_ci95"][0] < expected < u["misalignment_ratio_ci95"][1] < 1
+    assert u["misalignment_distinguishable_from_mle"] is True
+    assert u["judge"]["judge_misalignment_ratio_to_mle"] == pytest.approx(expected)
+    results = {"objectives": combine(reps, scores, [1, 2, 3]), "seeds": [1, 2, 3]}
+    results["objectives"]["conditional-cooldown"]["conditioning_strength"] = strength_block(0.5)
+    assert f"{expected:.2f}x" in format_table(results).split("read without control tokens (cooldown)")[1]

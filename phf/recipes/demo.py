@@ -182,8 +182,10 @@ def strength_notes(results: dict) -> list[str]:
         lines.append(line)
         u = r.get("unconditioned")
         if u:
+            ratio = (f", {interval_text(u['misalignment_ratio_to_mle'], u.get('misalignment_ratio_ci95'))} MLE's"
+                     if _finite(u.get("misalignment_ratio_to_mle")) else "")
             lines.append(f"  {name} read without control tokens (cooldown): misalignment "
-                         f"{_fmt(u.get('misalignment_mean'), '.5f')} (conditioned "
+                         f"{_fmt(u.get('misalignment_mean'), '.5f')}{ratio} (conditioned "
                          f"{_fmt(r.get('misalignment_mean'), '.5f')}), held-out bits/char "
                          f"{_fmt(u.get('heldout_bits_per_char'), '.4f')} (conditioned "
                          f"{_fmt(r.get('heldout_bits_per_char'), '.4f')})")

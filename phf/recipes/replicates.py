@@ -125,8 +125,27 @@ def combine(replicates: list[dict[str, dict]], scores: list[dict[str, dict[str, 
                                    [r[REFERENCE] for r in replicates if REFERENCE in r], rng))
         if all("conditioning_strength" in e for e in entries):  # its interval over seeds, not the first seed's
             res["conditioning_strength"] = combine_strengths([e["conditioning_strength"] for e in entries], rng)
+        _unconditioned_fields(res, arm, scores, is_reference, rng)
         combined[arm] = res
     return combined
+
+
+def _unconditioned_fields(res: dict, arm: str, scores: list[dict], is_reference: bool,
+                          rng: np.random.Generator) -> None:
+    """A cooldown arm read without control tokens (scenario `unconditioned`): its interval, and its ratio to MLE's
+    unconditional samples, by the training scorer and the judge (drawn last: the other fields' intervals stay as
+    they were)."""
+    block = res.get("unconditioned")
+    if not isinstance(block, dict):
+        return
+    for key, into, prefix in (("unconditioned", block, "misalignment"),
+                              ("judge/unconditioned", block.get("judge"), "judge_misalignment")):
+        groups = [s[arm].get(key, []) for s in scores if arm in s]
+        if not any(groups) or not isinstance(into, dict):
+            continue
+        reference = None if is_reference else [s[REFERENCE].get(key.replace("unconditioned", "unconditional"), [])
+                                                for s in scores]
+        into.update(compare(groups, reference, rng, prefix))
 
 
 def _judge_fields(res: dict, arm: str, scenario: str, scores: list[dict], is_reference: bool,

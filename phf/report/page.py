@@ -487,6 +487,10 @@ COLUMNS = [
     ("prompted mean", ("prompted", "misalignment_mean"), "{:.4g}", "x"),
     ("prompts from elsewhere", ("prompted_elsewhere", "misalignment_mean"), "{:.4g}", "x"),
     ("judge", ("judge", "judge_misalignment_mean"), "{:.4g}", "x"),
+    ("read without control tokens", ("unconditioned", "misalignment_mean"), "{:.4g}", "x"),
+    ("strength, misaligned segments (nats)", ("conditioning_strength", "misaligned", "nats_per_segment"), "{:+.3f}",
+     None),
+    ("strength, aligned segments (nats)", ("conditioning_strength", "aligned", "nats_per_segment"), "{:+.3f}", None),
     ("KL from mle, bits/char", ("kl_from_reference_bits",), "{:.4f}", None),
     ("held-out bits/char", ("heldout_bits_per_char",), "{:.4f}", "%"),
     ("distinct-2", ("distinct_2",), "{:.3f}", None),
@@ -508,6 +512,8 @@ def _get(entry: dict | None, path: tuple[str, ...]) -> float | None:
     return _num(v)
 
 
+# a figure's interval where it is not `<figure>_ci95` (conditioning strength's, phf.evaluation.strength)
+INTERVAL_FIELDS = {"nats_per_segment": "ci95"}
 # the interval fields of a figure (phf.recipes.replicates): misalignment_mean -> misalignment_ratio_ci95
 RATIO_FIELDS = {"misalignment_mean": "misalignment", "heldout_bits_per_char": "heldout",
                 "judge_misalignment_mean": "judge_misalignment"}
@@ -554,7 +560,7 @@ def table_html(rep: Report) -> str:
             stderr = _get(a.entry, ("kl_stderr_bits",)) if path == ("kl_from_reference_bits",) else None
             if stderr is not None and a.name != REFERENCE:
                 text += f" ± {stderr:.4f}"
-            interval = _get_list(a.entry, path[:-1] + (path[-1] + "_ci95",))
+            interval = _get_list(a.entry, path[:-1] + (INTERVAL_FIELDS.get(path[-1], path[-1] + "_ci95"),))
             if interval:
                 text += f" <small>[{fmt.format(interval[0])}, {fmt.format(interval[1])}]</small>"
             ref = _get(a.reference, path)
