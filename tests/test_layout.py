@@ -177,3 +177,32 @@ def test_no_objective_list_outside_the_registry():
             if len(named) >= 3:
                 wrong.append(f"{name}:{node.lineno} lists {sorted(named)}")
     assert not wrong, "objectives listed outside the registry:\n" + "\n".join(wrong)
+
+
+MAX_LINES, MAX_PARAMETERS = 60, 8
+# Argument parsing is a list of flags, read top to bottom; it is the one place a long function reads well.
+PARSING = {"add_parsers", "add_config_arguments"}
+
+
+def oversized(tree: ast.Module, module: str) -> list[str]:
+    """Functions over MAX_LINES lines or with more than MAX_PARAMETERS parameters (self and cls not counted)."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or fn.name in PARSING:
+            continue
+        a = fn.args
+        params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+        params += ["*args"] * bool(a.vararg) + ["**kwargs"] * bool(a.kwarg)
+        lines = fn.end_lineno - fn.lineno + 1
+        if lines > MAX_LINES or len(params) > MAX_PARAMETERS:
+            found.append(f"{module}:{fn.lineno} {fn.name}: {lines} lines, {len(params)} parameters")
+    return found
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """No function over 60 lines, none with more than 8 parameters (argument parsing aside): a long list of
+    parameters travels as a config object, a long function is split into named steps."""
+    planted = ast.parse("def f(a, b, c, d, e, f, g, h, i):\n" + "    pass\n" * 61)
+    assert oversized(planted, "planted") == ["planted:1 f: 62 lines, 9 parameters"]
+    wrong = [line for name, tree in MODULES.items() for line in oversized(tree, name)]
+    assert not wrong, "split these functions (or group their parameters in a config object):\n" + "\n".join(wrong)
