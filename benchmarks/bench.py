@@ -30,7 +30,7 @@ from phf.data.scorers import get_scorer
 from phf.data.scoring import init_scoring_worker, measure_scoring, score_batch, throughput_line
 from phf.data.sentences import sentence_spans
 from phf.data.tokenizer import load_tokenizer
-from phf.evaluation.sampling import generate_ids
+from phf.evaluation.sampling import SamplingRequest, generate_ids
 from phf.model.lm import build_model, count_parameters
 from benchmarks.bench_pipeline import PEAK_RSS_METHOD, bench_score_large, children_peak_rss_mb, peak_rss_mb, status_mb
 from benchmarks.reference_sampler import generate_ids_before
@@ -366,8 +366,12 @@ def _sample_tokens_per_s(path: str, model, batch: int, tokens: int, guided: bool
                                  min_new_tokens=n, temperature=sample.temperature, top_p=sample.top_p, top_k=0,
                                  pad_token_id=eos, eos_token_id=eos, **extra)
             return out[:, ids.shape[1]:].numel()
-        sampler = generate_ids_before if path == "before" else generate_ids
-        rows_out = sampler(model, [prompt] * rows, n, -1, banned, sample.temperature, sample.top_p, g, **kwargs)
+        if path == "before":
+            rows_out = generate_ids_before(model, [prompt] * rows, n, -1, banned, sample.temperature, sample.top_p, g,
+                                           **kwargs)
+        else:
+            request = SamplingRequest(n, -1, sample.temperature, sample.top_p, banned, **kwargs)
+            rows_out = generate_ids(model, [prompt] * rows, request, g)
         return sum(len(r) for r in rows_out)  # eos -1: no row ends early
 
     draw(min(batch, 8), 8)  # warm-up
