@@ -36,7 +36,7 @@ from benchmarks.bench_pipeline import PEAK_RSS_METHOD, bench_score_large, childr
 from benchmarks.reference_sampler import generate_ids_before
 from phf.tasks import all_sources, get_task
 from phf.training.objectives import MLE
-from phf.training.trainer import autocast, get_batch, make_optimizer, prepare_data
+from phf.training.trainer import WindowDraw, autocast, get_batch, make_optimizer, prepare_data
 
 
 def machine() -> dict:
@@ -144,7 +144,7 @@ def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, d
     for step in range(steps + warm):
         if step == warm:
             t = time.perf_counter()
-        x, y, s, _ = get_batch(stream, T, B, 0, step, 0, dev)
+        x, y, s, _ = get_batch(stream, WindowDraw(T, B, 0), step, 0, dev)
         with autocast(dev, dtype):
             out = objective.forward(fwd, x, fused=fused)
         loss = objective.loss(out, y, s) / y.numel()

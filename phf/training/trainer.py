@@ -153,19 +153,31 @@ def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: boo
     return data
 
 
-def host_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-               types: np.ndarray | None = None, pin: bool = False, dropped: list[int] | None = None
+@dataclass(frozen=True)
+class WindowDraw:
+    """How a run draws the windows of its micro-batches: the same for every step, so that a micro-batch is a pure
+    function of (seed, step, micro-batch index)."""
+    block: int
+    """Inputs per window (a window is block + 1 tokens)."""
+    batch: int
+    """Windows per micro-batch."""
+    seed: int
+    """The run's seed, the first part of every micro-batch's generator seed."""
+
+
+def host_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, types: np.ndarray | None = None,
+               pin: bool = False, dropped: list[int] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro), in CPU memory
-    (page-locked with `pin`, for asynchronous copies to a GPU): inputs x, targets y, each target's segment score s,
-    and with `types` (the stream's control types) each input's type. `dropped`: token ids left out of every
-    window, which then reads on past them (conditional's cooldown)."""
-    n = len(stream)
+    """`draw.batch` windows of `draw.block`+1 tokens at positions drawn from a generator seeded by (draw.seed,
+    step, micro), in CPU memory (page-locked with `pin`, for asynchronous copies to a GPU): inputs x, targets y,
+    each target's segment score s, and with `types` (the stream's control types) each input's type. `dropped`:
+    token ids left out of every window, which then reads on past them (conditional's cooldown)."""
+    block, n = draw.block, len(stream)
     if n < block + 2:
         raise PhfError(f"the training stream has {n} tokens, fewer than one window of {block + 1}; "
                        f"use a larger corpus or a smaller model.block_size")
-    rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, n - block - 1, size=batch)
+    rng = np.random.default_rng([draw.seed, step, micro])
+    starts = rng.integers(0, n - block - 1, size=draw.batch)
     if dropped:
         windows = [plain_window(stream, s, block + 1, np.asarray(dropped)) for s in starts]
         tok = np.stack([w for w, _ in windows]).astype(np.int64)
@@ -187,11 +199,11 @@ def to_device(batch: tuple, device: torch.device, non_blocking: bool = False) ->
     return tuple(None if v is None else v.to(device, non_blocking=non_blocking) for v in batch)
 
 
-def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-              device: torch.device, types: np.ndarray | None = None, dropped: list[int] | None = None
+def get_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, device: torch.device,
+              types: np.ndarray | None = None, dropped: list[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """host_batch's windows on `device`: inputs x, targets y, scores s, control types (or None)."""
-    return to_device(host_batch(stream, block, batch, seed, step, micro, types, dropped=dropped), device)
+    return to_device(host_batch(stream, draw, step, micro, types, dropped=dropped), device)
 
 
 def step_batches(stream: TokenStream, block: int, tcfg, d: Dist, types: np.ndarray | None = None,
@@ -200,9 +212,11 @@ def step_batches(stream: TokenStream, block: int, tcfg, d: Dist, types: np.ndarr
     """This rank's micro-batches of a step, in CPU memory: micro-batch m of rank r is global micro-batch
     m * world + r, so 2 ranks x 1 accumulation step draw the same windows as 1 rank x 2. `dropped_from`:
     (step, token ids): from that step on, windows leave those tokens out (conditional's cooldown)."""
+    draw = WindowDraw(block, tcfg.batch_size, tcfg.seed)
+
     def make(step: int) -> list[tuple]:
         dropped = dropped_from[1] if dropped_from and step >= dropped_from[0] else None
-        return [host_batch(stream, block, tcfg.batch_size, tcfg.seed, step, m * d.world + d.rank, types, pin, dropped)
+        return [host_batch(stream, draw, step, m * d.world + d.rank, types, pin, dropped)
                 for m in range(tcfg.grad_accum)]
     return make
 
@@ -281,6 +295,7 @@ class Trainable:
     fused: bool  # the fused LM-head loss (not under FSDP2, which keeps the head's weight sharded outside forward)
     compiled: bool  # train.compile as resolved for the device
     markers: list[int] | None  # control-type markers of a model with control embeddings (phf.model.conditioning)
+    objective: Objective  # what step_loss computes; its loss mask counts a step's loss-bearing tokens
 
 
 def make_step_loss(train_model: torch.nn.Module, objective: Objective, fused: bool, dtype: str,
@@ -297,12 +312,17 @@ def make_step_loss(train_model: torch.nn.Module, objective: Objective, fused: bo
 
 
 def make_trainable(model: torch.nn.Module, objective: Objective, tcfg, device: torch.device, d: Dist | None = None,
-                   heads: Sequence[torch.nn.Module] = (), markers: list[int] | None = None, sharded: bool = False,
+                   heads: Sequence[torch.nn.Module] = (), markers: list[int] | None = None,
                    block: int | None = None) -> Trainable:
-    """A model (and an objective's heads) ready for train_step: its optimizer, the DDP wrapper when data-parallel,
-    and the loss function compiled with it (train.compile) with the fused or plain loss (train.fused_loss), both
-    resolved for `device`. `block`: the training context (default: the model's)."""
+    """A model (and an objective's heads) ready for train_step: sharded in place by FSDP2 (train.parallel=fsdp,
+    several ranks; every rank holds the full model before, each keeps its shards, heads stay whole), its
+    optimizer, the DDP wrapper when data-parallel, and the loss function compiled with it (train.compile) with the
+    fused or plain loss (train.fused_loss), both resolved for `device`. `block`: the training context (default:
+    the model's)."""
     d = d or Dist()
+    sharded = d.world > 1 and tcfg.parallel == "fsdp"
+    if sharded:
+        shard_model(model)
     root = torch.nn.ModuleList([model, *heads])
     optimizer = make_optimizer(root, tcfg)
     train_model = model
@@ -314,7 +334,8 @@ def make_trainable(model: torch.nn.Module, objective: Objective, tcfg, device: t
     compiled = choose_compile(tcfg, device)
     step_loss = make_step_loss(train_model, objective, fused, tcfg.dtype, device)
     return Trainable(model, list(heads), root, optimizer, train_model,
-                     compile_step_loss(step_loss, model) if compiled else step_loss, sharded, fused, compiled, markers)
+                     compile_step_loss(step_loss, model) if compiled else step_loss, sharded, fused, compiled, markers,
+                     objective)
 
 
 def compile_step_loss(step_loss: Callable, model: torch.nn.Module, backend: str | Callable = "inductor") -> Callable:
@@ -348,12 +369,9 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
         check_resumed_markers(out_dir, model, markers)
     set_markers(model, markers)
     heads = data.objective.attach(model, checkpoint_dir(out_dir) if resume else init_from, required=resume)
-    sharded = d.world > 1 and cfg.train.parallel == "fsdp"
-    if sharded:
-        shard_model(model)  # every rank loaded or built the full model; each keeps its shards (heads stay whole)
-    t = make_trainable(model, data.objective, cfg.train, device, d, heads, markers, sharded, cfg.model.block_size)
+    t = make_trainable(model, data.objective, cfg.train, device, d, heads, markers, cfg.model.block_size)
     if resume:
-        load_trainer_state(out_dir, t.root, t.optimizer, sharded, device)
+        load_trainer_state(out_dir, t.root, t.optimizer, t.sharded, device)
     return t
 
 
@@ -450,29 +468,29 @@ class StepOutcomes:
                                    f"use train.dtype=fp32, then resume with `phf train --resume {self.out_dir}`")
 
 
-def run_steps(t: Trainable, objective: Objective, make_batches: Callable[[int], list[tuple]], tcfg,
-              device: torch.device, steps: int, first_step: int = 0, d: Dist | None = None, prefetch: bool = True,
-              check_sync: bool = False) -> dict:
-    """`steps` training steps as run_training takes them (batches from `make_batches(step)`, prepared ahead with
+def run_steps(t: Trainable, make_batches: Callable[[int], list[tuple]], tcfg, device: torch.device, steps: range,
+              d: Dist | None = None, prefetch: bool = True, check_sync: bool = False) -> dict:
+    """The training steps `steps` (e.g. range(3)) of `t.objective` as run_training takes them (batches from
+    `make_batches(step)`, prepared ahead with
     `prefetch`, copied without blocking from pinned memory; nothing read back from the device), timed until the
     device has finished them; the learning rate stays as set. With `check_sync`, under no_host_sync: any
     host-device synchronisation raises (on CUDA torch's set_sync_debug_mode("error")). For benchmarks: returns
-    {steps, seconds, tokens, tokens_per_s, loss (the last step's)}."""
+    {steps (their number), seconds, tokens, tokens_per_s, loss (the last step's)}."""
     d = d or Dist()
     pinned = device.type == "cuda"
-    source = Prefetcher(make_batches, range(first_step, first_step + steps)) if prefetch else InLine(make_batches)
+    source = Prefetcher(make_batches, steps) if prefetch else InLine(make_batches)
     check = no_host_sync(device) if check_sync else contextlib.nullcontext()
     tokens, loss = 0, None
     _wait_for(device)
     start = time.perf_counter()
     with source, check:
-        for step in range(first_step, first_step + steps):
+        for step in steps:
             batches = [to_device(b, device, non_blocking=pinned) for b in source.get(step)]
             tokens += sum(b[0].numel() for b in batches) * d.world
-            loss, _, _ = train_step(t, objective, batches, tcfg, d, device)
+            loss, _, _ = train_step(t, t.objective, batches, tcfg, d, device)
     _wait_for(device)
     seconds = time.perf_counter() - start
-    return {"steps": steps, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+    return {"steps": len(steps), "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
             "loss": None if loss is None else loss.item()}
 
 
