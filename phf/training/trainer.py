@@ -562,95 +562,187 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     `out_dir/snapshots/step-N` (the branch points of finetuning runs)."""
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
+    run, p = start_training(cfg, out_dir, data_dir, init_from, resume, progress)
+    loop = TrainingLoop(run, p, {int(s) for s in snapshots}, progress)
+    loop.train()
+    return loop.finish()
+
+
+@dataclass
+class TrainingRun:
+    """A run's parts, built once before its first step (`start_training`) and read by every stage of the loop."""
+    cfg: RunConfig
+    """The run's config."""
+    out_dir: Path
+    """The run folder: checkpoints, metrics, summaries."""
+    device: torch.device
+    """This rank's device."""
+    d: Dist
+    """The ranks (one without torchrun)."""
+    data: PreparedData
+    """The scored corpus, tokenizer and token streams."""
+    t: Trainable
+    """The model, its optimizer and its compiled loss."""
+    ckpt: CheckpointManager
+    """Saves (best, periodic, snapshots, final) and restores the best."""
+    evaluator: Evaluator
+    """The validation loss, samples' misalignment and early stopping."""
+    total_steps: int
+    """The steps planned (train.max_steps, else train.max_tokens at this many tokens per step)."""
+    tokens_per_step: int
+    """Tokens of a step over all ranks and micro-batches."""
+    prefetch: bool
+    """Batches prepared ahead in a thread (train.prefetch as resolved for the device)."""
+    train_types: np.ndarray | None
+    """The training stream's control types, for a model with control embeddings (else None)."""
+    metrics: Metrics | None = None
+    """Rank 0's curve (None on the other ranks)."""
+
+    def record(self, init_from, data_dir: Path, choices: dict) -> dict:
+        """What run.json says of the run."""
+        data, tcfg = self.data, self.cfg.train
+        return {"objective": data.objective.describe(), "world_size": self.d.world, "device": str(self.device),
+                "total_steps": self.total_steps, "tokens_per_step": self.tokens_per_step,
+                "init_from": str(init_from or ""), "scored_corpus": str(data.scored.path),
+                "tokenizer": str(data.tokenizer_file), "streams": {k: str(v.prefix) for k, v in data.streams.items()},
+                "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": self.ckpt.tokens_before,
+                "device_choices": choices}
+
+
+def start_training(cfg: RunConfig, out_dir: Path, data_dir: Path, init_from: str | Path | None, resume: bool,
+                   progress: bool) -> tuple[TrainingRun, Progress]:
+    """Everything before the first step: ranks and threads, the data, the model (resumed, initialised or new,
+    after the seed is set), checkpoints, evaluator, and on rank 0 the run folder. The run and where it starts."""
     device = pick_device()
     d = init_distributed(device, cfg.train.dist_timeout_minutes)
-    tcfg, block = cfg.train, cfg.model.block_size
+    tcfg = cfg.train
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     tf32 = allow_tf32(device)
     data = prepare_data_on_ranks(cfg, data_dir, d, progress, tokenizer_source(out_dir, init_from, resume))
-    objective, train_stream, val_stream = data.objective, data.streams["train"], data.streams["validation"]
     torch.manual_seed(tcfg.seed)
     p, best = resume_state(out_dir) if resume else (Progress(), None)  # checked before anything is built
     t = setup_model(cfg, data, out_dir, init_from, resume, device, d)
-    train_types, val_types = (s.control_types(t.markers) if t.markers else None for s in (train_stream, val_stream))
-    ckpt = CheckpointManager(out_dir, cfg, data.tokenizer_file, objective, d, t.model, t.root, t.optimizer,
+    train_types, val_types = (s.control_types(t.markers) if t.markers else None
+                              for s in (data.streams["train"], data.streams["validation"]))
+    ckpt = CheckpointManager(out_dir, cfg, data.tokenizer_file, data.objective, d, t.model, t.root, t.optimizer,
                              t.sharded, tokens_before(out_dir, init_from, resume))
-    tokens_per_step = tcfg.batch_size * block * tcfg.grad_accum * d.world
+    tokens_per_step = tcfg.batch_size * cfg.model.block_size * tcfg.grad_accum * d.world
     total_steps = tcfg.max_steps or math.ceil(tcfg.max_tokens / tokens_per_step)
-    evaluator = Evaluator(cfg, objective, data.tokenizer_file, val_stream, val_types, best)
-    prefetch, pinned = choose_prefetch(tcfg, device), device.type == "cuda"
-    choices = device_choices(t, tcfg, device, prefetch, tf32)
+    evaluator = Evaluator(cfg, data.objective, data.tokenizer_file, data.streams["validation"], val_types, best)
+    run = TrainingRun(cfg, out_dir, device, d, data, t, ckpt, evaluator, total_steps, tokens_per_step,
+                      choose_prefetch(tcfg, device), train_types)
+    choices = device_choices(t, tcfg, device, run.prefetch, tf32)
     if d.main:
         log.info(choices_line(choices))
-    metrics = start_run_folder(cfg, out_dir, {
-        "objective": objective.describe(), "world_size": d.world, "device": str(device), "total_steps": total_steps,
-        "tokens_per_step": tokens_per_step, "init_from": str(init_from or ""), "scored_corpus": str(data.scored.path),
-        "tokenizer": str(data.tokenizer_file), "streams": {k: str(v.prefix) for k, v in data.streams.items()},
-        "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": ckpt.tokens_before,
-        "device_choices": choices},
-        p.step if resume else None) if d.main else None
-    snapshots = set(int(s) for s in snapshots)
-    t_start = time.perf_counter() - p.seconds
-    bar = tqdm(total=total_steps, initial=p.step, desc=f"train {objective.name}", unit="step",
-               disable=not (progress and d.main), dynamic_ncols=True)
-    steps, outcomes = StepLog(metrics, bar, p, ckpt.tokens_before), StepOutcomes(out_dir)
-    cooldown = objective.cooldown_starts(total_steps)  # conditional's last steps read no control tokens
-    control_ids = [i for i in map(load_tokenizer(data.tokenizer_file).token_to_id, CONTROL_TOKENS) if i is not None]
-    make_batches = step_batches(train_stream, block, tcfg, d, train_types, pin=pinned,
-                                dropped_from=(cooldown, control_ids))
-    source = Prefetcher(make_batches, range(p.step, total_steps)) if prefetch else InLine(make_batches)
-    with source:  # on any error, KeyboardInterrupt included, the batch thread stops and is waited for
-        while p.step < total_steps:
-            for g in t.optimizer.param_groups:
-                g["lr"] = lr_at(p.step, total_steps, tcfg)
-            if p.step == cooldown and d.main:
-                log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, total_steps - p.step)
-            batches = [to_device(b, device, non_blocking=pinned) for b in source.get(p.step)]
-            loss, grad_norm, updated = train_step(t, objective, batches, tcfg, d, device)
-            outcomes.add(p.step, updated)
-            p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
-            p.seconds = time.perf_counter() - t_start
-            stop_for_time = time_is_up(tcfg, p.seconds, d, device)
-            last = p.step >= total_steps or stop_for_time
-            logged = p.step % tcfg.log_every == 0 or last
-            saves = (p.step in snapshots or evaluator.due(p.step, last)
-                     or bool(tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0))
-            if logged or saves:  # the device's results read back here only, before anything is logged or saved
-                outcomes.read()
-            if d.main and logged:
-                steps.log(p, loss, t.optimizer.param_groups[0]["lr"], grad_norm)
-            if evaluator.due(p.step, last):
-                rec, improved = evaluator.evaluate(t.model, p.step)
-                if improved:
-                    ckpt.save_best(p)
-                if d.main:
-                    steps.at(p, **rec)
-            if p.step in snapshots:
-                ckpt.save_snapshot(p)
-            if tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0 and not last:
-                ckpt.save_periodic(p, evaluator.stopping.state())
-            bar.update()
-            if stop_for_time:
-                log.info("stopping at step %d: train.max_seconds reached", p.step)
-                break
-            if evaluator.stopping.stop:
-                log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
-                         "step %d)", p.step, evaluator.stopping.stale, evaluator.stopping.best_loss,
-                         evaluator.stopping.best_step)
-                break
-    bar.close()
-    val_loss, restored = evaluator.val_loss, {}
-    if best_step := evaluator.best_to_restore(p.step):
-        ckpt.restore_best()
-        val_loss, restored = evaluator.stopping.best_loss, {"restored_best_step": best_step, "stopped_at_step": p.step}
-        if d.main:
-            steps.at(p, restored_best_step=best_step, val_loss=round(val_loss, 5))
-    ckpt.save_final(p, evaluator.stopping.state(), **restored)
-    d.barrier()
-    if d.main:
-        metrics.close()
-        write_json(out_dir / "train_summary.json", {"steps": p.step, "tokens": p.tokens, "seconds": round(p.seconds, 2),
-                                                     "val_loss": val_loss, "total_steps_planned": total_steps,
-                                                     "tokens_before": ckpt.tokens_before, **restored,
-                                                     "tokens_per_s": round(p.tokens / max(p.seconds, 1e-9), 1)})
-    return TrainResult(out_dir, ckpt.dir, p.step, p.tokens, p.seconds, val_loss, objective, data)
+        run.metrics = start_run_folder(cfg, out_dir, run.record(init_from, data_dir, choices),
+                                       p.step if resume else None)
+    return run, p
+
+
+class TrainingLoop:
+    """The steps of a run from where it starts to the last: each step, then what falls due after it (read the
+    device's results, log, evaluate, save), then the finish (restore the best, save the final checkpoint)."""
+
+    def __init__(self, run: TrainingRun, p: Progress, snapshots: set[int], progress: bool):
+        self.run, self.p, self.snapshots = run, p, snapshots
+        self.t_start = time.perf_counter() - p.seconds
+        self.bar = tqdm(total=run.total_steps, initial=p.step, desc=f"train {run.data.objective.name}", unit="step",
+                        disable=not (progress and run.d.main), dynamic_ncols=True)
+        self.steps, self.outcomes = StepLog(run.metrics, self.bar, p, run.ckpt.tokens_before), StepOutcomes(run.out_dir)
+        # conditional's last steps read no control tokens
+        self.cooldown = run.data.objective.cooldown_starts(run.total_steps)
+
+    def batches(self) -> Prefetcher | InLine:
+        """This rank's micro-batches of each step from the resume point on; from the cooldown on, without the
+        control tokens."""
+        run = self.run
+        control_ids = [i for i in map(load_tokenizer(run.data.tokenizer_file).token_to_id, CONTROL_TOKENS)
+                       if i is not None]
+        make_batches = step_batches(run.data.streams["train"], run.cfg.model.block_size, run.cfg.train, run.d,
+                                    run.train_types, pin=run.device.type == "cuda",
+                                    dropped_from=(self.cooldown, control_ids))
+        if run.prefetch:
+            return Prefetcher(make_batches, range(self.p.step, run.total_steps))
+        return InLine(make_batches)
+
+    def train(self) -> None:
+        run, p = self.run, self.p
+        source = self.batches()
+        with source:  # on any error, KeyboardInterrupt included, the batch thread stops and is waited for
+            while p.step < run.total_steps:
+                loss, grad_norm, stop_for_time = self.step(source)
+                self.after_step(loss, grad_norm, last=p.step >= run.total_steps or stop_for_time)
+                self.bar.update()
+                if self.stops(stop_for_time):
+                    break
+        self.bar.close()
+
+    def step(self, source) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step at this step's learning rate: its loss and gradient norm (on the device), and
+        whether train.max_seconds is reached."""
+        run, p, t, tcfg = self.run, self.p, self.run.t, self.run.cfg.train
+        for g in t.optimizer.param_groups:
+            g["lr"] = lr_at(p.step, run.total_steps, tcfg)
+        if p.step == self.cooldown and run.d.main:
+            log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, run.total_steps - p.step)
+        batches = [to_device(b, run.device, non_blocking=run.device.type == "cuda") for b in source.get(p.step)]
+        loss, grad_norm, updated = train_step(t, t.objective, batches, tcfg, run.d, run.device)
+        self.outcomes.add(p.step, updated)
+        p.step, p.tokens = p.step + 1, p.tokens + run.tokens_per_step
+        p.seconds = time.perf_counter() - self.t_start
+        return loss, grad_norm, time_is_up(tcfg, p.seconds, run.d, run.device)
+
+    def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool) -> None:
+        """What falls due after a step: the log record, an evaluation (which may save the best), a snapshot, a
+        periodic checkpoint. The device's results are read back here only, before anything is logged or saved."""
+        run, p, tcfg, evaluator = self.run, self.p, self.run.cfg.train, self.run.evaluator
+        logged = p.step % tcfg.log_every == 0 or last
+        periodic = bool(tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0)
+        if logged or p.step in self.snapshots or evaluator.due(p.step, last) or periodic:
+            self.outcomes.read()
+        if run.d.main and logged:
+            self.steps.log(p, loss, run.t.optimizer.param_groups[0]["lr"], grad_norm)
+        if evaluator.due(p.step, last):
+            rec, improved = evaluator.evaluate(run.t.model, p.step)
+            if improved:
+                run.ckpt.save_best(p)
+            if run.d.main:
+                self.steps.at(p, **rec)
+        if p.step in self.snapshots:
+            run.ckpt.save_snapshot(p)
+        if periodic and not last:
+            run.ckpt.save_periodic(p, evaluator.stopping.state())
+
+    def stops(self, stop_for_time: bool) -> bool:
+        """Whether the run ends here, before its planned last step (time limit, early stopping), said in the log."""
+        p, stopping = self.p, self.run.evaluator.stopping
+        if stop_for_time:
+            log.info("stopping at step %d: train.max_seconds reached", p.step)
+            return True
+        if stopping.stop:
+            log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
+                     "step %d)", p.step, stopping.stale, stopping.best_loss, stopping.best_step)
+            return True
+        return False
+
+    def finish(self) -> TrainResult:
+        """Restore the best checkpoint where early stopping asks, save the final one, and on rank 0 close the curve
+        and write train_summary.json."""
+        run, p, evaluator = self.run, self.p, self.run.evaluator
+        val_loss, restored = evaluator.val_loss, {}
+        if best_step := evaluator.best_to_restore(p.step):
+            run.ckpt.restore_best()
+            val_loss, restored = evaluator.stopping.best_loss, {"restored_best_step": best_step,
+                                                                "stopped_at_step": p.step}
+            if run.d.main:
+                self.steps.at(p, restored_best_step=best_step, val_loss=round(val_loss, 5))
+        run.ckpt.save_final(p, evaluator.stopping.state(), **restored)
+        run.d.barrier()
+        if run.d.main:
+            run.metrics.close()
+            write_json(run.out_dir / "train_summary.json", {
+                "steps": p.step, "tokens": p.tokens, "seconds": round(p.seconds, 2), "val_loss": val_loss,
+                "total_steps_planned": run.total_steps, "tokens_before": run.ckpt.tokens_before, **restored,
+                "tokens_per_s": round(p.tokens / max(p.seconds, 1e-9), 1)})
+        return TrainResult(run.out_dir, run.ckpt.dir, p.step, p.tokens, p.seconds, val_loss, run.data.objective,
+                           run.data)
