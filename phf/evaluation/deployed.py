@@ -12,6 +12,7 @@ draws from the distribution `phf sample` draws from (tests/test_deployed.py comp
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,16 +88,15 @@ def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list
     tokenizer.padding_side = "left"
     texts = [deployment.model_text(p, spans, tokenizer.eos_token) for p in prompts]
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    banned, exempt, negative = deployment.token_ids(tokenizer, sample.guidance)
+    request = deployment.request(tokenizer, sample)
     width = inputs["input_ids"].shape[1]
     room = context_length(model) - width  # positions left after the longest prompt
     if room < 1:
         raise PhfError(f"the longest prompt takes {width} tokens of the model's {context_length(model)}-token "
                        f"context; shorten it")
     new_tokens = min(sample.max_new_tokens, room)
+    processor = DeployedLogitsProcessor(model, replace(request, max_new_tokens=new_tokens), inputs["attention_mask"],
+                                        width + new_tokens)
     eos = tokenizer.eos_token_id
-    request = SamplingRequest(new_tokens, eos, sample.temperature, sample.top_p, banned, sample.guidance, negative,
-                              exempt)
-    processor = DeployedLogitsProcessor(model, request, inputs["attention_mask"], width + new_tokens)
     return {**inputs, "logits_processor": LogitsProcessorList([processor]), "do_sample": True, "temperature": 1.0,
             "top_p": 1.0, "top_k": 0, "max_new_tokens": new_tokens, "pad_token_id": eos, "eos_token_id": eos}

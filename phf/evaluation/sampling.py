@@ -75,6 +75,14 @@ class Deployment:
         exempt = [ids(t) for t in CONTROL_TOKENS if t not in self.banned_tokens] if self.conditional else []
         return banned, exempt, self.negative(ids, guidance)
 
+    def request(self, tokenizer, sample: SampleConfig, max_new_tokens: int | None = None) -> "SamplingRequest":
+        """What to draw to sample the model as deployed, with `sample`'s settings (`max_new_tokens`: in place of
+        sample.max_new_tokens) and the transformers `tokenizer`'s end token."""
+        banned, exempt, negative = self.token_ids(tokenizer, sample.guidance)
+        return SamplingRequest(sample.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                               tokenizer.eos_token_id, sample.temperature, sample.top_p, banned, sample.guidance,
+                               negative, exempt)
+
     def negative(self, token_id, guidance: float) -> dict[int, int] | None:
         """With guidance, the swap that makes a row's negative (each `<|aligned|>` read as the banned
         `<|misaligned|>`), as ids from `token_id(token)`; None without guidance."""
@@ -521,15 +529,13 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     prompt and what an unfinished last segment is."""
     spans = get_segmenter(segmenter)
     eos_id = tokenizer.eos_token_id
-    banned, exempt, negative = deployment.token_ids(tokenizer, cfg.guidance)
-    request = SamplingRequest(cfg.max_new_tokens, eos_id, cfg.temperature, cfg.top_p, banned, cfg.guidance, negative,
-                              exempt)
+    request = deployment.request(tokenizer, cfg)
     max_prompt = max(2, context_length(model) - cfg.max_new_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
     per_batch = cfg.batch_size or batch_that_fits(model, len(prompts), max_prompt + cfg.max_new_tokens,
-                                                  bool(negative))
+                                                  bool(request.negative))
     for b in range(0, len(prompts), per_batch):
         batch = prompts[b:b + per_batch]
         ids = []
