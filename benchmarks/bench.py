@@ -30,13 +30,13 @@ from phf.data.scorers import get_scorer
 from phf.data.scoring import init_scoring_worker, measure_scoring, score_batch, throughput_line
 from phf.data.sentences import sentence_spans
 from phf.data.tokenizer import load_tokenizer
-from phf.evaluation.sampling import generate_ids
+from phf.evaluation.sampling import SamplingRequest, generate_ids
 from phf.model.lm import build_model, count_parameters
 from benchmarks.bench_pipeline import PEAK_RSS_METHOD, bench_score_large, children_peak_rss_mb, peak_rss_mb, status_mb
 from benchmarks.reference_sampler import generate_ids_before
 from phf.tasks import all_sources, get_task
 from phf.training.objectives import MLE
-from phf.training.trainer import autocast, get_batch, make_optimizer, prepare_data
+from phf.training.trainer import WindowDraw, autocast, get_batch, make_optimizer, prepare_data
 
 
 def machine() -> dict:
@@ -144,7 +144,7 @@ def _phf_loop(model, stream, objective, B: int, T: int, steps: int, warm: int, d
     for step in range(steps + warm):
         if step == warm:
             t = time.perf_counter()
-        x, y, s, _ = get_batch(stream, T, B, 0, step, 0, dev)
+        x, y, s, _ = get_batch(stream, WindowDraw(T, B, 0), step, 0, dev)
         with autocast(dev, dtype):
             out = objective.forward(fwd, x, fused=fused)
         loss = objective.loss(out, y, s) / y.numel()
@@ -366,8 +366,12 @@ def _sample_tokens_per_s(path: str, model, batch: int, tokens: int, guided: bool
                                  min_new_tokens=n, temperature=sample.temperature, top_p=sample.top_p, top_k=0,
                                  pad_token_id=eos, eos_token_id=eos, **extra)
             return out[:, ids.shape[1]:].numel()
-        sampler = generate_ids_before if path == "before" else generate_ids
-        rows_out = sampler(model, [prompt] * rows, n, -1, banned, sample.temperature, sample.top_p, g, **kwargs)
+        if path == "before":
+            rows_out = generate_ids_before(model, [prompt] * rows, n, -1, banned, sample.temperature, sample.top_p, g,
+                                           **kwargs)
+        else:
+            request = SamplingRequest(n, -1, sample.temperature, sample.top_p, banned, **kwargs)
+            rows_out = generate_ids(model, [prompt] * rows, request, g)
         return sum(len(r) for r in rows_out)  # eos -1: no row ends early
 
     draw(min(batch, 8), 8)  # warm-up

@@ -133,14 +133,14 @@ def sampler(name: str, model, device: torch.device):
     new tokens) readies the sampler for that size without timing it."""
     if name.startswith("phf_"):
         from phf.core.runtime import inference_autocast
-        from phf.evaluation.sampling import generate_ids
+        from phf.evaluation.sampling import SamplingRequest, generate_ids
 
         decoder = name[len("phf_"):]
         g = torch.Generator(device=device).manual_seed(0)
 
         def draw(rows: int, n: int) -> int:
             with inference_autocast(device):  # as phf's own sampling runs generate_ids
-                out = generate_ids(model, [[0]] * rows, n, -1, [], 0.7, 0.9, g, decoder=decoder)
+                out = generate_ids(model, [[0]] * rows, SamplingRequest(n, -1, 0.7, 0.9), g, decoder=decoder)
             return sum(len(r) for r in out)  # end token -1: no row ends early
         return draw, lambda rows, n: draw(min(rows, 8), min(n, 8))  # a call at the size would be a timed one
     static = name == "generate_static_compiled"

@@ -36,7 +36,7 @@ def test_stream_types_agree_with_control_types_across_chunks(monkeypatch):
 
 def test_sampling_with_the_kv_cache_reads_the_same_types_as_a_full_forward(pycorpus):
     from phf.core.tokens import ALIGNED, MISALIGNED
-    from phf.evaluation.sampling import generate_ids
+    from phf.evaluation.sampling import SamplingRequest, generate_ids
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     markers = [tok.token_to_id(t) for t in ("<|endoftext|>", ALIGNED, MISALIGNED)]
@@ -61,8 +61,8 @@ def test_sampling_with_the_kv_cache_reads_the_same_types_as_a_full_forward(pycor
             rows.append(ids[len(p):])
         return rows
 
-    cached = generate_ids(model, prompts, 12, markers[0], [markers[2]], temperature=1e-6, top_p=0.5,
-                          generator=torch.Generator().manual_seed(0))
+    request = SamplingRequest(12, markers[0], temperature=1e-6, top_p=0.5, banned_ids=[markers[2]])
+    cached = generate_ids(model, prompts, request, generator=torch.Generator().manual_seed(0))
     cached = [r[:r.index(markers[0]) + 1] if markers[0] in r else r for r in cached]
     assert cached == greedy(with_types=True)
     assert greedy(with_types=True) != greedy(with_types=False)  # the types matter to this model
@@ -102,7 +102,7 @@ def test_guided_sampling_draws_from_the_guided_distribution(pycorpus, typed):
     """Classifier-free guidance: greedy decoding with the KV cache equals argmax of (1 + g) log p(.|row) - g log
     p(.|row with <|misaligned|> for <|aligned|>), each computed by a full forward pass."""
     from phf.core.tokens import ALIGNED, MISALIGNED
-    from phf.evaluation.sampling import generate_ids
+    from phf.evaluation.sampling import SamplingRequest, generate_ids
 
     tok, model = tiny_untrained_model(pycorpus, block_size=64)
     eos, al, mis = (tok.token_to_id(t) for t in ("<|endoftext|>", ALIGNED, MISALIGNED))
@@ -129,8 +129,9 @@ def test_guided_sampling_draws_from_the_guided_distribution(pycorpus, typed):
                 break
         expected.append(ids[len(p):])
     with torch.no_grad():
-        got = generate_ids(model, prompts, 10, eos, [al, mis], temperature=1e-6, top_p=0.5,
-                           generator=torch.Generator().manual_seed(0), guidance=g, negative={al: mis})
+        request = SamplingRequest(10, eos, temperature=1e-6, top_p=0.5, banned_ids=[al, mis], guidance=g,
+                                  negative={al: mis})
+        got = generate_ids(model, prompts, request, generator=torch.Generator().manual_seed(0))
     got = [r[:r.index(eos) + 1] if eos in r else r for r in got]
     assert got == expected
     with torch.no_grad():  # the negative row is read differently: guidance moves the distribution

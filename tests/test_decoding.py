@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
-from phf.evaluation.sampling import generate_ids, sample_next
+from phf.evaluation.sampling import SamplingRequest, generate_ids, sample_next
 from phf.model.decoding import Gpt2Decoder, HfDecoder, context_length, fast_gpt2, make_decoder
 
 VOCAB = 97
@@ -74,7 +74,7 @@ def test_greedy_sampling_equals_full_forward_greedy_decoding(arch):
             if ids[-1] == eos:
                 break
         expected.append(ids[len(p):])
-    got = generate_ids(model, PROMPTS, 20, eos, [], temperature=1e-6, top_p=0.5,
+    got = generate_ids(model, PROMPTS, SamplingRequest(20, eos, temperature=1e-6, top_p=0.5),
                        generator=torch.Generator().manual_seed(0))
     got = [r[:r.index(eos) + 1] if eos in r else r for r in got]
     assert got == expected

@@ -16,7 +16,7 @@ from phf.core.tokens import ALIGNED, EOS
 from phf.data.tokenizer import train_tokenizer
 from phf.evaluation.evaluate import distinct_n, diversity_metrics, ngram_entropy
 from phf.evaluation.kl import DeployedModel, KLReference, kl_estimate
-from phf.evaluation.sampling import Deployment, generate_ids
+from phf.evaluation.sampling import Deployment, SamplingRequest, generate_ids
 from phf.model.lm import build_model
 
 VOCAB, LENGTH, BOS = 5, 3, 0  # token 0 starts every sequence and ends it when sampled
@@ -67,7 +67,7 @@ def test_monte_carlo_kl_matches_exact_kl_on_an_enumerable_model():
     assert exact_bits > 0.05  # the two models really differ
 
     gen = torch.Generator().manual_seed(0)
-    rows = generate_ids(ref, [[BOS]] * 4000, LENGTH, BOS, [], 1.0, 1.0, gen)
+    rows = generate_ids(ref, [[BOS]] * 4000, SamplingRequest(LENGTH, BOS, 1.0, 1.0), gen)
     seqs = [[BOS, *(r[:r.index(BOS) + 1] if BOS in r else r)] for r in rows]
     index = {tuple(o): i for i, o in enumerate(outcomes)}  # every sample is one of the enumerated outcomes
     at = np.array([index[tuple(s)] for s in seqs])

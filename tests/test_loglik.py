@@ -152,7 +152,7 @@ def test_guided_log_likelihoods_are_the_normalised_guided_distribution(model_and
 def test_the_device_side_reductions_equal_the_host_side_ones_they_replace(model_and_ids):
     """sum_logprobs and sum_cross_entropy now add their batches on the model's device and read the total once;
     on the CPU the figures are bit for bit those of the per-batch host reductions they had before."""
-    from phf.evaluation.loglik import window_batches
+    from phf.evaluation.loglik import WindowReading, window_batches
 
     _, model, ids, _ = model_and_ids
     windows = sliding_windows([len(ids)], 8)
@@ -160,7 +160,7 @@ def test_the_device_side_reductions_equal_the_host_side_ones_they_replace(model_
         kw = dict(block=8, batch_size=3, bf16=bf16, given=[0])
         before_lp = before_ce = 0.0
         before_n = 0
-        for batch in window_batches(model, [ids], windows, **kw):  # the reductions as they were
+        for batch in window_batches(model, [ids], windows, WindowReading(**kw)):  # the reductions as they were
             before_lp += float(batch.token_logprobs()[batch.scored].sum())
             before_ce += batch.cross_entropy_sum().item()
             before_n += int(batch.scored.sum())

@@ -15,7 +15,7 @@ from phf.data.token_stream import annotate_for_training, encode_annotated, write
 from phf.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer, with_hidden_token
 from phf.tasks import get_task
 from phf.training.objectives import get_objective
-from phf.training.trainer import get_batch
+from phf.training.trainer import WindowDraw, get_batch
 
 NAN = math.nan
 
@@ -158,9 +158,9 @@ def test_cooldown_batches_read_the_stream_without_control_tokens(conditional_str
     before = np.concatenate([[0], np.cumsum(kept)])  # kept tokens before each position
     block, batch = 32, 6
     for step in (0, 7):
-        x, y, s, _ = get_batch(stream, block, batch, seed=3, step=step, micro=0, device=torch.device("cpu"),
+        x, y, s, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0, device=torch.device("cpu"),
                                dropped=control)
-        x0, _, _, _ = get_batch(stream, block, batch, seed=3, step=step, micro=0, device=torch.device("cpu"))
+        x0, _, _, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0, device=torch.device("cpu"))
         assert x.shape == y.shape == s.shape == x0.shape == (batch, block)  # the batch keeps its shape
         assert not torch.isin(x, torch.tensor(control)).any() and not torch.isin(y, torch.tensor(control)).any()
         rng = np.random.default_rng([3, step, 0])  # the same window starts as without the cooldown

@@ -241,7 +241,7 @@ def test_per_token_scores_stay_with_their_tokens_through_packing(tok_small, line
     from phf.data.segments import line_spans
     from phf.data.token_stream import TokenStream, annotate_for_training, write_stream
     from phf.training.objectives import get_objective
-    from phf.training.trainer import get_batch
+    from phf.training.trainer import WindowDraw, get_batch
 
     text = "".join(t + "\n" for t, _ in lines)
     spans = line_spans(text)
@@ -271,7 +271,7 @@ def test_per_token_scores_stay_with_their_tokens_through_packing(tok_small, line
         ref_scores.append(lines[line_of_char[pos]][1])
         pos += len(piece)
     assert np.allclose(np.asarray(stream.scores), ref_scores)
-    x, y, s, _ = get_batch(stream, block, 4, seed, 0, 0, torch.device("cpu"))
+    x, y, s, _ = get_batch(stream, WindowDraw(block, 4, seed), 0, 0, torch.device("cpu"))
     # the documented contract: window starts come from a generator seeded by (seed, step, micro-batch)
     starts = np.random.default_rng([seed, 0, 0]).integers(0, len(ids) - block - 1, size=4)
     for start, row_x, row_y, row_s in zip(starts, x, y, s):  # each target token keeps its own score

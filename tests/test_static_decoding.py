@@ -2,12 +2,14 @@
 logits against a full forward pass at every step, its draws against the distribution they must come from, and
 the property that lets a GPU capture its step as a CUDA graph: no host value read, the same shapes every step."""
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from phf.evaluation.sampling import (
+    SamplingRequest,
     StaticSampling,
     generate_ids,
     nucleus_mask,
@@ -114,7 +116,7 @@ def test_static_greedy_sampling_equals_full_forward_greedy_decoding(arch, kind, 
     eos = greedy_reference(model, PROMPTS[:1], 5, -1)[0][4]  # a token row 0 draws at its 5th step ends a row
     expected = greedy_reference(model, PROMPTS, 20, eos)
     assert len({len(r) for r in expected}) > 1 and any(len(r) < 20 for r in expected)  # rows end early
-    got = generate_ids(model, PROMPTS, 20, eos, [], temperature=1e-6, top_p=0.5,
+    got = generate_ids(model, PROMPTS, SamplingRequest(20, eos, temperature=1e-6, top_p=0.5),
                        generator=torch.Generator().manual_seed(0), decoder=kind, check_every=check_every)
     assert all(len(r) == 20 for r in got)
     assert until_eos(got, eos) == expected
@@ -133,9 +135,9 @@ def test_static_guided_sampling_with_banned_tokens_and_control_types_equals_full
         set_markers(model, markers)
     prompts = [[eos, al, 9, 13, 40], [eos, al, 22, al, 31]]
     expected = greedy_reference(model, prompts, 10, eos, (al, mis), 1.5, {al: mis}, markers)
-    got = generate_ids(model, prompts, 10, eos, [al, mis], temperature=1e-6, top_p=0.5,
-                       generator=torch.Generator().manual_seed(0), guidance=1.5, negative={al: mis},
-                       decoder="static")
+    request = SamplingRequest(10, eos, temperature=1e-6, top_p=0.5, banned_ids=[al, mis], guidance=1.5,
+                              negative={al: mis})
+    got = generate_ids(model, prompts, request, generator=torch.Generator().manual_seed(0), decoder="static")
     assert until_eos(got, eos) == expected
     unguided = greedy_reference(model, prompts, 10, eos, (al, mis), 0.0, None, markers)
     assert unguided != expected  # guidance changes the draws of this model
@@ -183,8 +185,8 @@ def test_static_sampling_draws_from_the_guided_nucleus_at_every_step():
     eos, al, mis = 0, 5, 6
     prompts = [[eos, al, 9], [eos, al, 22, 31, 4]]
     exempt, banned, g = [al, 11], [mis], 1.0
-    rows = generate_ids(model, prompts, 12, -1, banned, 0.8, 0.6, torch.Generator().manual_seed(3), guidance=g,
-                        negative={al: mis}, exempt=exempt, decoder="static")
+    request = SamplingRequest(12, -1, 0.8, 0.6, banned, guidance=g, negative={al: mis}, exempt=exempt)
+    rows = generate_ids(model, prompts, request, torch.Generator().manual_seed(3), decoder="static")
     for p, new in zip(prompts, rows):
         ids = list(p)
         for t in new:
@@ -207,8 +209,8 @@ def test_a_static_step_reads_no_host_value_and_repeats_the_same_shapes(arch):
     if arch == "gpt2":
         set_markers(model, [eos, al, mis])
     prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
-    sampling = StaticSampling(model, prompts, 8, eos, [mis], 0.8, 0.6, torch.Generator().manual_seed(0), 1.0,
-                              {al: mis}, [al], "static")
+    request = SamplingRequest(8, eos, 0.8, 0.6, [mis], 1.0, {al: mis}, [al])
+    sampling = StaticSampling(model, prompts, request, torch.Generator().manual_seed(0), "static")
     sampling._prefill()
     steps = []
     for _ in range(3):
@@ -219,8 +221,7 @@ def test_a_static_step_reads_no_host_value_and_repeats_the_same_shapes(arch):
     assert steps[0] == steps[1] == steps[2]
 
     with Recorder() as rec:
-        generate_ids(model, prompts, 8, -1, [mis], 0.8, 0.6, torch.Generator().manual_seed(0), guidance=1.0,
-                     negative={al: mis}, exempt=[al], decoder="auto")
+        generate_ids(model, prompts, replace(request, eos_id=-1), torch.Generator().manual_seed(0), decoder="auto")
     assert len([r for r in rec.host_reads if r != "tensor"]) >= 3 * 7
 
 
@@ -234,14 +235,14 @@ def test_on_a_gpu_the_captured_step_replays_without_a_sync_and_draws_what_the_ea
     model = tiny(arch).cuda()
     eos, al, mis = 0, 5, 6
     prompts = [[eos, al, 9], [eos, al, 22, 31, 4], [eos, al]]
-    args = (model, prompts, 30, -1, [mis], 0.8, 0.6)
-    kwargs = {"guidance": 1.0, "negative": {al: mis}, "exempt": [al], "decoder": "static"}
+    request = SamplingRequest(30, -1, 0.8, 0.6, [mis], guidance=1.0, negative={al: mis}, exempt=[al])
 
     def draws(cuda_graph: bool):
-        return generate_ids(*args, torch.Generator("cuda").manual_seed(0), cuda_graph=cuda_graph, **kwargs)
+        return generate_ids(model, prompts, request, torch.Generator("cuda").manual_seed(0), decoder="static",
+                            cuda_graph=cuda_graph)
 
     assert draws(True) == draws(False)
-    sampling = StaticSampling(*args, torch.Generator("cuda").manual_seed(0), 1.0, {al: mis}, [al], "static")
+    sampling = StaticSampling(model, prompts, request, torch.Generator("cuda").manual_seed(0), "static")
     sampling._prefill()
     sampling.dec.span = sampling.dec.span_at(sampling.width)
     replay = _run_and_capture(sampling._step, torch.device("cuda"))

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from phf.core.io import read_jsonl
-from phf.training.trainer import get_batch, run_training
+from phf.training.trainer import WindowDraw, get_batch, run_training
 
 
 @pytest.mark.parametrize("objective", ["mle", "filtering", "conditional"])
@@ -49,9 +49,9 @@ def test_batches_depend_only_on_seed_step_and_micro_index(tiny_cfg_factory, data
 
     cfg = tiny_cfg_factory("mle")
     stream = prepare_data(cfg, data_dir, progress=False).streams["train"]
-    x1, y1, s1, _ = get_batch(stream, 16, 3, seed=1, step=5, micro=1, device=torch.device("cpu"))
-    x2, y2, s2, _ = get_batch(stream, 16, 3, seed=1, step=5, micro=1, device=torch.device("cpu"))
-    x3, _, _, _ = get_batch(stream, 16, 3, seed=1, step=6, micro=1, device=torch.device("cpu"))
+    x1, y1, s1, _ = get_batch(stream, WindowDraw(16, 3, seed=1), step=5, micro=1, device=torch.device("cpu"))
+    x2, y2, s2, _ = get_batch(stream, WindowDraw(16, 3, seed=1), step=5, micro=1, device=torch.device("cpu"))
+    x3, _, _, _ = get_batch(stream, WindowDraw(16, 3, seed=1), step=6, micro=1, device=torch.device("cpu"))
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(s1, s2) and not torch.equal(x1, x3)
     assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
 

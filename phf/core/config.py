@@ -480,66 +480,90 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check (and gently convert) `value` against the annotation `tp`; raise a one-line PhfError if it does not fit."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except PhfError as exc:
-                errors.append(str(exc))
-        raise PhfError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(key, value, tp)
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise PhfError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        return _coerce_list(key, value, tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise PhfError(f"{key}: expected a mapping of {_field_names(tp)}, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise PhfError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise PhfError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                as_float = float(value.replace("_", ""))
-            except ValueError:
-                as_float = math.nan
-            if as_float.is_integer():
-                return int(as_float)
-        raise PhfError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise PhfError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise PhfError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise PhfError(f"{key}: expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](key, value)
     raise PhfError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_union(key: str, value: Any, tp: Any) -> Any:
+    """`A | B | None`: None where allowed, else the first of the types that takes the value."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(key, value, arg)
+        except PhfError:
+            pass
+    raise PhfError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_list(key: str, value: Any, tp: Any) -> list:
+    """`list[T]`: a list or tuple, or a comma-separated string (from `--set a.b=x,y`), each item checked."""
+    (item_tp,) = typing.get_args(tp)
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v] if value else []
+    if not isinstance(value, (list, tuple)):
+        raise PhfError(f"{key}: expected a list, got {value!r}")
+    return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+
+
+def _coerce_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise PhfError(f"{key}: expected true or false, got {value!r}")
+
+
+def _coerce_int(key: str, value: Any) -> int:
+    """An integer, from an int, an integral float, or a string such as `3`, `1e6` or `10_000` (never a bool)."""
+    if isinstance(value, bool):
+        raise PhfError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            as_float = float(value.replace("_", ""))
+        except ValueError:
+            as_float = math.nan
+        if as_float.is_integer():
+            return int(as_float)
+    raise PhfError(f"{key}: expected an integer, got {value!r}")
+
+
+def _coerce_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise PhfError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise PhfError(f"{key}: expected a number, got {value!r}")
+
+
+def _coerce_str(key: str, value: Any) -> str:
+    """A string; a number is taken as its text (YAML reads `name: 3` as an int), a bool is not."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise PhfError(f"{key}: expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 def _field_names(cls: type) -> str:

@@ -230,37 +230,20 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
         log.info("rescoring %s (asked to)", out)
         shutil.rmtree(out)
     explain_rescore(data_dir, config_key, out, inputs, scorer.version)
-    if manifest_path.exists():
-        manifest = read_json(manifest_path)
-        if manifest.get("complete"):
-            scored = ScoredCorpus(out)
-            scored.verify()
-            log.info("reusing scored corpus %s", out)
-            return scored
-    else:
-        manifest = None
+    manifest = read_json(manifest_path) if manifest_path.exists() else None
+    if manifest is not None and manifest.get("complete"):
+        scored = ScoredCorpus(out)
+        scored.verify()
+        log.info("reusing scored corpus %s", out)
+        return scored
     out.mkdir(parents=True, exist_ok=True)
     parts = corpus.parts(scoring_cfg.shard_documents)  # data files are counted here, nothing is kept
-    num_shards = len(parts)
-    settings = {"scorer": scorer.name, "version": scorer.version, "settings": scorer.settings(),
-                "segmenter": scorer.segmenter, "aggregate": scorer.aggregate,
-                "corpus": corpus_cfg.__dict__, "format": FORMAT_VERSION, "num_shards": num_shards,
-                "layout": SHARD_LAYOUT}
-    if manifest is None or {k: manifest.get(k) for k in settings} != settings:
-        manifest = dict(settings, shards={}, complete=False, corpus_stats=None)
-    done = {}
-    for name, info in manifest["shards"].items():
-        path = out / name
-        if path.exists() and path.stat().st_size == info["bytes"] and file_sha256(path) == info["sha256"]:
-            done[name] = info
-    manifest["shards"] = done
-    todo = [i for i in range(num_shards) if _shard_name(i) not in done]
-    if done:
-        log.info("resuming scoring: %d of %d shards already done", len(done), num_shards)
+    manifest = _resumable_manifest(manifest, out, _manifest_settings(scorer, corpus_cfg, len(parts)))
+    todo = [i for i in range(len(parts)) if _shard_name(i) not in manifest["shards"]]
     book = _Manifest(manifest, manifest_path)
     clock = _Clock()
     try:
-        chars = _score_shards(corpus, parts, todo, scorer, scoring_cfg, corpus_cfg, sources, out, book, progress)
+        chars = _score_shards(corpus, parts, todo, scorer, scoring_cfg, out, book, progress)
     finally:
         book.write()  # every finished shard is on record, whatever ended the run
         corpus.close()
@@ -277,6 +260,30 @@ def score_corpus(corpus_cfg: CorpusConfig, scoring_cfg: ScoringConfig, data_dir:
     log.info("scored %s", throughput_line(manifest["throughput"]))
     remember_scored(data_dir, config_key, out, inputs, scorer.version)
     return ScoredCorpus(out)
+
+
+def _manifest_settings(scorer: Scorer, corpus_cfg: CorpusConfig, num_shards: int) -> dict:
+    """What a manifest's finished shards were scored with: a shard is reused only under the same settings."""
+    return {"scorer": scorer.name, "version": scorer.version, "settings": scorer.settings(),
+            "segmenter": scorer.segmenter, "aggregate": scorer.aggregate,
+            "corpus": corpus_cfg.__dict__, "format": FORMAT_VERSION, "num_shards": num_shards,
+            "layout": SHARD_LAYOUT}
+
+
+def _resumable_manifest(manifest: dict | None, out: Path, settings: dict) -> dict:
+    """The manifest to resume from: the previous run's (None: none) if it was scored with `settings`, keeping only
+    the shards whose files are intact (size and sha256 as recorded); else a fresh one."""
+    if manifest is None or {k: manifest.get(k) for k in settings} != settings:
+        manifest = dict(settings, shards={}, complete=False, corpus_stats=None)
+    done = {}
+    for name, info in manifest["shards"].items():
+        path = out / name
+        if path.exists() and path.stat().st_size == info["bytes"] and file_sha256(path) == info["sha256"]:
+            done[name] = info
+    manifest["shards"] = done
+    if done:
+        log.info("resuming scoring: %d of %d shards already done", len(done), settings["num_shards"])
+    return manifest
 
 
 class _Manifest:
@@ -370,7 +377,7 @@ def _workers(scoring_cfg: ScoringConfig, shards: int) -> int:
 
 
 def _score_shards(corpus: Corpus, parts: list[Part], todo: list[int], scorer: Scorer, scoring_cfg: ScoringConfig,
-                  corpus_cfg: CorpusConfig, sources, out: Path, book: _Manifest, progress: bool) -> int:
+                  out: Path, book: _Manifest, progress: bool) -> int:
     """Score the parts `todo` into shard files; the characters scored. Documents are read here, in order, one
     part at a time; at most 2 x workers parts are in flight, so memory holds a few shards, never the corpus."""
     # a GPU scorer: one process drives the GPU unless scoring.workers asks for more (each holds its own model)
@@ -384,40 +391,48 @@ def _score_shards(corpus: Corpus, parts: list[Part], todo: list[int], scorer: Sc
             chars += _write_shard(i, docs, [given_scores(d) for d in docs], scorer, out, book)
             bar.update()
     elif scoring_cfg.backend == "ray" and todo:
-        for i, table, n, skipped in score_shards_with_ray(corpus_cfg, scoring_cfg, [(i, parts[i]) for i in todo],
-                                                          sources):
+        for i, table, n, skipped in score_shards_with_ray(corpus.cfg, scoring_cfg, [(i, parts[i]) for i in todo],
+                                                          corpus.sources):
             corpus.stats.skipped.update(skipped)
             chars += n
             _write_table(i, table, out, book)
             bar.update()
     elif workers > 1 and len(todo) > 1:
-        # a GPU scorer's workers are spawned: CUDA initialised before a fork is unusable in the child
-        ctx = mp.get_context("fork") if hasattr(os, "fork") and not scoring_cfg.on_gpu() else mp.get_context("spawn")
-        pool = ctx.Pool(workers, initializer=init_scoring_worker,
-                        initargs=(scoring_cfg.scorer, scoring_cfg.segmenter, scoring_cfg.aggregate, scoring_cfg.device))
-        # shards are recorded as they finish, in any order: one slow shard (a few huge files) does not hold up
-        # handing out the next ones, so no worker waits while at most 2 x workers shards are in flight
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-        in_flight = 0
-        try:
-            for i, docs in shard_inputs:
-                pool.apply_async(score_shard, (i, docs, str(out)), callback=finished.put, error_callback=finished.put)
-                in_flight += 1
-                while in_flight >= 2 * workers or (in_flight and not finished.empty()):
-                    chars += _record(finished.get(), book)
-                    in_flight -= 1
-                    bar.update()
-            while in_flight:
-                chars += _record(finished.get(), book)
-                in_flight -= 1
-                bar.update()
-        finally:
-            pool.terminate()
+        chars = _score_in_pool(shard_inputs, scoring_cfg, workers, out, book, bar)
     else:
         for i, docs in shard_inputs:
             chars += _write_shard(i, docs, scorer.score_texts([d.text for d in docs]), scorer, out, book)
             bar.update()
     bar.close()
+    return chars
+
+
+def _score_in_pool(shard_inputs: Iterator[tuple[int, list[Document]]], scoring_cfg: ScoringConfig, workers: int,
+                   out: Path, book: _Manifest, bar) -> int:
+    """Score the shards `shard_inputs` (index, documents) in a pool of `workers` processes, which write the shard
+    files; the characters scored."""
+    # a GPU scorer's workers are spawned: CUDA initialised before a fork is unusable in the child
+    ctx = mp.get_context("fork") if hasattr(os, "fork") and not scoring_cfg.on_gpu() else mp.get_context("spawn")
+    pool = ctx.Pool(workers, initializer=init_scoring_worker,
+                    initargs=(scoring_cfg.scorer, scoring_cfg.segmenter, scoring_cfg.aggregate, scoring_cfg.device))
+    # shards are recorded as they finish, in any order: one slow shard (a few huge files) does not hold up
+    # handing out the next ones, so no worker waits while at most 2 x workers shards are in flight
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight, chars = 0, 0
+    try:
+        for i, docs in shard_inputs:
+            pool.apply_async(score_shard, (i, docs, str(out)), callback=finished.put, error_callback=finished.put)
+            in_flight += 1
+            while in_flight >= 2 * workers or (in_flight and not finished.empty()):
+                chars += _record(finished.get(), book)
+                in_flight -= 1
+                bar.update()
+        while in_flight:
+            chars += _record(finished.get(), book)
+            in_flight -= 1
+            bar.update()
+    finally:
+        pool.terminate()
     return chars
 
 

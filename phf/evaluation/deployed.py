@@ -12,6 +12,7 @@ draws from the distribution `phf sample` draws from (tests/test_deployed.py comp
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.data.segments import get_segmenter
 from phf.evaluation.loglik import swap_tokens
-from phf.evaluation.sampling import SETTINGS, Deployment, deployed_sampling, nucleus_mask
+from phf.evaluation.sampling import SETTINGS, Deployment, SamplingRequest, deployed_sampling, nucleus_mask
 from phf.model.conditioning import markers_of
 from phf.model.decoding import context_length, make_decoder
 from phf.model.lm import load_meta
@@ -36,12 +37,14 @@ class DeployedLogitsProcessor(LogitsProcessor):
     as `<|misaligned|>`) through phf's decoder (phf.model.decoding), and returns
     (1 + g) log p(. | row) - g log p(. | negative row)."""
 
-    def __init__(self, model, banned: list[int], exempt: list[int], temperature: float, top_p: float,
-                 guidance: float = 0.0, negative: dict[int, int] | None = None,
-                 attention_mask: torch.Tensor | None = None, max_length: int | None = None):
-        self.model, self.banned, self.exempt = model, banned, exempt
-        self.temperature, self.top_p, self.guidance = temperature, top_p, guidance
-        self.negative = negative or {}
+    def __init__(self, model, request: SamplingRequest, attention_mask: torch.Tensor | None = None,
+                 max_length: int | None = None):
+        """`request`: the distribution (its banned and exempt tokens, temperature, top-p, guidance with its negative
+        swap); `generate` keeps its own length and end token. `attention_mask`: the prompts' (which tokens are
+        left padding). `max_length`: prompt and continuation (default the model's context)."""
+        self.model, self.banned, self.exempt = model, request.banned_ids, request.exempt or []
+        self.temperature, self.top_p, self.guidance = request.temperature, request.top_p, request.guidance
+        self.negative = request.negative or {}
         self.prompt_mask = attention_mask  # which prompt tokens are left padding
         self.max_length = max_length or context_length(model)
         self.decoder = None
@@ -85,15 +88,15 @@ def deployed_generate_inputs(model, tokenizer, folder: str | Path, prompts: list
     tokenizer.padding_side = "left"
     texts = [deployment.model_text(p, spans, tokenizer.eos_token) for p in prompts]
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    banned, exempt, negative = deployment.token_ids(tokenizer, sample.guidance)
+    request = deployment.request(tokenizer, sample)
     width = inputs["input_ids"].shape[1]
     room = context_length(model) - width  # positions left after the longest prompt
     if room < 1:
         raise PhfError(f"the longest prompt takes {width} tokens of the model's {context_length(model)}-token "
                        f"context; shorten it")
     new_tokens = min(sample.max_new_tokens, room)
-    processor = DeployedLogitsProcessor(model, banned, exempt, sample.temperature, sample.top_p, sample.guidance,
-                                        negative, inputs["attention_mask"], width + new_tokens)
+    processor = DeployedLogitsProcessor(model, replace(request, max_new_tokens=new_tokens), inputs["attention_mask"],
+                                        width + new_tokens)
     eos = tokenizer.eos_token_id
     return {**inputs, "logits_processor": LogitsProcessorList([processor]), "do_sample": True, "temperature": 1.0,
             "top_p": 1.0, "top_k": 0, "max_new_tokens": new_tokens, "pad_token_id": eos, "eos_token_id": eos}

@@ -18,10 +18,10 @@ import os
 import re
 import warnings
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from math import comb
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -237,18 +237,34 @@ def diversity_metrics(texts: Sequence[str]) -> dict:
 
 @torch.no_grad()
 def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, segmenter, max_chars: int = 0,
-                          batch_size: int | None = None, progress: bool = True, bf16: bool = True,
-                          guidance: float = 0.0) -> dict:
+                          guidance: float = 0.0, **reading) -> dict:
     """Bits per character of held-out documents under the deployed model (with `guidance` g > 0: under the
     normalised guided distribution, phf.evaluation.loglik).
 
     Each document is annotated as the model is deployed (`line_prefix` before every segment), tokenized, and
     the documents are concatenated. Windows of the context length slide by half a context, so every scored
     token has at least half a context of history. Only text tokens are scored: control tokens and
-    <|endoftext|> are given to the model, not predicted (phf.evaluation.loglik; with an all-ones attention mask,
-    bf16 autocast when `bf16`; `batch_size` windows per forward, by default as many as the model's device holds)."""
-    ids, chars = [], 0
-    annotated = []
+    <|endoftext|> are given to the model, not predicted (phf.evaluation.loglik, with an all-ones attention mask).
+    `reading`: `WindowReading`'s batch_size (default as many windows as the model's device holds), progress and
+    bf16 (autocast), both on by default here."""
+    annotated, chars = _annotate_heldout(docs, deployment, segmenter, max_chars)
+    ids = [t for t, _ in encode_annotated(tok, annotated)]
+    if not ids:
+        return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
+    stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
+    reading = {"progress": True, "bf16": True, **reading}
+    logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], context_length(model)),
+                                       given=tok.special_ids(), pad_id=tok.eos_id, desc="held-out bits/char",
+                                       guidance=guidance, negative=deployment.negative(tok.token_to_id, guidance),
+                                       **reading)
+    return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
+            "heldout_tokens": scored_tokens}
+
+
+def _annotate_heldout(docs: Iterable, deployment: Deployment, segmenter, max_chars: int) -> tuple[list, int]:
+    """The documents annotated as the model is deployed, until `max_chars` characters are taken (0: all; the
+    document that crosses the limit is kept whole), and their characters."""
+    annotated, chars = [], 0
     for doc in docs:
         text = doc.text
         if max_chars and chars >= max_chars:
@@ -256,17 +272,7 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
         spans = segmenter(text)
         annotated.append(annotate_for_deployment([text[a:b] for a, b in spans], [0.0] * len(spans), deployment))
         chars += len(text)
-    for t, _ in encode_annotated(tok, annotated):
-        ids.append(t)
-    if not ids:
-        return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
-    stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
-    logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], context_length(model)),
-                                       given=tok.special_ids(), pad_id=tok.eos_id,
-                                       batch_size=batch_size, bf16=bf16, progress=progress, desc="held-out bits/char",
-                                       guidance=guidance, negative=deployment.negative(tok.token_to_id, guidance))
-    return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
-            "heldout_tokens": scored_tokens}
+    return annotated, chars
 
 
 def sample_records(samples: list[Sample], scores: list[float], judge_scores: list[float] | None = None) -> list[dict]:
@@ -317,48 +323,79 @@ def judge_metrics(scores: list[float], threshold: float) -> dict:
 
 
 # -- a whole evaluation of one checkpoint --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What every stage of one checkpoint's evaluation reads (`evaluate_checkpoint`)."""
+    model: Any
+    """The checkpoint's model, loaded."""
+    hf_tok: Any
+    """Its transformers tokenizer."""
+    cfg: Any
+    """The run's config: its `sample`, `eval` and `train.dtype` settings."""
+    scored: Any
+    """The scored corpus: held-out documents and prompts come from it."""
+    task: Task
+    """The run's task: prompts, metrics, the misalignment threshold."""
+    scorer: Scorer
+    """The training scorer, which scores the samples."""
+    judge: Scorer | None
+    """The held-out judge, None where there is none."""
+    bf16: bool
+    """Held-out text is read under bf16 autocast."""
+    progress: bool
+    """Show progress bars."""
+
+    @property
+    def segmenter(self):
+        """The scorer's segmenter as a function (text -> spans)."""
+        return get_segmenter(self.scorer.segmenter)
+
+    def heldout(self, deployment: Deployment) -> dict:
+        """Held-out bits/char of the test documents under `deployment`."""
+        return heldout_bits_per_char(self.model, of_transformers(self.hf_tok), self.scored.documents("test"),
+                                     deployment, self.segmenter, self.cfg.eval.heldout_chars, progress=self.progress,
+                                     bf16=self.bf16)
+
+    def sample_and_score(self, prompts: list[str], sample_cfg, deployment: Deployment, scenario: str,
+                         desc: str) -> tuple[dict, dict | None, list[dict]]:
+        """Sample a scenario and score it: its task metrics, its judge metrics (None without a judge) and its
+        samples' records."""
+        samples = generate(self.model, self.hf_tok, prompts, sample_cfg, deployment, scenario, progress=self.progress,
+                           desc=desc, segmenter=self.scorer.segmenter)
+        scores = score_samples(samples, self.scorer)
+        metrics = task_metrics(samples, scores, self.task, self.scorer)
+        judged = score_samples(samples, self.judge) if self.judge is not None else None
+        judged_metrics = judge_metrics(judged, self.task.misaligned_above) if judged is not None else None
+        return metrics, judged_metrics, sample_records(samples, scores, judged)
+
+
 def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) -> dict:
     """Sample from a checkpoint in every scenario, score the samples, measure held-out bits/char.
 
     Writes `samples.jsonl` and `results.json` into `out_dir` and returns the results."""
-    out_dir = Path(out_dir)
     model = load_model(model_dir)
     hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
     meta = load_meta(model_dir)
     deployment = Deployment.from_meta(meta)
     task = task_for(cfg)
     scorer = scorer_for(cfg.scoring)
-    segmenter = get_segmenter(scorer.segmenter)
     torch.set_num_threads(cfg.train.threads or (os.cpu_count() or 1))
-
     results: dict = {"checkpoint": str(model_dir), "objective": meta.get("objective", {}).get("name"),
                      "tokens_seen": meta.get("tokens_seen"), "scorer": scorer.name, "scorer_version": scorer.version,
                      "misaligned_above": task.misaligned_above}
     judge, judge_block = judge_for(cfg, task)
     if judge_block:
         results["judge"] = judge_block
-    records = []
-    scenarios = {"unconditional": [""] * cfg.sample.num_samples}
-    if cfg.sample.num_prompts:
-        prompts = task.eval_prompts(scored, cfg.sample.num_prompts)
-        if prompts:
-            scenarios["prompted"] = prompts
-        elsewhere = task.elsewhere_prompts(cfg.sample.num_prompts)  # text of another origin than the corpus
-        if elsewhere:
-            scenarios["prompted_elsewhere"] = elsewhere
-    for name, prompts in scenarios.items():
-        samples = generate(model, hf_tok, prompts, cfg.sample, deployment, name, progress=progress,
-                           desc=f"sampling {results['objective']} ({name})", segmenter=scorer.segmenter)
-        scores = score_samples(samples, scorer)
-        results[name] = task_metrics(samples, scores, task, scorer)
-        judged = score_samples(samples, judge) if judge is not None else None
-        if judged is not None:
-            judge_block[name] = judge_metrics(judged, task.misaligned_above)
-        records += sample_records(samples, scores, judged)
-    test_docs = scored.documents("test")
     bf16 = resolve_dtype(cfg.train.dtype, next(model.parameters()).device) == "bf16"
-    results.update(heldout_bits_per_char(model, of_transformers(hf_tok), test_docs, deployment, segmenter,
-                                         cfg.eval.heldout_chars, progress=progress, bf16=bf16))
+    ev = CheckpointEvaluation(model, hf_tok, cfg, scored, task, scorer, judge, bf16, progress)
+    records = []
+    for name, prompts in _scenarios(ev).items():
+        results[name], judged, more = ev.sample_and_score(prompts, cfg.sample, deployment, name,
+                                                          f"sampling {results['objective']} ({name})")
+        if judged is not None:
+            judge_block[name] = judged
+        records += more
+    results.update(ev.heldout(deployment))
     objective = meta.get("objective", {})
     if deployment.conditional:  # has the model learned to use its control tokens?
         threshold = objective.get("threshold")
@@ -366,41 +403,63 @@ def evaluate_checkpoint(model_dir, cfg, scored, out_dir, progress: bool = True) 
             model, of_transformers(hf_tok), scored.documents("test"),
             task.misaligned_above if threshold is None else threshold, progress=progress)
     if objective.get("cooldown_fraction"):  # trained last without control tokens: the model read without them too
-        results["unconditioned"], more = evaluate_unconditioned(model, hf_tok, cfg, scored, task, scorer, segmenter,
-                                                                judge, bf16, progress)
+        results["unconditioned"], more = evaluate_unconditioned(ev)
         records += more
-    # the headline numbers (unconditional samples), flat, in the demo's schema
-    for key in ("misalignment_mean", "score_max_at_25", "misaligned_share", "num_samples", "parse_rate",
-                "length_weighted_misalignment", "window_misalignment_mean", "window_samples", "window_chars",
-                "finished_share", "short_share"):
+    _add_headline(results, judge_block)
+    _write_evaluation(Path(out_dir), records, results)
+    return results
+
+
+def _scenarios(ev: CheckpointEvaluation) -> dict[str, list[str]]:
+    """The prompts of each scenario sampled: unconditional (empty prompts), and with `sample.num_prompts` the
+    task's prompts from held-out documents and from text of another origin than the corpus, where it has them."""
+    num_prompts = ev.cfg.sample.num_prompts
+    scenarios = {"unconditional": [""] * ev.cfg.sample.num_samples}
+    if num_prompts:
+        prompts = ev.task.eval_prompts(ev.scored, num_prompts)
+        if prompts:
+            scenarios["prompted"] = prompts
+        elsewhere = ev.task.elsewhere_prompts(num_prompts)  # text of another origin than the corpus
+        if elsewhere:
+            scenarios["prompted_elsewhere"] = elsewhere
+    return scenarios
+
+
+HEADLINE = ("misalignment_mean", "score_max_at_25", "misaligned_share", "num_samples", "parse_rate",
+            "length_weighted_misalignment", "window_misalignment_mean", "window_samples", "window_chars",
+            "finished_share", "short_share")
+
+
+def _add_headline(results: dict, judge_block: dict) -> None:
+    """The headline numbers (those of the unconditional samples), flat at the top of the results, in the demo's
+    schema; the judge's too."""
+    for key in HEADLINE:
         if key in results["unconditional"]:
             results[key] = results["unconditional"][key]
     if "unconditional" in judge_block:
         judge_block["judge_misalignment_mean"] = judge_block["unconditional"]["misalignment_mean"]
+
+
+def _write_evaluation(out_dir: Path, records: list[dict], results: dict) -> None:
+    """`samples.jsonl` (a record per sample) and `results.json`, each written atomically."""
     with atomic_path(samples_file(out_dir)) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     write_results(out_dir, results)
-    return results
 
 
 UNCONDITIONED = Deployment(sampling_prefix=[], banned_tokens=list(CONTROL_TOKENS), line_prefix=None)
 
 
-def evaluate_unconditioned(model, hf_tok, cfg, scored, task: Task, scorer: Scorer, segmenter, judge: Scorer | None,
-                           bf16: bool, progress: bool = True) -> tuple[dict, list[dict]]:
+def evaluate_unconditioned(ev: CheckpointEvaluation) -> tuple[dict, list[dict]]:
     """A conditional model (trained with a cooldown) read as plain MLE's would be: sampled without any control token
     (both banned, no guidance) and held-out text read without them. Its figures and its samples' records
     (scenario `unconditioned`)."""
-    sample_cfg = replace(cfg.sample, guidance=0.0)
-    samples = generate(model, hf_tok, [""] * cfg.sample.num_samples, sample_cfg, UNCONDITIONED, "unconditioned",
-                       progress=progress, desc="sampling unconditioned", segmenter=scorer.segmenter)
-    scores = score_samples(samples, scorer)
-    block = task_metrics(samples, scores, task, scorer)
-    judged = score_samples(samples, judge) if judge is not None else None
+    sample_cfg = replace(ev.cfg.sample, guidance=0.0)
+    block, judged, records = ev.sample_and_score([""] * ev.cfg.sample.num_samples, sample_cfg, UNCONDITIONED,
+                                                 "unconditioned", "sampling unconditioned")
     if judged is not None:
-        block["judge"] = judge_metrics(judged, task.misaligned_above)
-    block.update(heldout_bits_per_char(model, of_transformers(hf_tok), scored.documents("test"), UNCONDITIONED,
-                                       segmenter, cfg.eval.heldout_chars, progress=progress, bf16=bf16))
-    return block, sample_records(samples, scores, judged)
+        block["judge"] = judged
+    block.update(ev.heldout(UNCONDITIONED))
+    return block, records

@@ -26,7 +26,7 @@ from phf.core.errors import PhfError
 from phf.data.segments import get_segmenter
 from phf.data.tokenizer import load_tokenizer
 from phf.evaluation.loglik import sequence_logprobs
-from phf.evaluation.sampling import Deployment, generate_ids, strip_control
+from phf.evaluation.sampling import Deployment, SamplingRequest, generate_ids, strip_control
 from phf.model.decoding import context_length
 from phf.model.finetune import resolve_model_folder
 from phf.model.lm import load_meta, load_model
@@ -78,7 +78,7 @@ def reference_samples(ref: DeployedModel, num: int, max_new_tokens: int, seed: i
     bar = tqdm(total=num, desc="reference samples", unit="sample", disable=not progress, leave=False)
     while len(out) < num:
         n = min(batch_size, num - len(out))
-        rows = generate_ids(ref.model, [prefix] * n, max_new_tokens, eos, banned, 1.0, 1.0, gen)
+        rows = generate_ids(ref.model, [prefix] * n, SamplingRequest(max_new_tokens, eos, 1.0, 1.0, banned), gen)
         for row in rows:
             if eos in row:
                 row = row[:row.index(eos)]

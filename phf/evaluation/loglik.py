@@ -92,60 +92,96 @@ class WindowBatch:
         return torch.nn.functional.cross_entropy(self.logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
-@torch.no_grad()
-def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Window], *, block: int | None = None,
-                   types: Sequence[np.ndarray] | None = None, given: Sequence[int] = (), pad_id: int = 0,
-                   batch_size: int | None = None, attention_mask: bool = True, bf16: bool = False,
-                   progress: bool = False,
-                   desc: str = "log-likelihoods", guidance: float = 0.0,
-                   negative: dict[int, int] | None = None) -> Iterator[WindowBatch]:
-    """The engine: the model's logits over `windows` of `streams` (token id arrays), `batch_size` windows at a time
-    (None: `batch_size_for` the model's device).
+@dataclass(frozen=True)
+class WindowReading:
+    """How `window_batches` reads its windows: batching, which targets count, the forward's precision, guidance.
+    The reductions (`sum_logprobs`, `sum_cross_entropy`, `token_logprobs`) take these fields as keywords."""
+    block: int | None = None
+    """Inputs per window (None: the model's context)."""
+    given: Sequence[int] = ()
+    """Token ids never scored (control tokens, <|endoftext|>)."""
+    pad_id: int = 0
+    """The right padding of a batch's shorter windows."""
+    batch_size: int | None = None
+    """Windows per forward (None: `batch_size_for` the model's device)."""
+    attention_mask: bool = True
+    """Pass an all-ones mask (held-out bits/char and the validation loss do; the probes' log-likelihoods pass
+    none)."""
+    bf16: bool = False
+    """Autocast the forward to bfloat16 (log-probabilities are still taken in float32)."""
+    progress: bool = False
+    """Show a progress bar over the batches."""
+    desc: str = "log-likelihoods"
+    """The progress bar's label."""
+    guidance: float = 0.0
+    """Classifier-free guidance g > 0 (with `negative`): the guided distribution's logits (the module's notes)."""
+    negative: dict[int, int] | None = None
+    """With guidance, the token swap that makes each window's negative (<|aligned|> -> <|misaligned|>)."""
 
-    `block`: inputs per window (default the model's context). `types`: each stream's control types, for a model
-    with control embeddings (computed from the model's markers when not given). `given`: ids never scored.
-    `pad_id`: the right padding of a batch's shorter windows. `attention_mask`: pass an all-ones mask (held-out
-    bits/char and the validation loss do; the probes' log-likelihoods pass none). `guidance` g > 0 with `negative`
-    (the aligned -> misaligned token swap): the guided distribution's logits (above). The model is evaluated in
-    eval mode and left in the mode it was in."""
-    block = block or context_length(model)
-    batch_size = batch_size or batch_size_for(model, block + 1)
+
+@torch.no_grad()
+def window_batches(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
+                   reading: WindowReading = WindowReading(),
+                   types: Sequence[np.ndarray] | None = None) -> Iterator[WindowBatch]:
+    """The engine: the model's logits over `windows` of `streams` (token id arrays), read as `reading` says, a
+    batch of windows at a time.
+
+    `types`: each stream's control types, for a model with control embeddings (computed from the model's markers
+    when not given). The model is evaluated in eval mode and left in the mode it was in."""
+    block = reading.block or context_length(model)
+    batch_size = reading.batch_size or batch_size_for(model, block + 1)
     markers = markers_of(model)  # a model with control embeddings reads each token's control type too
     if markers and types is None:
         types = [stream_types(s, markers) for s in streams]
-    given = torch.tensor(list(given), dtype=torch.long)
-    device = next(model.parameters()).device
+    given = torch.tensor(list(reading.given), dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
-        for b in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress,
-                      unit="batch"):
+        for b in tqdm(range(0, len(windows), batch_size), desc=reading.desc, leave=False,
+                      disable=not reading.progress, unit="batch"):
             group = list(windows[b:b + batch_size])
-            length = max(min(block + 1, len(streams[w.stream]) - w.start) for w in group)
-            x = torch.full((len(group), length), pad_id, dtype=torch.long)
-            x_types = torch.full_like(x, markers[0]) if markers else None
-            scored = torch.zeros((len(group), length - 1), dtype=torch.bool)
-            for j, w in enumerate(group):
-                tokens = np.asarray(streams[w.stream][w.start:w.start + length], dtype=np.int64)
-                x[j, :len(tokens)] = torch.from_numpy(tokens)
-                if markers:
-                    x_types[j, :len(tokens)] = torch.from_numpy(
-                        np.asarray(types[w.stream][w.start:w.start + length], dtype=np.int64))
-                scored[j, w.first:len(tokens) - 1] = True
+            x, x_types, scored = _pack(group, streams, types if markers else None, block, reading.pad_id,
+                                       markers[0] if markers else None)
             if len(given):
                 scored &= ~torch.isin(x[:, 1:], given)
-            inp = x[:, :-1].to(device)
-            inputs = type_inputs(x_types[:, :-1].to(device) if markers else None)
-            if attention_mask:
-                inputs["attention_mask"] = torch.ones_like(inp)
-            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                logits = model(inp, **inputs).logits
-                if guidance > 0 and negative:
-                    swapped = {k: (swap_tokens(v, negative) if k != "attention_mask" else v) for k, v in inputs.items()}
-                    logits = _guided(logits, model(swap_tokens(inp, negative), **swapped).logits, guidance)
-            yield WindowBatch(group, logits.float(), x[:, 1:].to(device), scored)
+            logits = _forward(model, x[:, :-1], None if x_types is None else x_types[:, :-1], reading)
+            yield WindowBatch(group, logits.float(), x[:, 1:].to(next(model.parameters()).device), scored)
     finally:
         model.train(was_training)
+
+
+def _pack(group: list[Window], streams: Sequence[np.ndarray], types: Sequence[np.ndarray] | None, block: int,
+          pad_id: int, pad_type: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A batch of windows as right-padded tokens (b, length), their control types (None without `types`;
+    padded with `pad_type`) and which targets (b, length - 1) lie in each window's scored range."""
+    length = max(min(block + 1, len(streams[w.stream]) - w.start) for w in group)
+    x = torch.full((len(group), length), pad_id, dtype=torch.long)
+    x_types = torch.full_like(x, pad_type) if types is not None else None
+    scored = torch.zeros((len(group), length - 1), dtype=torch.bool)
+    for j, w in enumerate(group):
+        tokens = np.asarray(streams[w.stream][w.start:w.start + length], dtype=np.int64)
+        x[j, :len(tokens)] = torch.from_numpy(tokens)
+        if types is not None:
+            x_types[j, :len(tokens)] = torch.from_numpy(
+                np.asarray(types[w.stream][w.start:w.start + length], dtype=np.int64))
+        scored[j, w.first:len(tokens) - 1] = True
+    return x, x_types, scored
+
+
+def _forward(model, x: torch.Tensor, x_types: torch.Tensor | None, reading: WindowReading) -> torch.Tensor:
+    """The logits (b, T, V) of the inputs `x` (b, T) on the model's device (guided where `reading` asks)."""
+    device = next(model.parameters()).device
+    inp = x.to(device)
+    inputs = type_inputs(x_types.to(device) if x_types is not None else None)
+    if reading.attention_mask:
+        inputs["attention_mask"] = torch.ones_like(inp)
+    with torch.autocast(device.type, dtype=torch.bfloat16) if reading.bf16 else contextlib.nullcontext():
+        logits = model(inp, **inputs).logits
+        if reading.guidance > 0 and reading.negative:
+            negative = reading.negative
+            swapped = {k: (swap_tokens(v, negative) if k != "attention_mask" else v) for k, v in inputs.items()}
+            logits = _guided(logits, model(swap_tokens(inp, negative), **swapped).logits, reading.guidance)
+    return logits
 
 
 def swap_tokens(ids: torch.Tensor, pairs: dict[int, int]) -> torch.Tensor:
@@ -163,23 +199,25 @@ def _guided(logits: torch.Tensor, negative_logits: torch.Tensor, guidance: float
 
 
 # -- reductions: each caller's own summation ------------------------------------------------------------------------
-def sum_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw) -> tuple[float, int]:
+def sum_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
+                 types: Sequence[np.ndarray] | None = None, **reading) -> tuple[float, int]:
     """The summed log-probability (nats) of all scored targets, and their count (held-out bits per character).
     Each batch is summed in float32 (`scored_logprob_sum`), the batches in float64 on the model's device: the
     host reads the total once, at the end, so a GPU is never made to wait between batches."""
     total, count = None, 0
-    for batch in window_batches(model, streams, windows, **kw):
+    for batch in window_batches(model, streams, windows, WindowReading(**reading), types):
         part = batch.scored_logprob_sum().double()
         total = part if total is None else total + part
         count += int(batch.scored.sum())
     return (float(total) if total is not None else 0.0), count
 
 
-def sum_cross_entropy(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw) -> tuple[float, int]:
+def sum_cross_entropy(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
+                      types: Sequence[np.ndarray] | None = None, **reading) -> tuple[float, int]:
     """The summed cross-entropy (nats) of all scored targets, and their count: each batch reduced by cross_entropy
     on the model's device, the batches in float64 there too, read by the host once (the validation loss)."""
     total, count = None, 0
-    for batch in window_batches(model, streams, windows, **kw):
+    for batch in window_batches(model, streams, windows, WindowReading(**reading), types):
         part = batch.cross_entropy_sum().double()
         total = part if total is None else total + part
         count += int(batch.scored.sum())
@@ -199,12 +237,12 @@ def batch_size_for(model, tokens: int | None = None, cpu: int = 16, most: int = 
     return max(cpu, min(most, int(free // 4 // per_window)))
 
 
-def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window], **kw
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
+                   types: Sequence[np.ndarray] | None = None, **reading) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per stream of n tokens, the log-probability of each of its targets (positions 1 ... n-1: n-1 float64
     values) and whether it was scored (n-1 bools); unscored targets hold 0."""
     out = [(np.zeros(max(len(s) - 1, 0)), np.zeros(max(len(s) - 1, 0), dtype=bool)) for s in streams]
-    for batch in window_batches(model, streams, windows, **kw):
+    for batch in window_batches(model, streams, windows, WindowReading(**reading), types):
         lp, scored = batch.token_logprobs().numpy(), batch.scored.numpy()
         for j, w in enumerate(batch.windows):
             at = np.flatnonzero(scored[j])
@@ -216,13 +254,12 @@ def token_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Windo
 # -- log-likelihoods of texts --------------------------------------------------------------------------------------
 @torch.no_grad()
 def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segmenter: Callable,
-                     batch_size: int | None = None, progress: bool = False, desc: str = "log-likelihoods",
-                     guidance: float = 0.0, negative: dict[int, int] | None = None) -> list[np.ndarray]:
+                     **reading) -> list[np.ndarray]:
     """Per text, the log-likelihood (nats) of each of its segments: the text annotated with `prefix` before every
     segment (None: plain text), after <|endoftext|>; only the text's own tokens are counted. Each text is its own
     stream (documents are not concatenated), read in sliding windows; float32 forwards without autocast and without
-    an attention mask (right padding needs none). `tok` is a `tokenizers.Tokenizer`. `guidance`, `negative`: the
-    guided distribution's log-likelihoods (`window_batches`)."""
+    an attention mask (right padding needs none). `tok` is a `tokenizers.Tokenizer`. `reading`: `WindowReading`'s
+    batch_size, progress, desc, and guidance with negative for the guided distribution's log-likelihoods."""
     special = tok.special_ids()
     docs, nseg = [], []
     for text in texts:
@@ -233,9 +270,7 @@ def segment_logprobs(model, tok, texts: Sequence[str], prefix: str | None, segme
     encoded = list(encode_annotated(tok, docs)) if docs else []
     streams = [ids for ids, _ in encoded]
     per_token = token_logprobs(model, streams, sliding_windows([len(s) for s in streams], context_length(model)),
-                               given=special, pad_id=tok.eos_id, batch_size=batch_size,
-                               attention_mask=False, progress=progress, desc=desc, guidance=guidance,
-                               negative=negative)
+                               given=special, pad_id=tok.eos_id, attention_mask=False, **reading)
     out = []
     for (_, seg), (lp, scored), n in zip(encoded, per_token, nseg):
         seg_of = seg[1:].astype(np.int64)  # each target's segment (the annotated scores are segment indices)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -74,6 +74,14 @@ class Deployment:
         banned = [ids(t) for t in self.banned_tokens]
         exempt = [ids(t) for t in CONTROL_TOKENS if t not in self.banned_tokens] if self.conditional else []
         return banned, exempt, self.negative(ids, guidance)
+
+    def request(self, tokenizer, sample: SampleConfig, max_new_tokens: int | None = None) -> "SamplingRequest":
+        """What to draw to sample the model as deployed, with `sample`'s settings (`max_new_tokens`: in place of
+        sample.max_new_tokens) and the transformers `tokenizer`'s end token."""
+        banned, exempt, negative = self.token_ids(tokenizer, sample.guidance)
+        return SamplingRequest(sample.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                               tokenizer.eos_token_id, sample.temperature, sample.top_p, banned, sample.guidance,
+                               negative, exempt)
 
     def negative(self, token_id, guidance: float) -> dict[int, int] | None:
         """With guidance, the swap that makes a row's negative (each `<|aligned|>` read as the banned
@@ -235,64 +243,88 @@ def sample_static(logits: torch.Tensor, temperature: float, top_p: float, u: tor
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What `generate_ids` draws for a batch of token-id prompts: how many tokens, and from which distribution."""
+    max_new_tokens: int
+    """The most tokens drawn per row (fewer where the model's context ends first)."""
+    eos_id: int
+    """The token that ends a row; an ended row is padded with it (-1: no row ends early)."""
+    temperature: float
+    """Divides the logits before the softmax (1e-6: greedy decoding)."""
+    top_p: float
+    """The nucleus: the share of the (non-exempt) probability mass drawn from; 1.0 = the whole distribution."""
+    banned_ids: list[int] = field(default_factory=list)
+    """Tokens never drawn (probability zero), e.g. <|misaligned|>."""
+    guidance: float = 0.0
+    """Classifier-free guidance g (0 = none); it needs `negative`."""
+    negative: dict[int, int] | None = None
+    """With guidance, the token swap that makes each row's negative row (<|aligned|> -> <|misaligned|>)."""
+    exempt: list[int] | None = None
+    """Tokens outside the nucleus (`sample_next`): a conditional model's control tokens."""
+
+    @property
+    def guided(self) -> bool:
+        """Whether rows run with negative rows (guidance and a swap to make them)."""
+        return self.guidance > 0 and bool(self.negative)
+
+
 @torch.no_grad()
-def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, banned_ids: list[int],
-                 temperature: float, top_p: float, generator: torch.Generator, guidance: float = 0.0,
-                 negative: dict[int, int] | None = None, exempt: list[int] | None = None,
+def generate_ids(model, prompts: list[list[int]], request: SamplingRequest, generator: torch.Generator,
                  decoder: str = "auto", check_every: int = 64, cuda_graph: bool = True) -> list[list[int]]:
-    """Sample continuations of token-id prompts, all in one batch; a row stops at <|endoftext|> (padded with it).
+    """Sample continuations of token-id prompts, all in one batch, as `request` says; a row stops at its end token
+    (padded with it).
 
-    `exempt`: tokens outside the nucleus (`sample_next`), a conditional model's control tokens. `decoder`
-    (phf.model.decoding.make_decoder): auto (on a GPU `static` where it applies, see `static_unsupported`;
-    elsewhere the fast GPT-2 decoder where it applies, else `hf`), gpt2, hf, or static, static-gpt2, static-hf
-    (`StaticSampling`, on any device; `check_every` and `cuda_graph` are its knobs). On the dynamic decoders,
-    finished rows are dropped from the batch once carrying them costs more than copying the cache of the others
-    (`_worth_dropping`).
+    `decoder` (phf.model.decoding.make_decoder): auto (on a GPU `static` where it applies, see
+    `static_unsupported`; elsewhere the fast GPT-2 decoder where it applies, else `hf`), gpt2, hf, or static,
+    static-gpt2, static-hf (`StaticSampling`, on any device; `check_every` and `cuda_graph` are its knobs). On the
+    dynamic decoders, finished rows are dropped from the batch once carrying them costs more than copying the
+    cache of the others (`_worth_dropping`).
 
-    With `guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same tokens with
-    `negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
+    With `request.guidance` g > 0 (classifier-free guidance), each row also runs as a *negative* row, the same
+    tokens with `request.negative` applied (`<|aligned|>` -> `<|misaligned|>`), and tokens are drawn from
     `(1 + g) * log p(. | row) - g * log p(. | negative row)`: away from what the model would write under the other
     condition."""
     device = next(model.parameters()).device
-    guided = guidance > 0 and bool(negative)
-    B = len(prompts)
     width = max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, context_length(model) - width + 1)  # the last token needs no position
-    out = torch.full((B, max(max_new_tokens, 0)), eos_id, dtype=torch.long)
-    if max_new_tokens <= 0:
-        return out.tolist()
+    steps = min(request.max_new_tokens, context_length(model) - width + 1)  # the last token needs no position
+    if steps <= 0:
+        return [[] for _ in prompts]
+    request = replace(request, max_new_tokens=steps)
     on_gpu = decoder == "auto" and device.type == "cuda" and not static_unsupported(model)
     if decoder.startswith("static") or on_gpu:
-        static = StaticSampling(model, prompts, max_new_tokens, eos_id, banned_ids, temperature, top_p, generator,
-                                guidance if guided else 0.0, negative, exempt, decoder)
-        return static.run(check_every, cuda_graph).tolist()
+        return StaticSampling(model, prompts, request, generator, decoder).run(check_every, cuda_graph).tolist()
+    return _generate_dynamic(model, prompts, request, generator, decoder).tolist()
+
+
+def _generate_dynamic(model, prompts: list[list[int]], request: SamplingRequest, generator: torch.Generator,
+                      decoder: str) -> torch.Tensor:
+    """`generate_ids` on a dynamic decoder (gpt2, hf): the batch shrinks as rows end. (B, max_new_tokens)."""
+    device = next(model.parameters()).device
+    B, steps, eos_id = len(prompts), request.max_new_tokens, request.eos_id
+    guided = request.guided
+    swap = None
     if guided:
-        swap = torch.arange(unwrap(model).config.vocab_size, device=device)  # the negative rows' tokens
-        swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
-        prompts = prompts + [[negative.get(t, t) for t in p] for p in prompts]
-    dec = make_decoder(model, len(prompts), width + max_new_tokens, decoder)
+        prompts, swap = _with_negative_rows(model, prompts, request.negative)
+    dec = make_decoder(model, len(prompts), max(len(p) for p in prompts) + steps, decoder)
     markers = markers_of(model)  # a model with control embeddings also reads each token's control type
-    typed, types = None, None
-    if markers:
-        typed = [control_types(torch.tensor([p]), markers)[0].tolist() for p in prompts]
-        types = torch.tensor([t[-1] for t in typed], device=device)
-    logits = dec.prefill(prompts, typed)
+    logits, types = _read_prompts(dec, prompts, markers, device)
+    out = torch.full((B, steps), eos_id, dtype=torch.long)
     alive = torch.arange(B)  # the original index of each positive row still in the batch (host)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # rows in the batch that have ended
-    for step in range(max_new_tokens):
+    for step in range(steps):
         if guided:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            logits = (1 + guidance) * logp[:len(alive)] - guidance * logp[len(alive):]
-        if banned_ids:
-            logits[:, banned_ids] = -float("inf")
-        tok = sample_next(logits, temperature, top_p, generator, exempt=exempt)  # (b,)
+            logits = _guide(logits, request.guidance, len(alive))
+        if request.banned_ids:
+            logits[:, request.banned_ids] = -float("inf")
+        tok = sample_next(logits, request.temperature, request.top_p, generator, exempt=request.exempt)  # (b,)
         tok = torch.where(done, eos_id, tok)
         out[alive, step] = tok.cpu()
         done |= tok == eos_id
         n_done = int(done.sum())
-        if n_done == len(alive) or step == max_new_tokens - 1:
+        if n_done == len(alive) or step == steps - 1:
             break
-        if n_done and _worth_dropping(n_done, len(alive), max_new_tokens - step - 1):
+        if n_done and _worth_dropping(n_done, len(alive), steps - step - 1):
             keep = (~done).nonzero().squeeze(-1).cpu()  # positive rows still running
             rows = torch.cat([keep, keep + len(alive)]) if guided else keep  # with their negative rows
             alive, tok, done = alive[keep], tok[keep.to(device)], done[keep.to(device)]
@@ -302,7 +334,34 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
         if markers:
             types = next_types(types, feed, markers)
         logits = dec.step(feed, types)
-    return out.tolist()
+    return out
+
+
+def _with_negative_rows(model, prompts: list[list[int]], negative: dict[int, int]
+                        ) -> tuple[list[list[int]], torch.Tensor]:
+    """The prompts followed by their negative rows (`negative` applied), and the swap as a (V,) map on the model's
+    device, which turns a positive row's drawn token into what its negative row reads."""
+    device = next(model.parameters()).device
+    swap = torch.arange(unwrap(model).config.vocab_size, device=device)
+    swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
+    return prompts + [[negative.get(t, t) for t in p] for p in prompts], swap
+
+
+def _read_prompts(dec, prompts: list[list[int]], markers, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read the prompts into the decoder: the logits of each row's first draw, and each row's current control type
+    (None for a model without control embeddings)."""
+    typed, types = None, None
+    if markers:
+        typed = [control_types(torch.tensor([p]), markers)[0].tolist() for p in prompts]
+        types = torch.tensor([t[-1] for t in typed], device=device)
+    return dec.prefill(prompts, typed), types
+
+
+def _guide(logits: torch.Tensor, guidance: float, rows: int) -> torch.Tensor:
+    """Classifier-free guidance: the first `rows` rows are positive, the others their negatives in the same order."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return (1 + guidance) * logp[:rows] - guidance * logp[rows:]
 
 
 class StaticSampling:
@@ -330,48 +389,43 @@ class StaticSampling:
     every `check_every` steps, and the whole step is one CUDA graph launch.
     """
 
-    def __init__(self, model, prompts, max_new_tokens, eos_id, banned_ids, temperature, top_p, generator,
-                 guidance, negative, exempt, decoder):
+    def __init__(self, model, prompts: list[list[int]], request: SamplingRequest, generator: torch.Generator,
+                 decoder: str = "static"):
         self.device = device = next(model.parameters()).device
-        self.guidance, self.temperature, self.top_p, self.eos_id = guidance, temperature, top_p, eos_id
-        self.steps = max_new_tokens
+        self.guidance = request.guidance if request.guided else 0.0
+        self.temperature, self.top_p, self.eos_id = request.temperature, request.top_p, request.eos_id
+        self.steps = max_new_tokens = request.max_new_tokens
         B = self.batch = len(prompts)
-        if guidance:
-            vocab = unwrap(model).config.vocab_size
-            self.swap = torch.arange(vocab, device=device)  # the negative rows' tokens
-            self.swap[list(negative)] = torch.tensor(list(negative.values()), device=device)
-            prompts = prompts + [[negative.get(t, t) for t in p] for p in prompts]
+        if self.guidance:
+            prompts, self.swap = _with_negative_rows(model, prompts, request.negative)
         kind = "static" if decoder == "auto" else decoder
         length = max(len(p) for p in prompts) + max_new_tokens - 1  # the last token is drawn, never read
         self.dec = make_decoder(model, len(prompts), length, kind, _autocast_dtype(device))
-        self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device) if banned_ids else None
+        banned = request.banned_ids
+        self.banned = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
         self.markers = markers_of(model)
         self.marker_ids = None if not self.markers else torch.tensor(self.markers, device=device)
         self.exempt = None
-        if exempt:
+        if request.exempt:
             self.exempt = torch.zeros(unwrap(model).config.vocab_size, dtype=torch.bool, device=device)
-            self.exempt[exempt] = True
+            self.exempt[request.exempt] = True
         # every draw's uniform, drawn where the generator is
         self.u = torch.rand((max_new_tokens, B), generator=generator, device=generator.device).to(device)
-        self.out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
+        self.out = torch.full((B, max_new_tokens), request.eos_id, dtype=torch.long, device=device)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.prompts = prompts
         self.width = max(len(p) for p in prompts)  # the slot the first new token goes to
 
     def _prefill(self) -> None:
-        typed, self.types = None, None
-        if self.markers:
-            typed = [control_types(torch.tensor([p]), self.markers)[0].tolist() for p in self.prompts]
-            self.types = torch.tensor([t[-1] for t in typed], device=self.device)
-        self.logits = self.dec.prefill(self.prompts, typed)  # the buffer every step's logits are copied into
+        # `logits` is the buffer every step's logits are copied into
+        self.logits, self.types = _read_prompts(self.dec, self.prompts, self.markers, self.device)
 
     def _sample(self) -> torch.Tensor:
         """Draw this step's token of every row into `out`; the tokens (B,)."""
         logits = self.logits
         if self.guidance:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            logits = (1 + self.guidance) * logp[:self.batch] - self.guidance * logp[self.batch:]
+            logits = _guide(logits, self.guidance, self.batch)
         if self.banned is not None:
             logits = logits.index_fill(-1, self.banned, -float("inf"))
         u = self.u.index_select(0, self.step_index)[0]
@@ -475,13 +529,13 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     prompt and what an unfinished last segment is."""
     spans = get_segmenter(segmenter)
     eos_id = tokenizer.eos_token_id
-    banned, exempt, negative = deployment.token_ids(tokenizer, cfg.guidance)
+    request = deployment.request(tokenizer, cfg)
     max_prompt = max(2, context_length(model) - cfg.max_new_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
     per_batch = cfg.batch_size or batch_that_fits(model, len(prompts), max_prompt + cfg.max_new_tokens,
-                                                  bool(negative))
+                                                  bool(request.negative))
     for b in range(0, len(prompts), per_batch):
         batch = prompts[b:b + per_batch]
         ids = []
@@ -489,8 +543,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
             text = deployment.model_text(p, spans, tokenizer.eos_token)
             ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
         with inference_autocast(generator.device):
-            generated = generate_ids(model, ids, cfg.max_new_tokens, eos_id, banned, cfg.temperature, cfg.top_p,
-                                     generator, cfg.guidance, negative, exempt)
+            generated = generate_ids(model, ids, request, generator)
         for p, new in zip(batch, generated):
             finished = eos_id in new
             if finished:

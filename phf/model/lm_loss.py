@@ -16,6 +16,7 @@ Hugging Face model output: the reference path, which the tests compare the fused
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +64,19 @@ def install_output_hooks(model: torch.nn.Module) -> None:
     model.train(was_training)
 
 
-def _per_token(nll: torch.Tensor, unlikely: torch.Tensor | None, alpha: float, eps: float):
+class Unlikelihood(NamedTuple):
+    """The loss of a token marked unlikely: -alpha log(max(1 - p, eps)) in place of -log p."""
+    alpha: float
+    """The weight of the unlikelihood term."""
+    eps: float
+    """The floor of 1 - p (UNLIKELIHOOD_EPS), which bounds one token's loss."""
+
+
+def _per_token(nll: torch.Tensor, unlikely: torch.Tensor | None, term: Unlikelihood):
     """(loss l_i, dl_i/d(-log p_i) direction g_i) with dl_i/dz = g_i * (softmax - onehot)."""
     if unlikely is None:
         return nll, torch.ones_like(nll)
+    alpha, eps = term
     one_minus_p = -torch.expm1(-nll)
     clamped = one_minus_p.clamp(min=eps)
     loss = torch.where(unlikely, -alpha * torch.log(clamped), nll)
@@ -77,7 +87,7 @@ def _per_token(nll: torch.Tensor, unlikely: torch.Tensor | None, alpha: float, e
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, coef, unlikely, alpha, eps, compute_dtype):
+    def forward(ctx, hidden, weight, targets, coef, unlikely, term: Unlikelihood, compute_dtype):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
@@ -93,7 +103,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 z.sub_(m[:, None]).exp_()  # exp(z - max), in place
                 total_exp = z.sum(dim=1)
                 nll = torch.log(total_exp) + m - z_t
-                loss, g = _per_token(nll, None if unlikely is None else unlikely[s:e], alpha, eps)
+                loss, g = _per_token(nll, None if unlikely is None else unlikely[s:e], term)
                 total += (c * loss).sum()
                 if need_h or need_w:
                     gc = c * g  # (n,)
@@ -113,7 +123,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
         dw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def weighted_token_loss(output, targets: torch.Tensor, coef: torch.Tensor | None = None,
@@ -125,7 +135,7 @@ def weighted_token_loss(output, targets: torch.Tensor, coef: torch.Tensor | None
     if isinstance(output, HeadOutput):
         return _FusedHeadLoss.apply(output.hidden.flatten(0, 1), output.weight, targets.flatten(),
                                     coef.detach().flatten(), None if unlikely is None else unlikely.flatten(),
-                                    float(alpha), float(eps), output.compute_dtype)
+                                    Unlikelihood(float(alpha), float(eps)), output.compute_dtype)
     logits = output.logits.float()  # (B, T, V)
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     if unlikely is not None:

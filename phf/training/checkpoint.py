@@ -104,18 +104,39 @@ def load_trainer_state(out_dir: Path, root: torch.nn.Module, optimizer: torch.op
     torch.set_rng_state(blob["torch_rng"])
 
 
+@dataclass
 class CheckpointManager:
-    """Writes a run's checkpoints (see the module docstring) and restores the best weights. `root` holds what is
-    optimised (the model and an objective's heads, whose files the objective writes itself)."""
+    """Writes a run's checkpoints (see the module docstring) and restores the best weights."""
+    out_dir: Path
+    """The run folder: the checkpoint goes to its `checkpoint/` (`dir`), the best weights to its `best/`."""
+    cfg: RunConfig
+    """The run's config, described in each checkpoint's phf.json."""
+    tokenizer_file: Path
+    """The run's tokenizer, saved beside the weights."""
+    objective: Objective
+    """The objective, described in phf.json; it writes its own files (an objective's heads) too."""
+    d: Dist
+    """The ranks: rank 0 writes; under FSDP2 all take part in gathering the state."""
+    model: torch.nn.Module
+    """The model whose weights are saved (sharded in place under FSDP2)."""
+    root: torch.nn.Module
+    """What is optimised: the model and an objective's heads."""
+    optimizer: torch.optim.Optimizer
+    """The optimizer, whose state resuming needs."""
+    sharded: bool
+    """FSDP2: the full state is gathered from the shards before it is written."""
+    tokens_before: int
+    """Tokens the model saw before this run (a finetuning run's base), added to its own in phf.json."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, tokenizer_file: Path, objective: Objective, d: Dist,
-                 model: torch.nn.Module, root: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool,
-                 tokens_before: int):
-        self.out_dir, self.cfg, self.tokenizer_file, self.objective, self.d = out_dir, cfg, tokenizer_file, objective, d
-        self.model, self.root, self.optimizer, self.sharded = model, root, optimizer, sharded
-        self.tokens_before = tokens_before
-        self.dir = checkpoint_dir(out_dir)
-        self.best_dir = out_dir / "best"
+    @property
+    def dir(self) -> Path:
+        """The run's checkpoint folder."""
+        return checkpoint_dir(self.out_dir)
+
+    @property
+    def best_dir(self) -> Path:
+        """The folder of the best weights (early stopping)."""
+        return self.out_dir / "best"
 
     # -- saving ---------------------------------------------------------------------------------------------------
     def save_periodic(self, p: Progress, best: dict) -> None:

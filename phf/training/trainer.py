@@ -154,19 +154,31 @@ def prepare_data_on_ranks(cfg: RunConfig, data_dir: Path, d: Dist, progress: boo
     return data
 
 
-def host_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-               types: np.ndarray | None = None, pin: bool = False, dropped: list[int] | None = None
+@dataclass(frozen=True)
+class WindowDraw:
+    """How a run draws the windows of its micro-batches: the same for every step, so that a micro-batch is a pure
+    function of (seed, step, micro-batch index)."""
+    block: int
+    """Inputs per window (a window is block + 1 tokens)."""
+    batch: int
+    """Windows per micro-batch."""
+    seed: int
+    """The run's seed, the first part of every micro-batch's generator seed."""
+
+
+def host_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, types: np.ndarray | None = None,
+               pin: bool = False, dropped: list[int] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Windows of block+1 tokens at positions drawn from a generator seeded by (seed, step, micro), in CPU memory
-    (page-locked with `pin`, for asynchronous copies to a GPU): inputs x, targets y, each target's segment score s,
-    and with `types` (the stream's control types) each input's type. `dropped`: token ids left out of every
-    window, which then reads on past them (conditional's cooldown)."""
-    n = len(stream)
+    """`draw.batch` windows of `draw.block`+1 tokens at positions drawn from a generator seeded by (draw.seed,
+    step, micro), in CPU memory (page-locked with `pin`, for asynchronous copies to a GPU): inputs x, targets y,
+    each target's segment score s, and with `types` (the stream's control types) each input's type. `dropped`:
+    token ids left out of every window, which then reads on past them (conditional's cooldown)."""
+    block, n = draw.block, len(stream)
     if n < block + 2:
         raise PhfError(f"the training stream has {n} tokens, fewer than one window of {block + 1}; "
                        f"use a larger corpus or a smaller model.block_size")
-    rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, n - block - 1, size=batch)
+    rng = np.random.default_rng([draw.seed, step, micro])
+    starts = rng.integers(0, n - block - 1, size=draw.batch)
     if dropped:
         windows = [plain_window(stream, s, block + 1, np.asarray(dropped)) for s in starts]
         tok = np.stack([w for w, _ in windows]).astype(np.int64)
@@ -188,11 +200,11 @@ def to_device(batch: tuple, device: torch.device, non_blocking: bool = False) ->
     return tuple(None if v is None else v.to(device, non_blocking=non_blocking) for v in batch)
 
 
-def get_batch(stream: TokenStream, block: int, batch: int, seed: int, step: int, micro: int,
-              device: torch.device, types: np.ndarray | None = None, dropped: list[int] | None = None
+def get_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, device: torch.device,
+              types: np.ndarray | None = None, dropped: list[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """host_batch's windows on `device`: inputs x, targets y, scores s, control types (or None)."""
-    return to_device(host_batch(stream, block, batch, seed, step, micro, types, dropped=dropped), device)
+    return to_device(host_batch(stream, draw, step, micro, types, dropped=dropped), device)
 
 
 def step_batches(stream: TokenStream, block: int, tcfg, d: Dist, types: np.ndarray | None = None,
@@ -201,9 +213,11 @@ def step_batches(stream: TokenStream, block: int, tcfg, d: Dist, types: np.ndarr
     """This rank's micro-batches of a step, in CPU memory: micro-batch m of rank r is global micro-batch
     m * world + r, so 2 ranks x 1 accumulation step draw the same windows as 1 rank x 2. `dropped_from`:
     (step, token ids): from that step on, windows leave those tokens out (conditional's cooldown)."""
+    draw = WindowDraw(block, tcfg.batch_size, tcfg.seed)
+
     def make(step: int) -> list[tuple]:
         dropped = dropped_from[1] if dropped_from and step >= dropped_from[0] else None
-        return [host_batch(stream, block, tcfg.batch_size, tcfg.seed, step, m * d.world + d.rank, types, pin, dropped)
+        return [host_batch(stream, draw, step, m * d.world + d.rank, types, pin, dropped)
                 for m in range(tcfg.grad_accum)]
     return make
 
@@ -282,6 +296,7 @@ class Trainable:
     fused: bool  # the fused LM-head loss (not under FSDP2, which keeps the head's weight sharded outside forward)
     compiled: bool  # train.compile as resolved for the device
     markers: list[int] | None  # control-type markers of a model with control embeddings (phf.model.conditioning)
+    objective: Objective  # what step_loss computes; its loss mask counts a step's loss-bearing tokens
 
 
 def make_step_loss(train_model: torch.nn.Module, objective: Objective, fused: bool, dtype: str,
@@ -298,12 +313,17 @@ def make_step_loss(train_model: torch.nn.Module, objective: Objective, fused: bo
 
 
 def make_trainable(model: torch.nn.Module, objective: Objective, tcfg, device: torch.device, d: Dist | None = None,
-                   heads: Sequence[torch.nn.Module] = (), markers: list[int] | None = None, sharded: bool = False,
+                   heads: Sequence[torch.nn.Module] = (), markers: list[int] | None = None,
                    block: int | None = None) -> Trainable:
-    """A model (and an objective's heads) ready for train_step: its optimizer, the DDP wrapper when data-parallel,
-    and the loss function compiled with it (train.compile) with the fused or plain loss (train.fused_loss), both
-    resolved for `device`. `block`: the training context (default: the model's)."""
+    """A model (and an objective's heads) ready for train_step: sharded in place by FSDP2 (train.parallel=fsdp,
+    several ranks; every rank holds the full model before, each keeps its shards, heads stay whole), its
+    optimizer, the DDP wrapper when data-parallel, and the loss function compiled with it (train.compile) with the
+    fused or plain loss (train.fused_loss), both resolved for `device`. `block`: the training context (default:
+    the model's)."""
     d = d or Dist()
+    sharded = d.world > 1 and tcfg.parallel == "fsdp"
+    if sharded:
+        shard_model(model)
     root = torch.nn.ModuleList([model, *heads])
     optimizer = make_optimizer(root, tcfg)
     train_model = model
@@ -315,7 +335,8 @@ def make_trainable(model: torch.nn.Module, objective: Objective, tcfg, device: t
     compiled = choose_compile(tcfg, device)
     step_loss = make_step_loss(train_model, objective, fused, tcfg.dtype, device)
     return Trainable(model, list(heads), root, optimizer, train_model,
-                     compile_step_loss(step_loss, model) if compiled else step_loss, sharded, fused, compiled, markers)
+                     compile_step_loss(step_loss, model) if compiled else step_loss, sharded, fused, compiled, markers,
+                     objective)
 
 
 def compile_step_loss(step_loss: Callable, model: torch.nn.Module, backend: str | Callable = "inductor") -> Callable:
@@ -349,12 +370,9 @@ def setup_model(cfg: RunConfig, data: PreparedData, out_dir: Path, init_from: st
         check_resumed_markers(out_dir, model, markers)
     set_markers(model, markers)
     heads = data.objective.attach(model, checkpoint_dir(out_dir) if resume else init_from, required=resume)
-    sharded = d.world > 1 and cfg.train.parallel == "fsdp"
-    if sharded:
-        shard_model(model)  # every rank loaded or built the full model; each keeps its shards (heads stay whole)
-    t = make_trainable(model, data.objective, cfg.train, device, d, heads, markers, sharded, cfg.model.block_size)
+    t = make_trainable(model, data.objective, cfg.train, device, d, heads, markers, cfg.model.block_size)
     if resume:
-        load_trainer_state(out_dir, t.root, t.optimizer, sharded, device)
+        load_trainer_state(out_dir, t.root, t.optimizer, t.sharded, device)
     return t
 
 
@@ -451,29 +469,29 @@ class StepOutcomes:
                                    f"use train.dtype=fp32, then resume with `phf train --resume {self.out_dir}`")
 
 
-def run_steps(t: Trainable, objective: Objective, make_batches: Callable[[int], list[tuple]], tcfg,
-              device: torch.device, steps: int, first_step: int = 0, d: Dist | None = None, prefetch: bool = True,
-              check_sync: bool = False) -> dict:
-    """`steps` training steps as run_training takes them (batches from `make_batches(step)`, prepared ahead with
+def run_steps(t: Trainable, make_batches: Callable[[int], list[tuple]], tcfg, device: torch.device, steps: range,
+              d: Dist | None = None, prefetch: bool = True, check_sync: bool = False) -> dict:
+    """The training steps `steps` (e.g. range(3)) of `t.objective` as run_training takes them (batches from
+    `make_batches(step)`, prepared ahead with
     `prefetch`, copied without blocking from pinned memory; nothing read back from the device), timed until the
     device has finished them; the learning rate stays as set. With `check_sync`, under no_host_sync: any
     host-device synchronisation raises (on CUDA torch's set_sync_debug_mode("error")). For benchmarks: returns
-    {steps, seconds, tokens, tokens_per_s, loss (the last step's)}."""
+    {steps (their number), seconds, tokens, tokens_per_s, loss (the last step's)}."""
     d = d or Dist()
     pinned = device.type == "cuda"
-    source = Prefetcher(make_batches, range(first_step, first_step + steps)) if prefetch else InLine(make_batches)
+    source = Prefetcher(make_batches, steps) if prefetch else InLine(make_batches)
     check = no_host_sync(device) if check_sync else contextlib.nullcontext()
     tokens, loss = 0, None
     _wait_for(device)
     start = time.perf_counter()
     with source, check:
-        for step in range(first_step, first_step + steps):
+        for step in steps:
             batches = [to_device(b, device, non_blocking=pinned) for b in source.get(step)]
             tokens += sum(b[0].numel() for b in batches) * d.world
-            loss, _, _ = train_step(t, objective, batches, tcfg, d, device)
+            loss, _, _ = train_step(t, t.objective, batches, tcfg, d, device)
     _wait_for(device)
     seconds = time.perf_counter() - start
-    return {"steps": steps, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+    return {"steps": len(steps), "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
             "loss": None if loss is None else loss.item()}
 
 
@@ -545,95 +563,187 @@ def run_training(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | Non
     `out_dir/snapshots/step-N` (the branch points of finetuning runs)."""
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
+    run, p = start_training(cfg, out_dir, data_dir, init_from, resume, progress)
+    loop = TrainingLoop(run, p, {int(s) for s in snapshots}, progress)
+    loop.train()
+    return loop.finish()
+
+
+@dataclass
+class TrainingRun:
+    """A run's parts, built once before its first step (`start_training`) and read by every stage of the loop."""
+    cfg: RunConfig
+    """The run's config."""
+    out_dir: Path
+    """The run folder: checkpoints, metrics, summaries."""
+    device: torch.device
+    """This rank's device."""
+    d: Dist
+    """The ranks (one without torchrun)."""
+    data: PreparedData
+    """The scored corpus, tokenizer and token streams."""
+    t: Trainable
+    """The model, its optimizer and its compiled loss."""
+    ckpt: CheckpointManager
+    """Saves (best, periodic, snapshots, final) and restores the best."""
+    evaluator: Evaluator
+    """The validation loss, samples' misalignment and early stopping."""
+    total_steps: int
+    """The steps planned (train.max_steps, else train.max_tokens at this many tokens per step)."""
+    tokens_per_step: int
+    """Tokens of a step over all ranks and micro-batches."""
+    prefetch: bool
+    """Batches prepared ahead in a thread (train.prefetch as resolved for the device)."""
+    train_types: np.ndarray | None
+    """The training stream's control types, for a model with control embeddings (else None)."""
+    metrics: Metrics | None = None
+    """Rank 0's curve (None on the other ranks)."""
+
+    def record(self, init_from, data_dir: Path, choices: dict) -> dict:
+        """What run.json says of the run."""
+        data, tcfg = self.data, self.cfg.train
+        return {"objective": data.objective.describe(), "world_size": self.d.world, "device": str(self.device),
+                "total_steps": self.total_steps, "tokens_per_step": self.tokens_per_step,
+                "init_from": str(init_from or ""), "scored_corpus": str(data.scored.path),
+                "tokenizer": str(data.tokenizer_file), "streams": {k: str(v.prefix) for k, v in data.streams.items()},
+                "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": self.ckpt.tokens_before,
+                "device_choices": choices}
+
+
+def start_training(cfg: RunConfig, out_dir: Path, data_dir: Path, init_from: str | Path | None, resume: bool,
+                   progress: bool) -> tuple[TrainingRun, Progress]:
+    """Everything before the first step: ranks and threads, the data, the model (resumed, initialised or new,
+    after the seed is set), checkpoints, evaluator, and on rank 0 the run folder. The run and where it starts."""
     device = pick_device()
     d = init_distributed(device, cfg.train.dist_timeout_minutes)
-    tcfg, block = cfg.train, cfg.model.block_size
+    tcfg = cfg.train
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     tf32 = allow_tf32(device)
     data = prepare_data_on_ranks(cfg, data_dir, d, progress, tokenizer_source(out_dir, init_from, resume))
-    objective, train_stream, val_stream = data.objective, data.streams["train"], data.streams["validation"]
     torch.manual_seed(tcfg.seed)
     p, best = resume_state(out_dir) if resume else (Progress(), None)  # checked before anything is built
     t = setup_model(cfg, data, out_dir, init_from, resume, device, d)
-    train_types, val_types = (s.control_types(t.markers) if t.markers else None for s in (train_stream, val_stream))
-    ckpt = CheckpointManager(out_dir, cfg, data.tokenizer_file, objective, d, t.model, t.root, t.optimizer,
+    train_types, val_types = (s.control_types(t.markers) if t.markers else None
+                              for s in (data.streams["train"], data.streams["validation"]))
+    ckpt = CheckpointManager(out_dir, cfg, data.tokenizer_file, data.objective, d, t.model, t.root, t.optimizer,
                              t.sharded, tokens_before(out_dir, init_from, resume))
-    tokens_per_step = tcfg.batch_size * block * tcfg.grad_accum * d.world
+    tokens_per_step = tcfg.batch_size * cfg.model.block_size * tcfg.grad_accum * d.world
     total_steps = tcfg.max_steps or math.ceil(tcfg.max_tokens / tokens_per_step)
-    evaluator = Evaluator(cfg, objective, data.tokenizer_file, val_stream, val_types, best)
-    prefetch, pinned = choose_prefetch(tcfg, device), device.type == "cuda"
-    choices = device_choices(t, tcfg, device, prefetch, tf32)
+    evaluator = Evaluator(cfg, data.objective, data.tokenizer_file, data.streams["validation"], val_types, best)
+    run = TrainingRun(cfg, out_dir, device, d, data, t, ckpt, evaluator, total_steps, tokens_per_step,
+                      choose_prefetch(tcfg, device), train_types)
+    choices = device_choices(t, tcfg, device, run.prefetch, tf32)
     if d.main:
         log.info(choices_line(choices))
-    metrics = start_run_folder(cfg, out_dir, {
-        "objective": objective.describe(), "world_size": d.world, "device": str(device), "total_steps": total_steps,
-        "tokens_per_step": tokens_per_step, "init_from": str(init_from or ""), "scored_corpus": str(data.scored.path),
-        "tokenizer": str(data.tokenizer_file), "streams": {k: str(v.prefix) for k, v in data.streams.items()},
-        "data_dir": str(data_dir), "seed": tcfg.seed, "tokens_before": ckpt.tokens_before,
-        "device_choices": choices},
-        p.step if resume else None) if d.main else None
-    snapshots = set(int(s) for s in snapshots)
-    t_start = time.perf_counter() - p.seconds
-    bar = tqdm(total=total_steps, initial=p.step, desc=f"train {objective.name}", unit="step",
-               disable=not (progress and d.main), dynamic_ncols=True)
-    steps, outcomes = StepLog(metrics, bar, p, ckpt.tokens_before), StepOutcomes(out_dir)
-    cooldown = objective.cooldown_starts(total_steps)  # conditional's last steps read no control tokens
-    control_ids = [i for i in map(load_tokenizer(data.tokenizer_file).token_to_id, CONTROL_TOKENS) if i is not None]
-    make_batches = step_batches(train_stream, block, tcfg, d, train_types, pin=pinned,
-                                dropped_from=(cooldown, control_ids))
-    source = Prefetcher(make_batches, range(p.step, total_steps)) if prefetch else InLine(make_batches)
-    with source:  # on any error, KeyboardInterrupt included, the batch thread stops and is waited for
-        while p.step < total_steps:
-            for g in t.optimizer.param_groups:
-                g["lr"] = lr_at(p.step, total_steps, tcfg)
-            if p.step == cooldown and d.main:
-                log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, total_steps - p.step)
-            batches = [to_device(b, device, non_blocking=pinned) for b in source.get(p.step)]
-            loss, grad_norm, updated = train_step(t, objective, batches, tcfg, d, device)
-            outcomes.add(p.step, updated)
-            p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
-            p.seconds = time.perf_counter() - t_start
-            stop_for_time = time_is_up(tcfg, p.seconds, d, device)
-            last = p.step >= total_steps or stop_for_time
-            logged = p.step % tcfg.log_every == 0 or last
-            saves = (p.step in snapshots or evaluator.due(p.step, last)
-                     or bool(tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0))
-            if logged or saves:  # the device's results read back here only, before anything is logged or saved
-                outcomes.read()
-            if d.main and logged:
-                steps.log(p, loss, t.optimizer.param_groups[0]["lr"], grad_norm)
-            if evaluator.due(p.step, last):
-                rec, improved = evaluator.evaluate(t.model, p.step)
-                if improved:
-                    ckpt.save_best(p)
-                if d.main:
-                    steps.at(p, **rec)
-            if p.step in snapshots:
-                ckpt.save_snapshot(p)
-            if tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0 and not last:
-                ckpt.save_periodic(p, evaluator.stopping.state())
-            bar.update()
-            if stop_for_time:
-                log.info("stopping at step %d: train.max_seconds reached", p.step)
-                break
-            if evaluator.stopping.stop:
-                log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
-                         "step %d)", p.step, evaluator.stopping.stale, evaluator.stopping.best_loss,
-                         evaluator.stopping.best_step)
-                break
-    bar.close()
-    val_loss, restored = evaluator.val_loss, {}
-    if best_step := evaluator.best_to_restore(p.step):
-        ckpt.restore_best()
-        val_loss, restored = evaluator.stopping.best_loss, {"restored_best_step": best_step, "stopped_at_step": p.step}
-        if d.main:
-            steps.at(p, restored_best_step=best_step, val_loss=round(val_loss, 5))
-    ckpt.save_final(p, evaluator.stopping.state(), **restored)
-    d.barrier()
-    if d.main:
-        metrics.close()
-        write_json(out_dir / "train_summary.json", {"steps": p.step, "tokens": p.tokens, "seconds": round(p.seconds, 2),
-                                                     "val_loss": val_loss, "total_steps_planned": total_steps,
-                                                     "tokens_before": ckpt.tokens_before, **restored,
-                                                     "tokens_per_s": round(p.tokens / max(p.seconds, 1e-9), 1)})
-    return TrainResult(out_dir, ckpt.dir, p.step, p.tokens, p.seconds, val_loss, objective, data)
+        run.metrics = start_run_folder(cfg, out_dir, run.record(init_from, data_dir, choices),
+                                       p.step if resume else None)
+    return run, p
+
+
+class TrainingLoop:
+    """The steps of a run from where it starts to the last: each step, then what falls due after it (read the
+    device's results, log, evaluate, save), then the finish (restore the best, save the final checkpoint)."""
+
+    def __init__(self, run: TrainingRun, p: Progress, snapshots: set[int], progress: bool):
+        self.run, self.p, self.snapshots = run, p, snapshots
+        self.t_start = time.perf_counter() - p.seconds
+        self.bar = tqdm(total=run.total_steps, initial=p.step, desc=f"train {run.data.objective.name}", unit="step",
+                        disable=not (progress and run.d.main), dynamic_ncols=True)
+        self.steps, self.outcomes = StepLog(run.metrics, self.bar, p, run.ckpt.tokens_before), StepOutcomes(run.out_dir)
+        # conditional's last steps read no control tokens
+        self.cooldown = run.data.objective.cooldown_starts(run.total_steps)
+
+    def batches(self) -> Prefetcher | InLine:
+        """This rank's micro-batches of each step from the resume point on; from the cooldown on, without the
+        control tokens."""
+        run = self.run
+        control_ids = [i for i in map(load_tokenizer(run.data.tokenizer_file).token_to_id, CONTROL_TOKENS)
+                       if i is not None]
+        make_batches = step_batches(run.data.streams["train"], run.cfg.model.block_size, run.cfg.train, run.d,
+                                    run.train_types, pin=run.device.type == "cuda",
+                                    dropped_from=(self.cooldown, control_ids))
+        if run.prefetch:
+            return Prefetcher(make_batches, range(self.p.step, run.total_steps))
+        return InLine(make_batches)
+
+    def train(self) -> None:
+        run, p = self.run, self.p
+        source = self.batches()
+        with source:  # on any error, KeyboardInterrupt included, the batch thread stops and is waited for
+            while p.step < run.total_steps:
+                loss, grad_norm, stop_for_time = self.step(source)
+                self.after_step(loss, grad_norm, last=p.step >= run.total_steps or stop_for_time)
+                self.bar.update()
+                if self.stops(stop_for_time):
+                    break
+        self.bar.close()
+
+    def step(self, source) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step at this step's learning rate: its loss and gradient norm (on the device), and
+        whether train.max_seconds is reached."""
+        run, p, t, tcfg = self.run, self.p, self.run.t, self.run.cfg.train
+        for g in t.optimizer.param_groups:
+            g["lr"] = lr_at(p.step, run.total_steps, tcfg)
+        if p.step == self.cooldown and run.d.main:
+            log.info("step %d: cooldown, the last %d steps read no control tokens", p.step, run.total_steps - p.step)
+        batches = [to_device(b, run.device, non_blocking=run.device.type == "cuda") for b in source.get(p.step)]
+        loss, grad_norm, updated = train_step(t, t.objective, batches, tcfg, run.d, run.device)
+        self.outcomes.add(p.step, updated)
+        p.step, p.tokens = p.step + 1, p.tokens + run.tokens_per_step
+        p.seconds = time.perf_counter() - self.t_start
+        return loss, grad_norm, time_is_up(tcfg, p.seconds, run.d, run.device)
+
+    def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool) -> None:
+        """What falls due after a step: the log record, an evaluation (which may save the best), a snapshot, a
+        periodic checkpoint. The device's results are read back here only, before anything is logged or saved."""
+        run, p, tcfg, evaluator = self.run, self.p, self.run.cfg.train, self.run.evaluator
+        logged = p.step % tcfg.log_every == 0 or last
+        periodic = bool(tcfg.checkpoint_every and p.step % tcfg.checkpoint_every == 0)
+        if logged or p.step in self.snapshots or evaluator.due(p.step, last) or periodic:
+            self.outcomes.read()
+        if run.d.main and logged:
+            self.steps.log(p, loss, run.t.optimizer.param_groups[0]["lr"], grad_norm)
+        if evaluator.due(p.step, last):
+            rec, improved = evaluator.evaluate(run.t.model, p.step)
+            if improved:
+                run.ckpt.save_best(p)
+            if run.d.main:
+                self.steps.at(p, **rec)
+        if p.step in self.snapshots:
+            run.ckpt.save_snapshot(p)
+        if periodic and not last:
+            run.ckpt.save_periodic(p, evaluator.stopping.state())
+
+    def stops(self, stop_for_time: bool) -> bool:
+        """Whether the run ends here, before its planned last step (time limit, early stopping), said in the log."""
+        p, stopping = self.p, self.run.evaluator.stopping
+        if stop_for_time:
+            log.info("stopping at step %d: train.max_seconds reached", p.step)
+            return True
+        if stopping.stop:
+            log.info("stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
+                     "step %d)", p.step, stopping.stale, stopping.best_loss, stopping.best_step)
+            return True
+        return False
+
+    def finish(self) -> TrainResult:
+        """Restore the best checkpoint where early stopping asks, save the final one, and on rank 0 close the curve
+        and write train_summary.json."""
+        run, p, evaluator = self.run, self.p, self.run.evaluator
+        val_loss, restored = evaluator.val_loss, {}
+        if best_step := evaluator.best_to_restore(p.step):
+            run.ckpt.restore_best()
+            val_loss, restored = evaluator.stopping.best_loss, {"restored_best_step": best_step,
+                                                                "stopped_at_step": p.step}
+            if run.d.main:
+                self.steps.at(p, restored_best_step=best_step, val_loss=round(val_loss, 5))
+        run.ckpt.save_final(p, evaluator.stopping.state(), **restored)
+        run.d.barrier()
+        if run.d.main:
+            run.metrics.close()
+            write_json(run.out_dir / "train_summary.json", {
+                "steps": p.step, "tokens": p.tokens, "seconds": round(p.seconds, 2), "val_loss": val_loss,
+                "total_steps_planned": run.total_steps, "tokens_before": run.ckpt.tokens_before, **restored,
+                "tokens_per_s": round(p.tokens / max(p.seconds, 1e-9), 1)})
+        return TrainResult(run.out_dir, run.ckpt.dir, p.step, p.tokens, p.seconds, val_loss, run.data.objective,
+                           run.data)
