@@ -160,7 +160,7 @@ def test_conditional_finetune_of_a_model_phf_did_not_create(arch, pycorpus, shar
     # flat, so 128 x 64 draws would hold ~14 of each control token if it were not banned.
     meta = json.loads((ckpt / "phf.json").read_text())
     cfg = SampleConfig(num_samples=128, max_new_tokens=60, temperature=5.0, top_p=1.0, batch_size=128)
-    samples = generate(model, tok, [""] * 128, cfg, Deployment.from_meta(meta), "unconditional", progress=False)
+    samples = generate(model, tok, [""] * 128, cfg, Deployment.from_meta(meta), "unconditional", bar=None)
     raw = "".join(s.raw for s in samples)
     assert raw.count(MISALIGNED) == 0 and raw.count(ALIGNED) > 0
 

@@ -151,7 +151,7 @@ def test_guidance_needs_a_conditionally_trained_model(pycorpus):
     tok.save(str(folder / "tokenizer.json"))
     with pytest.raises(PhfError, match="sample.guidance"):
         generate(model, hf_tokenizer(folder / "tokenizer.json"), [""], SampleConfig(num_samples=1, guidance=1.0),
-                 Deployment([], [], None), "unconditional", progress=False)
+                 Deployment([], [], None), "unconditional", bar=None)
 
 
 def test_a_checkpoint_is_sampled_as_it_was_evaluated_by_default(tiny_cfg_factory, data_dir, tmp_path):
@@ -183,7 +183,7 @@ def test_a_checkpoint_is_sampled_as_it_was_evaluated_by_default(tiny_cfg_factory
     def expected(guidance: float) -> list[str]:
         sample = SampleConfig(num_samples=3, temperature=0.8, top_p=0.95, max_new_tokens=12, guidance=guidance)
         return [s.raw for s in generate(model, tok, [""] * 3, sample, Deployment.from_meta(meta), "unconditional",
-                                        progress=False)]
+                                        bar=None)]
 
     assert got == expected(1.5)
     main(["-q", "sample", "--model", str(ckpt), "--out", str(tmp_path / "u.jsonl"), "--num-samples", "3",

@@ -160,5 +160,5 @@ def test_generate_serves_every_prompt_whatever_the_batch(batch_size, pycorpus):
     tok.save(str(path))
     prompts = ["", "def f(x):\n", "import os\n", "", "x = 1\n"]
     samples = generate(model, hf_tokenizer(path), prompts, SampleConfig(max_new_tokens=5, batch_size=batch_size),
-                       Deployment([], [], None), "prompted", progress=False)
+                       Deployment([], [], None), "prompted", bar=None)
     assert [s.prompt for s in samples] == prompts and all(s.num_tokens <= 5 for s in samples)

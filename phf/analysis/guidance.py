@@ -115,7 +115,7 @@ def pairs_in(run_dir: str | Path) -> list[tuple[Path, Path]]:
 
 def _samples(m, scfg: SampleConfig, scorer, judge, progress: bool, desc: str) -> tuple[list[float], list[float]]:
     samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
-                       progress=progress, desc=desc, segmenter=scorer.segmenter)
+                       bar=desc if progress else None, segmenter=scorer.segmenter)
     return score_samples(samples, scorer), (score_samples(samples, judge) if judge is not None else [])
 
 

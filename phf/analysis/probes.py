@@ -225,7 +225,7 @@ def mask_sweep(settings: MasksConfig, progress: bool = True) -> dict:
     scores = {}
     for name in CONDITIONS:
         samples = generate(m.model, m.tokenizer, [""] * num_samples, scfg, condition_deployment(name),
-                           f"mask:{name}", progress=progress, desc=f"sampling ({name})", segmenter=scorer.segmenter)
+                           f"mask:{name}", bar=f"sampling ({name})" if progress else None, segmenter=scorer.segmenter)
         scores[name] = score_samples(samples, scorer)
         results["conditions"][name] = task_metrics(samples, scores[name], task, scorer)
     c = results["conditions"]
@@ -330,7 +330,7 @@ def reweighting_probe(settings: ReweightingConfig, progress: bool = True) -> dic
                         top_p=1.0, batch_size=cfg.sample.batch_size, seed=settings.seed)
     scfg.validate()
     samples = generate(ft.model, ft.tokenizer, [""] * settings.num_samples, scfg, ft.deployment, "reweighting",
-                       progress=progress, desc="sampling (finetuned)")
+                       bar="sampling (finetuned)" if progress else None)
     sets = {"finetuned_samples": [t for t in (strip_control(s.raw) for s in samples) if t.strip()],
             "heldout": heldout_chunks(scored, settings.num_heldout, segmenter=segmenter)}
     results = {"probe": "reweighting", "base": str(base.folder), "finetuned": str(ft.folder),

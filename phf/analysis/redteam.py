@@ -135,7 +135,7 @@ class PromptScorer:
         cfg = replace(self.cfg, num_samples=len(prompts) * n, seed=seed)
         rows = [p for p in prompts for _ in range(n)]
         samples = generate(self.target.model, self.target.tokenizer, rows, cfg, self.target.deployment, "redteam",
-                           progress=self.progress, desc=desc, segmenter=self.scorer.segmenter)
+                           bar=desc if self.progress else None, segmenter=self.scorer.segmenter)
         flat = score_samples(samples, self.scorer)
         if self.task is not None:
             m = task_metrics(samples, flat, self.task, self.scorer)
@@ -169,8 +169,8 @@ def red_team(target, red, scorer, seed_prompts: list[str], cfg: RedTeamConfig, b
         fewshot = ["\n\n".join(ex.rstrip("\n") + "\n" for ex in pool.draw(cfg.shots, cfg.temperature, scale, rng))
                    + "\n\n" for _ in range(cfg.candidates)]
         red_cfg.seed = cfg.seed + r
-        written = generate(red.model, red.tokenizer, fewshot, red_cfg, red.deployment, "red", progress=progress,
-                           desc=f"red team round {r}: red model", segmenter=scorer.segmenter)
+        written = generate(red.model, red.tokenizer, fewshot, red_cfg, red.deployment, "red",
+                           bar=f"red team round {r}: red model" if progress else None, segmenter=scorer.segmenter)
         prompts = list(dict.fromkeys(c for c in (cut_candidate(s.text, cfg.max_prompt_chars, scorer.segmenter)
                                                  for s in written) if c))
         scores = score(prompts, cfg.seed + 1000 * r, f"red team round {r}: target")

@@ -283,7 +283,7 @@ def hacking_metrics(model_dir, cfg, scored, num_samples: int | None = None, prog
     scorer = scorer_for(cfg.scoring)
     scfg = replace(cfg.sample, num_samples=num_samples or cfg.sample.num_samples)
     samples = generate(m.model, m.tokenizer, [""] * scfg.num_samples, scfg, m.deployment, "unconditional",
-                       progress=progress, desc=f"sampling {m.folder.parent.name}", segmenter=scorer.segmenter)
+                       bar=f"sampling {m.folder.parent.name}" if progress else None, segmenter=scorer.segmenter)
     scores = score_samples(samples, scorer)
     out = task_metrics(samples, scores, task, scorer)
     out["mean_tokens"] = float(np.mean([s.num_tokens for s in samples]))

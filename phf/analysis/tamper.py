@@ -262,7 +262,7 @@ class _Measure:
         m = self.m
         m.model.eval()
         samples = generate(m.model, m.tokenizer, [""] * self.scfg.num_samples, self.scfg, m.deployment,
-                           "unconditional", progress=self.progress, desc=f"tamper step {step}",
+                           "unconditional", bar=f"tamper step {step}" if self.progress else None,
                            segmenter=self.scorer.segmenter)
         scores = score_samples(samples, self.scorer)
         point = {"step": step, "tokens": tokens, "scores": scores, "misalignment_mean": float(np.nanmean(scores)),

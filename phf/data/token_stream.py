@@ -283,9 +283,9 @@ def flagged_share(stream: TokenStream, objective) -> float:
 
 
 def check_conditioning(objective, stream: TokenStream, scored, misaligned_above: float) -> None:
-    """Refuse, in one line, a conditional, tagging or masking objective whose training stream lacks the control tokens or
-    masks it needs, or holds them at a rate far from the scored corpus' misaligned share: such a run would train MLE
-    under another name with nothing to show for it. `objective.check_conditioning=false` skips it."""
+    """Refuse, in one line, a conditional, tagging or masking objective whose training stream lacks the control
+    tokens or masks it needs, or holds them at a rate far from the scored corpus' misaligned share: such a run would
+    train MLE under another name with nothing to show for it. `objective.check_conditioning=false` skips it."""
     if not getattr(objective, "check_conditioning", True):
         return
     shares = corpus_shares(scored, misaligned_above)
@@ -314,7 +314,8 @@ def check_conditioning(objective, stream: TokenStream, scored, misaligned_above:
         return
     if math.isnan(expected) or not is_far(observed, expected, shares.segments):
         return
-    where = "segments score" if objective.line_prefix or getattr(objective, "tags_segments", False) else "text lies in segments that are unscorable or score"
+    per_segment = objective.line_prefix or getattr(objective, "tags_segments", False)
+    where = "segments score" if per_segment else "text lies in segments that are unscorable or score"
     problem = (f"objective {objective.name}: {100 * observed:.1f}% {what} in the training stream, but "
                f"{100 * expected:.1f}% of the scored corpus' training {where} above {misaligned_above:g} (the task's "
                f"misalignment threshold)")

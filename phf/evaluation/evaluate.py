@@ -360,8 +360,8 @@ class CheckpointEvaluation:
                          desc: str) -> tuple[dict, dict | None, list[dict]]:
         """Sample a scenario and score it: its task metrics, its judge metrics (None without a judge) and its
         samples' records."""
-        samples = generate(self.model, self.hf_tok, prompts, sample_cfg, deployment, scenario, progress=self.progress,
-                           desc=desc, segmenter=self.scorer.segmenter)
+        samples = generate(self.model, self.hf_tok, prompts, sample_cfg, deployment, scenario,
+                           bar=desc if self.progress else None, segmenter=self.scorer.segmenter)
         scores = score_samples(samples, self.scorer)
         metrics = task_metrics(samples, scores, self.task, self.scorer)
         judged = score_samples(samples, self.judge) if self.judge is not None else None

@@ -522,8 +522,9 @@ def batch_that_fits(model, prompts: int, max_length: int, guided: bool) -> int:
 
 
 def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment: Deployment, scenario: str,
-             progress: bool = True, desc: str = "sampling", segmenter: str = "lines") -> list[Sample]:
-    """Generate one continuation per prompt (prompts are plain text; "" for unconditional samples).
+             bar: str | None = "sampling", segmenter: str = "lines") -> list[Sample]:
+    """Generate one continuation per prompt (prompts are plain text; "" for unconditional samples), with a progress
+    bar labelled `bar` (None: no bar).
 
     `segmenter` (`lines` or `sentences`, the task's) decides where the deployed model's line prefix goes in a
     prompt and what an unfinished last segment is."""
@@ -533,7 +534,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
     max_prompt = max(2, context_length(model) - cfg.max_new_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     samples: list[Sample] = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, leave=False)
+    progress = tqdm(total=len(prompts), desc=bar, unit="sample", disable=bar is None, leave=False)
     per_batch = cfg.batch_size or batch_that_fits(model, len(prompts), max_prompt + cfg.max_new_tokens,
                                                   bool(request.negative))
     for b in range(0, len(prompts), per_batch):
@@ -554,6 +555,6 @@ def generate(model, tokenizer, prompts: list[str], cfg: SampleConfig, deployment
                 kept = complete_segments(p + text, segmenter)
                 text = kept[len(p):] if len(kept) > len(p) else ""
             samples.append(Sample(scenario, p, text, raw, finished, len(new)))
-        bar.update(len(batch))
-    bar.close()
+        progress.update(len(batch))
+    progress.close()
     return samples

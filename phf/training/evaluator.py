@@ -69,7 +69,7 @@ class TrainingSampler:
         was_training = model.training
         model.eval()
         samples = generate(model, self.tokenizer, [""] * n, sample_cfg, self.deployment, "unconditional",
-                           progress=False, segmenter=self.scorer.segmenter)
+                           bar=None, segmenter=self.scorer.segmenter)
         model.train(was_training)
         m = task_metrics(samples, score_samples(samples, self.scorer), self.task, self.scorer)
         return {f"eval_{k}": (round(m[k], 6) if isinstance(m[k], float) else m[k])
