@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phf.core.config import RunConfig
-from phf.core.run_folder import write_results
+from phf.core.config import RunConfig, config_to_yaml
+from phf.core.io import read_json
+from phf.core.run_folder import (CONFIG_YAML, checkpoint_dir, read_results_dict, results_path, run_json_file,
+                                 samples_file, write_results)
 from phf.evaluation.evaluate import evaluate_checkpoint
 from phf.tasks import task_for
 from phf.training.trainer import TrainResult, run_training
@@ -63,6 +65,24 @@ def run_arm(job: ArmJob, progress: bool = True) -> tuple[dict, TrainResult]:
     res.update({key: res.get("unconditional", {}).get(key) for key in job.flat})
     write_results(job.run_dir, res)
     return res, trained
+
+
+def finished_arm(job: ArmJob) -> dict | None:
+    """The results of an arm an earlier run of the recipe finished with the same config (its config.yaml is this
+    config's, from scratch, and its checkpoint, samples and recorded results are there), so that a killed demo
+    picks up where it stopped; None: the arm is to be run."""
+    run = job.run_dir
+    needed = (results_path(run), checkpoint_dir(run), samples_file(run), run / CONFIG_YAML, run_json_file(run))
+    if job.init_from is not None or not all(p.exists() for p in needed):
+        return None
+    if (run / CONFIG_YAML).read_text(encoding="utf-8") != config_to_yaml(job.cfg) or \
+            read_json(run_json_file(run)).get("init_from"):
+        return None
+    res = read_results_dict(run)
+    if "train_tokens" not in res:  # evaluated, but the recipe's record of its training was never written
+        return None
+    log.info("== %s: reusing its finished run (same config)", job.label)
+    return res
 
 
 def corpus_summary(trained: TrainResult, cfg: RunConfig) -> dict:

@@ -13,10 +13,10 @@ from phf.core.config import RunConfig, config_from_dict, read_yaml_dict
 from phf.core.errors import PhfError
 from phf.core.run_folder import write_results
 from phf.core.objective_specs import arm_objective
-from phf.recipes.arms import ArmJob, corpus_summary, run_arm
+from phf.recipes.arms import ArmJob, corpus_summary, finished_arm, run_arm
 from phf.recipes.configs import DemoConfig
 from phf.recipes.replicates import interval_text, percent_text, replicate_config, run_replicates
-from phf.tasks import Task, get_task, task_for
+from phf.tasks import Task, get_task, score_run_corpus, task_for
 from phf.training.trainer import versions
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     tokenizer), evaluate it, and write `results.json`. With `cfg.seeds` > 1 every arm is trained and sampled once
     per seed (`DIR/seed-<seed>/<objective>`, one shared data folder) and the results carry the mean over seeds with
     95% intervals; one seed keeps `DIR/<objective>` and its intervals cover the samples only. The scored corpus
-    and tokenizer live in `cfg.data_dir` (default DIR/data)."""
+    and tokenizer live in `cfg.data_dir` (default DIR/data). results.json is written after each seed, and a rerun
+    into the same folder reuses every arm already finished with the same config."""
     t0 = time.perf_counter()
     out = cfg.out
     data_dir = cfg.data_dir or out / "data"
@@ -82,20 +83,28 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         arms = {}
         for name, base_cfg in configs.items():
             arm_cfg = replicate_config(base_cfg, k)
+            job = ArmJob(arm_cfg, where / name, str((where / name).relative_to(out)), data_dir, cfg.init_from)
+            arms[name] = finished_arm(job)
+            if arms[name] is not None:
+                continue
             log.info("== %s%s: training on %s tokens", name, f" (seed {arm_cfg.train.seed})" if cfg.seeds > 1 else "",
                      f"{arm_cfg.train.max_tokens:,}")
-            job = ArmJob(arm_cfg, where / name, str((where / name).relative_to(out)), data_dir, cfg.init_from)
             arms[name], trained = run_arm(job, progress)
             if not corpus:
                 corpus.append(corpus_summary(trained, arm_cfg))
         return {"objectives": arms}
 
-    results["objectives"], per_seed = run_replicates(out, seed_list, replicate)
-    results["stage_seconds"] = stage_totals([r["objectives"] for r in per_seed])
-    results["corpus"] = corpus[0] if corpus else None
-    results["versions"] = versions()
-    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_results(out, results)
+    def record(combined: dict, per_seed: list[dict]) -> None:
+        """results.json of the seeds finished so far (all of them, at the end): a killed run keeps its table."""
+        if not corpus:  # every arm reused: the scored corpus' summary from its cache
+            first = next(iter(configs.values()))
+            corpus.append(score_run_corpus(first, data_dir, progress=False).summary(task_for(first).misaligned_above))
+        results.update(objectives=combined, seeds=seed_list[:len(per_seed)], corpus=corpus[0],
+                       stage_seconds=stage_totals([r["objectives"] for r in per_seed]), versions=versions(),
+                       wall_seconds=round(time.perf_counter() - t0, 1))
+        write_results(out, results)
+
+    run_replicates(out, seed_list, replicate, record)
     return results
 
 

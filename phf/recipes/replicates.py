@@ -38,12 +38,12 @@ def replicate_config(cfg: RunConfig, k: int) -> RunConfig:
     return cfg
 
 
-def run_replicates(out: Path, seeds: list[int],
-                   run: Callable[[int, Path], dict]) -> tuple[dict[str, dict], list[dict]]:
+def run_replicates(out: Path, seeds: list[int], run: Callable[[int, Path], dict],
+                   after_seed: Callable[[dict, list[dict]], None] | None = None) -> tuple[dict[str, dict], list[dict]]:
     """A recipe once per seed, then per arm its replicates combined (`combine`): `run(k, where)` runs replicate k
     (seed `seeds[k]`) into `where`, DIR/seed-<seed> (DIR itself for one seed), and returns its results, whose
     `objectives` maps each arm to its results (with the arm's `run_dir`, whose samples are scored). Returns the
-    combined arms and each replicate's results."""
+    combined arms and each replicate's results; `after_seed(combined, per_seed)` sees them after every seed."""
     per_seed, replicates, scores = [], [], []
     for k, seed in enumerate(seeds):
         where = RunFolder(out).replicate_dir(seed, len(seeds))
@@ -54,6 +54,8 @@ def run_replicates(out: Path, seeds: list[int],
         replicates.append(res["objectives"])
         scores.append({arm: sample_scores(where / Path(r.get("run_dir") or arm.replace(":", "-")).name)
                        for arm, r in res["objectives"].items()})
+        if after_seed is not None:
+            after_seed(combine(replicates, scores, seeds[:k + 1]), per_seed)
     return combine(replicates, scores, seeds), per_seed
 
 
