@@ -125,6 +125,36 @@ def test_a_lora_attack_trains_only_its_adapters_and_a_full_one_every_weight(runs
             assert not adapters and len(changed) == len(before)
 
 
+def test_a_lora_model_is_measured_with_its_adapters_merged_and_attacked_on_unmerged(runs):
+    """Merging the adapters for a measurement gives the same logits as the adapters beside the layers, and
+    leaves the model as it was: its own weights, and adapters that still train."""
+    import torch
+
+    from phf.analysis.probes import load, run_config
+    from phf.analysis.tamper import Attack, adapters_merged, adversary_step
+
+    _, out = runs
+    m = load(out["mle"])
+    step = adversary_step(m.model, Attack("lora", 1e-2, rank=2), run_config(m.folder).train)
+    x = torch.randint(0, 300, (2, 16))
+    for _ in range(3):
+        step(x)
+    m.model.eval()
+    weights = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    with torch.no_grad():
+        beside = m.model(x).logits
+        with adapters_merged(m.model):
+            merged = m.model(x).logits
+            assert all(layer.merged for layer in m.model.modules() if hasattr(layer, "lora_A"))
+        after = m.model(x).logits
+    torch.testing.assert_close(merged, beside, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, beside) or torch.allclose(after, beside, atol=1e-5)
+    assert not any(layer.merged for layer in m.model.modules() if hasattr(layer, "lora_A"))
+    for n, p in m.model.named_parameters():
+        torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+    assert any(p.requires_grad for n, p in m.model.named_parameters() if "lora_" in n)
+
+
 @pytest.mark.parametrize("lr, message", [("0", "--lr must be learning rates > 0"),
                                          ("1e-3,fast", "--lr takes numbers separated by commas")])
 def test_a_bad_learning_rate_grid_is_one_line(runs, capsys, lr, message):
