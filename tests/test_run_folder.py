@@ -104,3 +104,26 @@ def test_arm_result_from_an_entry_without_the_typed_fields():
     arm = ArmResult.from_dict("rl:conditional", {"kind": "rl", "extra": {"a": 1}})
     assert arm.misalignment_mean is None and arm.to_dict() == {"kind": "rl", "extra": {"a": 1}}
     assert arm.run_folder("runs/x").name == "rl-conditional"
+
+
+def test_a_relative_path_a_run_recorded_is_found_from_any_working_folder(tmp_path, monkeypatch):
+    """run.json records paths as training saw them, relative to the folder it ran in; a probe run from elsewhere
+    finds them under the folder above the run that holds them, and a path that is gone is None."""
+    import json
+
+    from phf.core.run_folder import recorded_path
+
+    run = tmp_path / "work" / "runs" / "demo" / "seed-42" / "mle"
+    run.mkdir(parents=True)
+    scored = tmp_path / "work" / "runs" / "demo" / "data" / "scored" / "pep8-abc"
+    scored.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"scored_corpus": "runs/demo/data/scored/pep8-abc",
+                                              "tokenizer": str(tmp_path / "gone" / "tokenizer.json")}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert recorded_path(run, "scored_corpus") == scored
+    assert recorded_path(run, "tokenizer") is None and recorded_path(run, "data_dir") is None
+    monkeypatch.chdir(tmp_path / "work")
+    assert recorded_path(run, "scored_corpus").resolve() == scored
+    assert recorded_path(tmp_path / "no-run", "scored_corpus") is None

@@ -31,8 +31,8 @@ from phf.analysis.registry import Probe, ProbeConfig, register, summary
 from phf.core.config import SampleConfig, load_config
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
-from phf.core.io import read_json, write_json
-from phf.core.run_folder import results_path, run_json_file
+from phf.core.io import write_json
+from phf.core.run_folder import recorded_path, results_path
 from phf.core.tokens import ALIGNED, MISALIGNED
 from phf.data.scorers import scorer_for
 from phf.data.scoring import ScoredCorpus
@@ -93,11 +93,9 @@ def scored_corpus_for(folder: Path, cfg, data_dir: str | Path | None = None):
     """The scored corpus a checkpoint was trained on (recorded in its run.json), or the one in `data_dir`."""
     if data_dir:
         return score_run_corpus(cfg, data_dir)
-    run_json = run_json_file(Path(folder).parent)
-    if run_json.exists():
-        path = read_json(run_json).get("scored_corpus")
-        if path and Path(path).exists():
-            return ScoredCorpus(path)
+    path = recorded_path(Path(folder).parent, "scored_corpus")
+    if path is not None:
+        return ScoredCorpus(path)
     raise PhfError(f"cannot tell which scored corpus {folder} was trained on (no run.json beside it); "
                    f"pass --data-dir DATA, the data folder it was trained from")
 

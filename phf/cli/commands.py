@@ -16,7 +16,7 @@ from phf.core.config import Quantile, SampleConfig, documented_yaml, load_config
 from phf.core.errors import PhfError
 from phf.core.objective_specs import ARM_NAMES, OBJECTIVE_SPECS, finetune_objectives, sweep_objectives
 from phf.core.io import atomic_path, read_json
-from phf.core.run_folder import results_path, run_json_file, write_results
+from phf.core.run_folder import recorded_path, results_path, write_results
 from phf.data.corpus import Corpus
 from phf.data.scoring import format_distribution, record_distribution
 from phf.data.tokenizer import tokenizer_for
@@ -129,8 +129,7 @@ def cmd_train(args) -> None:
         if not (run_dir / "config.yaml").exists():
             raise PhfError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of a `phf train`")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-        data_dir = args.data_dir or (read_json(run_json_file(run_dir)).get("data_dir")
-                                     if run_json_file(run_dir).exists() else None)
+        data_dir = args.data_dir or recorded_path(run_dir, "data_dir")
         result = run_training(cfg, run_dir, data_dir or run_dir / "data", resume=True)
     else:
         if not args.out:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phf.core.errors import PhfError
-from phf.core.io import write_json
+from phf.core.io import read_json, write_json
 
 FORMAT_VERSION = 1  # raise it when a reader can no longer read what an older writer wrote
 VERSION_KEY = "format_version"
@@ -62,6 +62,20 @@ def metrics_file(run_dir: str | Path) -> Path:
 
 def run_json_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / RUN_JSON
+
+
+def recorded_path(run_dir: str | Path, key: str) -> Path | None:
+    """A path a run recorded in its run.json (`scored_corpus`, `tokenizer`, `data_dir`), found from anywhere: as
+    recorded, else, for a relative path (recorded from the folder training ran in), under the nearest folder above
+    the run that holds it. None when the run recorded none or it is gone."""
+    file = run_json_file(run_dir)
+    recorded = read_json(file).get(key) if file.exists() else None
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.exists() or path.is_absolute():
+        return path if path.exists() else None
+    return next((a / path for a in Path(run_dir).resolve().parents if (a / path).exists()), None)
 
 
 def run_dir_of_checkpoint(checkpoint: str | Path) -> Path:

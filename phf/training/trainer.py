@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from phf.core.config import RunConfig, config_to_yaml
 from phf.core.errors import PhfError
 from phf.core.io import read_json, read_jsonl, stable_hash, write_json, write_text
-from phf.core.run_folder import metrics_file, run_json_file
+from phf.core.run_folder import metrics_file, recorded_path, run_json_file
 from phf.core.runtime import allow_tf32, free_memory_bytes, resolve_dtype
 from phf.core.tokens import CONTROL_TOKENS
 from phf.data.scoring import ScoredCorpus
@@ -132,10 +132,10 @@ def tokenizer_source(out_dir: Path, init_from: str | Path | None, resume: bool) 
     """Where the run's tokenizer comes from: the init model's folder, or on resume the tokenizer file the run
     recorded (a run.json of any phf version names it)."""
     if resume and run_json_file(out_dir).exists():
-        recorded = read_json(run_json_file(out_dir))
-        if recorded.get("tokenizer") and Path(recorded["tokenizer"]).exists():
-            return Path(recorded["tokenizer"])
-        init_from = recorded.get("init_from") or None
+        tokenizer = recorded_path(out_dir, "tokenizer")
+        if tokenizer is not None:
+            return tokenizer
+        init_from = read_json(run_json_file(out_dir)).get("init_from") or None
     return resolve_model_folder(init_from) if init_from else None
 
 
