@@ -183,8 +183,8 @@ def strength_notes(results: dict) -> list[str]:
                  for kind in ("misaligned", "aligned") if c[kind]["segments"]]
         line = f"  {name}: {', '.join(parts) or 'no held-out segment'}"
         if c.get("learned") is False:
-            line += (" - the model has not learned to condition (in at least one seed): <|aligned|> barely changes "
-                     "what it predicts, so whatever separates its samples from MLE's is not the control token, and a "
+            line += (" - the model has not learned to condition: <|aligned|> barely changes what it "
+                     "predicts, so whatever separates its samples from MLE's is not the control token, and a "
                      "ratio near 1 is what to expect (train longer, or see objective.control_embedding)")
         elif c.get("learned") is None:
             line += " - no misaligned held-out segment to measure it on"
