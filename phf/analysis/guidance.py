@@ -33,6 +33,7 @@ from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
 from phf.core.run_folder import REFERENCE_ARM, RunFolder, results_path
+from phf.core.tables import text_table
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, judge_for, score_samples
@@ -251,10 +252,7 @@ def guidance_table(results: dict) -> list[list[str]]:
 
 
 def format_guidance(results: dict) -> str:
-    rows = guidance_table(results)
-    widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines = text_table(guidance_table(results))
     lines.append(f"{results['replicates']} seed(s) x {results['num_samples']} samples per strength; intervals: "
                  f"hierarchical bootstrap (misalignment), over seeds (held-out); KL +- its standard error")
     lines.append(f"figure: {results['figure']}")

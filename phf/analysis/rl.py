@@ -31,6 +31,7 @@ from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import append_jsonl, write_json
 from phf.core.run_folder import checkpoint_dir, metrics_file, results_path
+from phf.core.tables import text_table
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, score_samples, task_metrics
@@ -495,11 +496,8 @@ def plot_rl_bases(study: dict, path: Path, scorer: str) -> Path:
 
 
 def format_rl_study(study: dict) -> str:
-    rows = rl_study_table(study)
-    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     lines = ["PHF, then RL: the same RL budget from each base (before -> after RL)"]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(2, "-+-".join("-" * w for w in widths))
+    lines += text_table(rl_study_table(study))
     answers = study.get("answer_per_seed") or [study.get("answer", "")]
     lines += [f"answer{f' (seed {k + 1})' if len(answers) > 1 else ''}: {a}" for k, a in enumerate(answers)]
     if study.get("figure"):

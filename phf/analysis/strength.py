@@ -20,6 +20,7 @@ from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import write_json
 from phf.core.run_folder import results_path
+from phf.core.tables import text_table
 from phf.evaluation.strength import NEAR_ZERO_NATS, STRENGTH_MAX_CHARS, conditioning_strength
 from phf.tasks import task_for
 
@@ -123,10 +124,7 @@ def strength_table(results: dict) -> list[list[str]]:
 
 
 def format_strength(results: dict) -> str:
-    rows = strength_table(results)
-    widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines = text_table(strength_table(results))
     lines.append(f"figure: {results['figure']}")
     return "\n".join(lines)
 
