@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -212,4 +211,4 @@ def format_ending(results: dict) -> str:
 register(Probe(
     name="ending", config=EndingConfig, run=ending_probe,
     help="probability of <|endoftext|> at segment boundaries of held-out documents",
-    show=lambda results, cfg: f"{format_ending(results)}\nresults: {Path(cfg.out) / 'results.json'}"))
+    show=lambda results, cfg: f"{format_ending(results)}\nresults: {results_path(cfg.out)}"))

@@ -277,7 +277,7 @@ def _report_folder(cfg: GuidanceConfig) -> Path | None:
 PROBE = register(Probe(
     name="guidance", config=GuidanceConfig, run=run_guidance,
     help="a conditional model's misalignment against KL from MLE and held-out bits/char over guidance strengths",
-    show=lambda results, cfg: f"{format_guidance(results)}\nresults: {cfg.out_dir / 'results.json'}",
-    study=Study("guidance", "Guidance strength", results_file("guidance/results.json", "guidance.png"),
+    show=lambda results, cfg: f"{format_guidance(results)}\nresults: {results_path(cfg.out_dir)}",
+    study=Study("guidance", "Guidance strength", results_file("guidance", "guidance.png"),
                 guidance_caption, guidance_table),
     report_folder=_report_folder))

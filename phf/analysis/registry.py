@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 from phf.core.errors import PhfError
 from phf.core.io import read_json
+from phf.core.run_folder import RunFolder, results_path
 
 _PROBES: dict[str, "Probe"] = {}
 _STUDIES: dict[str, "Study"] = {}
@@ -91,15 +92,16 @@ class Study:
     """Paragraphs after the table."""
 
 
-def results_file(path: str, figure: str, only_with: str | None = None) -> Callable:
-    """A `Study.find` for results a probe wrote inside a result folder: FOLDER/`path`, else the first seed's
-    (FOLDER/seed-*/`path`), with the PNG `figure` beside it. `only_with`: only when the folder's results.json has
-    that key (the recipe that writes it ran the study)."""
+def results_file(probe_folder: str, figure: str, only_with: str | None = None) -> Callable:
+    """A `Study.find` for results a probe wrote inside a result folder: FOLDER/`probe_folder`/results.json, else the
+    first seed's (FOLDER/seed-<seed>/`probe_folder`), with the PNG `figure` beside it. `only_with`: only when the
+    folder's results.json has that key (the recipe that writes it ran the study)."""
 
     def find(folder: Path, results: dict):
         if only_with is not None and not results.get(only_with):
             return None
-        found = next((p for p in [folder / path, *sorted(folder.glob(f"seed-*/{path}"))] if p.exists()), None)
+        places = [folder / probe_folder, *(d / probe_folder for d in RunFolder(folder).seed_dirs())]
+        found = next((results_path(p) for p in places if results_path(p).exists()), None)
         if found is None:
             return None
         png = found.parent / figure

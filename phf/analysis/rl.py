@@ -30,7 +30,7 @@ from phf.core.config import from_dict, parse_override
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
 from phf.core.io import append_jsonl, write_json
-from phf.core.run_folder import checkpoint_dir, metrics_file, results_path
+from phf.core.run_folder import RunFolder, checkpoint_dir, metrics_file, results_path
 from phf.core.tables import text_table
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
@@ -511,8 +511,8 @@ def _rl_study_in(folder: Path, results: dict):
     study = results.get("rl_from_bases")
     if not study:
         return None
-    png = folder / "rl_from_bases.png" if (folder / "rl_from_bases.png").exists() else None
-    return study, png or next(iter(sorted(folder.glob("seed-*/rl_from_bases.png"))), None)
+    figures = [d / "rl_from_bases.png" for d in (folder, *RunFolder(folder).seed_dirs())]
+    return study, next((png for png in figures if png.exists()), None)
 
 
 def rl_study_caption(study: dict) -> str:

@@ -145,7 +145,7 @@ def _report_folder(cfg: StrengthConfig) -> Path | None:
 PROBE = register(Probe(
     name="strength", config=StrengthConfig, run=run_strength,
     help="conditioning strength: nats per held-out segment likelier under its own control token than the other",
-    show=lambda results, cfg: f"{format_strength(results)}\nresults: {Path(cfg.out) / 'results.json'}",
-    study=Study("strength", "Conditioning strength", results_file("strength/results.json", "strength.png"),
+    show=lambda results, cfg: f"{format_strength(results)}\nresults: {results_path(cfg.out)}",
+    study=Study("strength", "Conditioning strength", results_file("strength", "strength.png"),
                 strength_caption, strength_table),
     report_folder=_report_folder))

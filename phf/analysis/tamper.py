@@ -440,7 +440,7 @@ PROBE = register(Probe(
     name="tamper", config=TamperConfig, run=run_tamper,
     help="finetune models on their corpus' most misaligned text; tokens until each reaches the MLE model's "
          "misalignment",
-    show=lambda results, cfg: f"{format_tamper(results)}\nresults: {Path(cfg.out) / 'results.json'}",
+    show=lambda results, cfg: f"{format_tamper(results)}\nresults: {results_path(cfg.out)}",
     # a sweep's (`phf sweep --tamper`: DIR/tamper); a sweep over seeds shows its first seed's curves
-    study=Study("tamper", "Tamper resistance", results_file("tamper/results.json", "tamper.png", only_with="tamper"),
+    study=Study("tamper", "Tamper resistance", results_file("tamper", "tamper.png", only_with="tamper"),
                 tamper_caption, tamper_table)))
