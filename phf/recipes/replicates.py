@@ -54,9 +54,11 @@ def run_replicates(out: Path, seeds: list[int], run: Callable[[int, Path], dict]
         replicates.append(res["objectives"])
         scores.append({arm: sample_scores(where / Path(r.get("run_dir") or arm.replace(":", "-")).name)
                        for arm, r in res["objectives"].items()})
-        if after_seed is not None:
-            after_seed(combine(replicates, scores, seeds[:k + 1]), per_seed)
-    return combine(replicates, scores, seeds), per_seed
+        if after_seed is not None or k == len(seeds) - 1:  # combined once per seed it is needed for
+            combined = combine(replicates, scores, seeds[:k + 1])
+            if after_seed is not None:
+                after_seed(combined, per_seed)
+    return combined, per_seed
 
 
 def sample_scores(run_dir: Path) -> dict[str, list[float]]:
