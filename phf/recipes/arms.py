@@ -85,10 +85,10 @@ def finished_arm(job: ArmJob) -> dict | None:
     return res
 
 
-def corpus_summary(trained: TrainResult, cfg: RunConfig) -> dict:
-    """The scored corpus' summary (documents, segments, misaligned share), logged."""
-    # the run's config, whose scoring.misaligned_above_quantile training has resolved
-    summary = trained.data.scored.summary(task_for(cfg).misaligned_above)
+def corpus_summary(scored, cfg: RunConfig) -> dict:
+    """The scored corpus' summary (documents, segments, misaligned share), logged; `cfg` is the run's config, whose
+    scoring.misaligned_above_quantile training has resolved."""
+    summary = scored.summary(task_for(cfg).misaligned_above)
     log.info("scored corpus: %s", corpus_line(summary))
     return summary
 

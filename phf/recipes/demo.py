@@ -91,14 +91,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                      f"{arm_cfg.train.max_tokens:,}")
             arms[name], trained = run_arm(job, progress)
             if not corpus:
-                corpus.append(corpus_summary(trained, arm_cfg))
+                corpus.append(corpus_summary(trained.data.scored, arm_cfg))
         return {"objectives": arms}
 
     def record(combined: dict, per_seed: list[dict]) -> None:
         """results.json of the seeds finished so far (all of them, at the end): a killed run keeps its table."""
         if not corpus:  # every arm reused: the scored corpus' summary from its cache
             first = next(iter(configs.values()))
-            corpus.append(score_run_corpus(first, data_dir, progress=False).summary(task_for(first).misaligned_above))
+            corpus.append(corpus_summary(score_run_corpus(first, data_dir, progress=False), first))
         results.update(objectives=combined, seeds=seed_list[:len(per_seed)], corpus=corpus[0],
                        stage_seconds=stage_totals([r["objectives"] for r in per_seed]), versions=versions(),
                        wall_seconds=round(time.perf_counter() - t0, 1))

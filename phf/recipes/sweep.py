@@ -176,7 +176,7 @@ def _train_arms(run: _Sweep, bases: list[str]) -> dict | None:
                      fields={"kind": "finetune" if arm.finetune else "pretrain", "config_hash": key},
                      flat=("distinct_2",))
         run.results["objectives"][arm.name], trained = run_arm(job, run.progress)
-        corpus = corpus or corpus_summary(trained, arm.cfg)
+        corpus = corpus or corpus_summary(trained.data.scored, arm.cfg)
         write_results(run.out, run.results)  # partial results survive an interrupted sweep
     return corpus
 
