@@ -97,10 +97,15 @@ def test_an_untrained_model_has_not_learned_to_condition_and_the_table_says_so(t
     assert f"{learned['misaligned']['nats_per_segment']:+.3f}" in lines["conditional-trained"]
 
 
-def test_a_cooldown_run_is_evaluated_conditioned_and_unconditioned(tmp_path):
-    cfg = two_writers_config(tmp_path, steps=6, extra={"objective": {"cooldown_fraction": 0.5}})
+@pytest.mark.parametrize("embedding", [False, True])
+def test_a_cooldown_run_is_evaluated_conditioned_and_unconditioned(tmp_path, embedding):
+    """Both forms of conditional training: control tokens only (the paper's), and with control embeddings, whose
+    cooldown reads every token as unconditioned."""
+    cfg = two_writers_config(tmp_path, steps=6, extra={"objective": {"cooldown_fraction": 0.5,
+                                                                     "control_embedding": embedding}})
     result = run_training(cfg, tmp_path / "run", tmp_path / "data", progress=False)
     assert result.objective.describe()["cooldown_fraction"] == 0.5
+    assert result.objective.describe()["control_embedding"] is embedding
     res = evaluate_checkpoint(result.checkpoint, cfg, result.data.scored, tmp_path / "run", progress=False)
     assert {"aligned", "misaligned", "learned"} <= set(res["conditioning_strength"])
     u = res["unconditioned"]

@@ -15,7 +15,7 @@ from phf.data.token_stream import annotate_for_training, encode_annotated, write
 from phf.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer, with_hidden_token
 from phf.tasks import get_task
 from phf.training.objectives import get_objective
-from phf.training.trainer import WindowDraw, get_batch
+from phf.training.trainer import Cooldown, WindowDraw, get_batch, host_batch
 
 NAN = math.nan
 
@@ -159,7 +159,7 @@ def test_cooldown_batches_read_the_stream_without_control_tokens(conditional_str
     block, batch = 32, 6
     for step in (0, 7):
         x, y, s, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0, device=torch.device("cpu"),
-                               dropped=control)
+                               cooldown=Cooldown(0, tuple(control)))
         x0, _, _, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0, device=torch.device("cpu"))
         assert x.shape == y.shape == s.shape == x0.shape == (batch, block)  # the batch keeps its shape
         assert not torch.isin(x, torch.tensor(control)).any() and not torch.isin(y, torch.tensor(control)).any()
@@ -170,6 +170,22 @@ def test_cooldown_batches_read_the_stream_without_control_tokens(conditional_str
                 np.testing.assert_array_equal(x[row].numpy(), plain[k:k + block])
                 np.testing.assert_array_equal(y[row].numpy(), plain[k + 1:k + block + 1])
                 np.testing.assert_array_equal(s[row].numpy(), plain_scores[k + 1:k + block + 1])
+
+
+def test_cooldown_batches_give_control_embeddings_the_unconditioned_type(conditional_stream, tok):
+    """With control embeddings, a cooldown window reads every token as unconditioned (the `<|endoftext|>` marker),
+    as text deployed without control tokens is read; outside the cooldown each token keeps its segment's type."""
+    stream, base = conditional_stream, tok[0]
+    markers = [base.token_to_id(EOS), base.token_to_id(ALIGNED), base.token_to_id(MISALIGNED)]
+    types = stream.control_types(markers)
+    assert np.isin(types, markers[1:]).mean() > 0.5  # most tokens are typed by a control token
+    draw = WindowDraw(32, 6, seed=3)
+    *_, plain = host_batch(stream, draw, 0, 0, types, cooldown=Cooldown(0, tuple(markers[1:]), markers[0]))
+    *_, typed = host_batch(stream, draw, 0, 0, types)
+    assert (plain == markers[0]).all() and plain.shape == typed.shape == (6, 32)
+    assert torch.isin(typed, torch.tensor(markers[1:])).any()
+    with pytest.raises(PhfError, match="plain_type"):
+        host_batch(stream, draw, 0, 0, types, cooldown=Cooldown(0, tuple(markers[1:])))
 
 
 def test_a_cooldown_window_at_the_end_of_the_stream_reads_backward(conditional_stream, tok):
@@ -191,9 +207,7 @@ def test_cooldown_fraction_sets_the_last_steps_and_applies_to_conditional_only()
     assert objective("conditional").cooldown_starts(100) == 100
     assert objective("conditional", cooldown_fraction=0.1).describe()["cooldown_fraction"] == 0.1
     for bad, match in ((["objective.name=mle", "objective.cooldown_fraction=0.1"], "conditional training only"),
-                       (["objective.name=conditional", "objective.cooldown_fraction=1"], r"in \[0, 1\)"),
-                       (["objective.name=conditional", "objective.cooldown_fraction=0.1",
-                         "objective.control_embedding=true"], "use one of the two")):
+                       (["objective.name=conditional", "objective.cooldown_fraction=1"], r"in \[0, 1\)")):
         with pytest.raises(PhfError, match=match):
             load_config(None, bad)
 
@@ -212,6 +226,11 @@ def test_the_cooldown_variant_is_an_arm_beside_plain_conditional(tmp_path):
     _, configs = arm_configs(config=own, objectives=["mle", "conditional-cooldown"])
     assert configs["conditional-cooldown"].objective.cooldown_fraction == 0.1
     assert configs["conditional-cooldown"].objective.threshold == 0.3
+    # toxicity ships its own conditional config (control embeddings and guidance): the variant keeps both
+    _, configs = arm_configs("toxicity", objectives=["conditional", "conditional-cooldown"], overrides=["train.seed=7"])
+    plain, cooled = configs["conditional"], configs["conditional-cooldown"]
+    assert (cooled.objective.control_embedding, cooled.objective.cooldown_fraction) == (True, 0.1)
+    assert cooled.sample.guidance == plain.sample.guidance == 1.0 and cooled.train.seed == 7
     with pytest.raises(PhfError, match="unknown arm 'conditional-cool'"):
         arm_configs(config=own, objectives=["conditional-cool"])
     with pytest.raises(PhfError, match="no config 'conditional-cool'"):

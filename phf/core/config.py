@@ -180,7 +180,8 @@ class ObjectiveConfig:
     cooldown_fraction: float = 0.0
     """Conditional training: the last this fraction of the steps trains on the same windows with the control tokens
     taken out (plain MLE text, as metadata conditioning's cooldown does), so the model also works unconditioned;
-    it is then evaluated both ways. 0 = no cooldown (the paper)."""
+    it is then evaluated both ways. With `control_embedding`, the cooldown also reads every token with the
+    unconditioned type, as text without control tokens is read. 0 = no cooldown (the paper)."""
     check_conditioning: bool = True
     """Conditional and masking objectives: refuse to train when the token stream lacks the control tokens (or masked
     tokens) the objective needs, or holds them at a rate far from the scored corpus' misaligned share (outside
@@ -209,9 +210,6 @@ class ObjectiveConfig:
         if self.cooldown_fraction and self.name != "conditional":
             raise PhfError(f"objective.cooldown_fraction applies to conditional training only, not {self.name!r}; "
                            f"remove it or set objective.name=conditional")
-        if self.control_embedding and self.cooldown_fraction:
-            raise PhfError("objective.cooldown_fraction trains the last steps without control tokens, which "
-                           "objective.control_embedding would still feed; use one of the two")
         if self.control_embedding and self.name != "conditional":
             raise PhfError(f"objective.control_embedding applies to conditional training only, not {self.name!r}; "
                            f"remove it or set objective.name=conditional")

@@ -137,7 +137,8 @@ class Task:
     def run_config(self, name: str = "mle", overrides: list[str] | None = None) -> RunConfig:
         """The task's run config `name`: its shipped file where there is one (`configs/<name>.yaml`), else for an
         objective or an arm variant (phf.core.objective_specs) the task's `base.yaml` with that objective's
-        defaults for the task written in, and the variant's settings over them; then `overrides`."""
+        defaults for the task written in, and the variant's settings over them (over the shipped file of the variant's
+        objective, where there is one); then `overrides`."""
         folder = self.config_dir()
         if folder is not None and (folder / f"{name}.yaml").exists():
             return load_config(folder / f"{name}.yaml", overrides)
@@ -146,6 +147,9 @@ class Task:
             raise PhfError(f"task {self.name} has no config {name!r}; name an objective or a variant "
                            f"({', '.join(ARM_NAMES)}) or a shipped config ({', '.join(shipped) or 'none'})")
         objective, settings = arm_objective(name)
+        if folder is not None and (folder / f"{objective}.yaml").exists():  # a variant of a shipped objective config
+            written = [f"objective.{k}={v}" for k, v in settings.items()]
+            return load_config(folder / f"{objective}.yaml", written + list(overrides or []))
         data = read_yaml_dict(self.config_path("base"))
         data["objective"] = {**(data.get("objective") or {}), **self.objective_section(objective), **settings}
         return config_from_dict(data, overrides)

@@ -166,21 +166,31 @@ class WindowDraw:
     """The run's seed, the first part of every micro-batch's generator seed."""
 
 
+@dataclass(frozen=True)
+class Cooldown:
+    """Conditional training's last steps, from `start` on: windows leave the control tokens (`dropped`) out and read
+    on past them, and a model with control embeddings reads every token with the unconditioned type (`plain_type`,
+    its `<|endoftext|>` marker), as it reads text deployed without control tokens."""
+    start: int
+    dropped: tuple[int, ...]
+    plain_type: int | None = None
+
+
 def host_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, types: np.ndarray | None = None,
-               pin: bool = False, dropped: list[int] | None = None
+               pin: bool = False, cooldown: Cooldown | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`draw.batch` windows of `draw.block`+1 tokens at positions drawn from a generator seeded by (draw.seed,
     step, micro), in CPU memory (page-locked with `pin`, for asynchronous copies to a GPU): inputs x, targets y,
-    each target's segment score s, and with `types` (the stream's control types) each input's type. `dropped`:
-    token ids left out of every window, which then reads on past them (conditional's cooldown)."""
+    each target's segment score s, and with `types` (the stream's control types) each input's type. `cooldown`:
+    this step is in conditional training's cooldown, read as plain text (Cooldown)."""
     block, n = draw.block, len(stream)
     if n < block + 2:
         raise PhfError(f"the training stream has {n} tokens, fewer than one window of {block + 1}; "
                        f"use a larger corpus or a smaller model.block_size")
     rng = np.random.default_rng([draw.seed, step, micro])
     starts = rng.integers(0, n - block - 1, size=draw.batch)
-    if dropped:
-        windows = [plain_window(stream, s, block + 1, np.asarray(dropped)) for s in starts]
+    if cooldown:
+        windows = [plain_window(stream, s, block + 1, np.asarray(cooldown.dropped)) for s in starts]
         tok = np.stack([w for w, _ in windows]).astype(np.int64)
         sc = np.stack([w[1:] for _, w in windows]).astype(np.float32)
     else:
@@ -189,10 +199,19 @@ def host_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, typ
     x = torch.from_numpy(tok[:, :-1])  # (B, T)
     y = torch.from_numpy(tok[:, 1:])  # (B, T)
     s = torch.from_numpy(sc)  # (B, T) score of each target token's segment
-    t = None if types is None else torch.from_numpy(np.stack([types[st:st + block] for st in starts]).astype(np.int64))
+    t = None if types is None else torch.from_numpy(_window_types(types, starts, block, cooldown))
     if pin:
         return tuple(None if v is None else v.contiguous().pin_memory() for v in (x, y, s, t))
     return x, y, s, t
+
+
+def _window_types(types: np.ndarray, starts: np.ndarray, block: int, cooldown: Cooldown | None) -> np.ndarray:
+    """Each window's control types (B, T): the stream's, or in the cooldown the unconditioned type throughout."""
+    if cooldown:
+        if cooldown.plain_type is None:
+            raise PhfError("a cooldown over a stream with control types needs the unconditioned type (plain_type)")
+        return np.full((len(starts), block), cooldown.plain_type, dtype=np.int64)
+    return np.stack([types[st:st + block] for st in starts]).astype(np.int64)
 
 
 def to_device(batch: tuple, device: torch.device, non_blocking: bool = False) -> tuple:
@@ -201,23 +220,23 @@ def to_device(batch: tuple, device: torch.device, non_blocking: bool = False) ->
 
 
 def get_batch(stream: TokenStream, draw: WindowDraw, step: int, micro: int, device: torch.device,
-              types: np.ndarray | None = None, dropped: list[int] | None = None
+              types: np.ndarray | None = None, cooldown: Cooldown | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """host_batch's windows on `device`: inputs x, targets y, scores s, control types (or None)."""
-    return to_device(host_batch(stream, draw, step, micro, types, dropped=dropped), device)
+    return to_device(host_batch(stream, draw, step, micro, types, cooldown=cooldown), device)
 
 
 def step_batches(stream: TokenStream, block: int, tcfg, d: Dist, types: np.ndarray | None = None,
-                 pin: bool = False, dropped_from: tuple[int, list[int]] | None = None
+                 pin: bool = False, cooldown: Cooldown | None = None
                  ) -> Callable[[int], list[tuple]]:
     """This rank's micro-batches of a step, in CPU memory: micro-batch m of rank r is global micro-batch
-    m * world + r, so 2 ranks x 1 accumulation step draw the same windows as 1 rank x 2. `dropped_from`:
-    (step, token ids): from that step on, windows leave those tokens out (conditional's cooldown)."""
+    m * world + r, so 2 ranks x 1 accumulation step draw the same windows as 1 rank x 2. From `cooldown.start` on,
+    windows are read as the cooldown reads them."""
     draw = WindowDraw(block, tcfg.batch_size, tcfg.seed)
 
     def make(step: int) -> list[tuple]:
-        dropped = dropped_from[1] if dropped_from and step >= dropped_from[0] else None
-        return [host_batch(stream, draw, step, m * d.world + d.rank, types, pin, dropped)
+        cooling = cooldown if cooldown and step >= cooldown.start else None
+        return [host_batch(stream, draw, step, m * d.world + d.rank, types, pin, cooling)
                 for m in range(tcfg.grad_accum)]
     return make
 
@@ -657,11 +676,12 @@ class TrainingLoop:
         """This rank's micro-batches of each step from the resume point on; from the cooldown on, without the
         control tokens."""
         run = self.run
-        control_ids = [i for i in map(load_tokenizer(run.data.tokenizer_file).token_to_id, CONTROL_TOKENS)
-                       if i is not None]
+        control_ids = tuple(i for i in map(load_tokenizer(run.data.tokenizer_file).token_to_id, CONTROL_TOKENS)
+                            if i is not None)
+        plain_type = run.t.markers[0] if run.t.markers else None  # <|endoftext|>: no condition
         make_batches = step_batches(run.data.streams["train"], run.cfg.model.block_size, run.cfg.train, run.d,
                                     run.train_types, pin=run.device.type == "cuda",
-                                    dropped_from=(self.cooldown, control_ids))
+                                    cooldown=Cooldown(self.cooldown, control_ids, plain_type))
         if run.prefetch:
             return Prefetcher(make_batches, range(self.p.step, run.total_steps))
         return InLine(make_batches)
