@@ -71,3 +71,26 @@ def test_the_command_line_builds_the_config_from_its_flags():
     assert not sweep.report and sweep.rl_overrides == ("rl.beta=0.1",) and sweep.overrides == ("train.lr=1e-3",)
     with pytest.raises(PhfError, match="--finetune-fraction"):
         sweep_config(_parsed(["sweep", "--finetune-fraction", "1.5"]))
+    grid = sweep_config(_parsed(["sweep", "--tamper-set", "lr=1e-4,1e-3", "--tamper-set", "lora=true",
+                                 "--tamper-set", "num-samples=256"]))  # a grid of attacks; implies --tamper
+    assert grid.tamper == {"lr": "1e-4,1e-3", "lora": "true", "num_samples": "256"}
+    from phf.analysis.tamper import TamperConfig
+    probe = TamperConfig.of({**grid.tamper, "model": ["m"], "out": "o"})
+    assert (probe.lr, probe.lora, probe.num_samples) == ((1e-4, 1e-3), True, 256)
+    with pytest.raises(PhfError, match="--tamper-set takes KEY=VALUE"):
+        sweep_config(_parsed(["sweep", "--tamper-set", "lora"]))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": "fast"}, "--lr takes numbers"),
+    ({"lora": "maybe"}, "setting lora takes true or false, got 'maybe'"),
+    ({"num_samples": "0"}, "--num-samples must be >= 1"),
+    ({"rate": "1"}, "unknown setting 'rate' of TamperConfig"),
+    ({"out": "x"}, "tamper setting 'out' is the sweep's own"),
+])
+def test_bad_tamper_settings_stop_the_sweep_before_any_arm_trains(tmp_path, settings, message):
+    from phf.recipes.sweep import run_sweep
+
+    with pytest.raises(PhfError, match=message):
+        run_sweep(SweepConfig(out=tmp_path / "sweep", tamper=settings), progress=False)
+    assert not (tmp_path / "sweep").exists()

@@ -147,14 +147,20 @@ def test_a_sweep_with_seeds_runs_once_per_seed_on_one_data_folder_and_reports_in
 
 
 def test_sweep_tamper_measures_every_arm_and_reports_it(sweep):
+    """A grid of attacks (two learning rates, as `--tamper-set lr=1e-2,3e-2` gives them) on every arm."""
     out, overrides, _ = sweep
     results = run_sweep(SweepConfig("pep8", out, overrides, finetune=["conditional", "awr"],
-                                    tamper={"steps": [0, 4], "num_samples": 8, "heldout_chars": 2000, "lr": 1e-2}),
+                                    tamper={"steps": [0, 4], "num_samples": 8, "heldout_chars": 2000,
+                                            "lr": "1e-2,3e-2"}),
                         progress=False)
     tamper = results["tamper"]
-    assert set(tamper["arms"]) == set(results["objectives"])  # the arms were reused; every one was tampered with
-    assert tamper["arms"]["mle"]["to_reference_level"]["tokens"] == 0  # MLE is at its own level from the start
+    attacks = ("full lr=0.01", "full lr=0.03")
+    # the arms were reused; every one was tampered with, under each attack
+    assert set(tamper["arms"]) == {f"{arm} {a}" for arm in results["objectives"] for a in attacks}
+    for a in attacks:  # MLE is at its own level from the start
+        assert tamper["arms"][f"mle {a}"]["to_reference_level"]["tokens"] == 0
     curves = read_json(out / "tamper" / "results.json")["models"]
+    assert len(curves) == 2 * len(results["objectives"])
     assert all([p["step"] for p in c["points"]] == [0, 4] for c in curves.values())
     page = (out / "report.html").read_text()
     assert "Tamper resistance" in page and (out / "figures" / "tamper.png").exists()

@@ -55,7 +55,10 @@ class ProbeConfig:
 
 
 def _as_field(name: str, value: Any, hint: Any) -> Any:
-    """A tuple field from a string of values separated by commas, a list or one value; other fields as given."""
+    """A tuple field from a string of values separated by commas, a list or one value; a number or yes/no field
+    from its text (as `--set KEY=VALUE` gives it); other fields as given."""
+    if isinstance(value, str) and hint in (bool, int, float):
+        return _scalar(name, value, hint)
     if typing.get_origin(hint) is not tuple or value is None:
         return value
     item = typing.get_args(hint)[0]
@@ -71,6 +74,20 @@ def _as_field(name: str, value: Any, hint: Any) -> Any:
         kind = "whole numbers" if item is int else "numbers"
         raise PhfError(f"--{name.replace('_', '-')} takes {kind} separated by commas (e.g. 1e-4,1e-3 or 0,4,16), "
                        f"got {','.join(map(str, value))!r}") from None
+
+
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _scalar(name: str, text: str, hint: type) -> Any:
+    """A bool, int or float setting from its text, or one line naming the setting and what it takes."""
+    try:
+        if hint is bool:
+            return _BOOLEANS[text.strip().lower()]
+        return hint(float(text)) if hint is int and float(text).is_integer() else hint(text)
+    except (KeyError, ValueError):
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}[hint]
+        raise PhfError(f"setting {name} takes {kind}, got {text!r}") from None
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,18 @@ def sweep_config(args) -> SweepConfig:
                        rl_tokens=args.rl_tokens, rl_overrides=[o for o in args.overrides if o.startswith("rl.")],
                        config=args.config, seeds=args.seeds,
                        rl_bases=names(args.rl_bases) if args.rl_bases is not None else None,
-                       tamper={} if args.tamper else None)
+                       tamper=tamper_settings(args.tamper_settings) if args.tamper or args.tamper_settings else None)
+
+
+def tamper_settings(pairs: list[str]) -> dict:
+    """`--tamper-set KEY=VALUE` flags as the tamper probe's settings (its config reads the values' text)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PhfError(f"--tamper-set takes KEY=VALUE (e.g. lr=1e-4,1e-3), got {pair!r}")
+        settings[key.strip().replace("-", "_")] = value.strip()
+    return settings
 
 
 def cmd_sweep(args) -> None:
@@ -404,6 +415,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--tamper", action="store_true",
                    help="finetune every arm on the corpus' misaligned text (phf probe tamper at its defaults): "
                         "adversarial tokens to the MLE model's misalignment, per arm")
+    p.add_argument("--tamper-set", dest="tamper_settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the tamper probe, e.g. lr=1e-4,1e-3 and lora=true for a grid of full and LoRA "
+                        "attacks, or num_samples=256 (repeatable; implies --tamper; see phf probe tamper --help)")
     p.add_argument("--rl-bases", help="pretraining arms RL starts from, comma-separated (default: mle,conditional "
                                       "where the sweep has them; mle is always one)")
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")

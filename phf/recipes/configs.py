@@ -105,8 +105,8 @@ class SweepConfig:
     rl_bases: tuple[str, ...] | None = None
     """Pretraining arms RL starts from (mle is always one); None: mle and conditional where the sweep has them."""
     tamper: dict | None = None
-    """Run the tamper probe on every arm with these settings of phf.analysis.tamper.tamper_curve ({}: its
-    defaults); None: not."""
+    """Run the tamper probe on every arm with these settings of phf.analysis.tamper.TamperConfig ({}: its
+    defaults; e.g. {"lr": "1e-4,1e-3", "lora": True} for a grid of attacks); None: not."""
 
     def __post_init__(self) -> None:
         _freeze(self, "overrides", "objectives", "finetune", "rl_overrides", "rl_bases")

@@ -109,9 +109,24 @@ class _Sweep:
         return next(a for a in self.arms if a.name == name)
 
 
+SWEEP_TAMPER_FIELDS = ("model", "out", "reference")  # the sweep sets these: every arm, DIR/tamper, its MLE arm
+
+
+def check_tamper_settings(settings: dict | None) -> None:
+    """The sweep's tamper settings (`--tamper-set`), checked before any arm trains: one line naming a bad one."""
+    if not settings:
+        return
+    own = sorted(set(settings) & set(SWEEP_TAMPER_FIELDS))
+    if own:
+        raise PhfError(f"tamper setting {own[0]!r} is the sweep's own (every arm, DIR/tamper, the MLE arm); "
+                       f"remove it")
+    TamperConfig.of({**settings, "model": ["every arm"], "out": "tamper"})
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     """The sweep; with `cfg.seeds` > 1, once per seed (`DIR/seed-<seed>/`, one shared data folder), its results
     combined per arm with 95% intervals (phf.recipes.replicates) and one report."""
+    check_tamper_settings(cfg.tamper)
     if cfg.seeds > 1:
         return _sweep_seeds(cfg, progress)
     t0 = time.perf_counter()
@@ -282,10 +297,11 @@ def _tamper_every_arm(out: Path, arms: list[Arm], settings: dict, progress: bool
     log.info("== tamper: every arm finetuned on the corpus' misaligned text")
     res = run_tamper(TamperConfig.of({**settings, "model": [out / a.run_dir for a in arms], "out": out / "tamper",
                                       "reference": "mle"}), progress=progress)
-    names = {a.run_dir: a.name for a in arms}
+    names = {Path(a.run_dir).name: a.name for a in arms}  # the probe names a curve after its model's folder
     summary = {"figure": res["figure"], "results": str(results_path(out / "tamper")), "arms": {}}
-    for label, curve in res["models"].items():
-        summary["arms"][names.get(label, label)] = {
+    for label, curve in res["models"].items():  # a curve per arm, or per arm and attack (`mle lora lr=0.001`)
+        name = names.get(curve["arm"], curve["arm"]) + label[len(curve["arm"]):]
+        summary["arms"][name] = {
             key: curve[key] for key in ("to_reference_level", "judge_to_reference_level") if key in curve}
     return summary
 
