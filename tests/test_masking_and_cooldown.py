@@ -158,8 +158,8 @@ def test_cooldown_batches_read_the_stream_without_control_tokens(conditional_str
     before = np.concatenate([[0], np.cumsum(kept)])  # kept tokens before each position
     block, batch = 32, 6
     for step in (0, 7):
-        x, y, s, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0, device=torch.device("cpu"),
-                               cooldown=Cooldown(0, tuple(control)))
+        x, y, s, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0,
+                               device=torch.device("cpu"), cooldown=Cooldown(0, tuple(control)))
         x0, _, _, _ = get_batch(stream, WindowDraw(block, batch, seed=3), step=step, micro=0, device=torch.device("cpu"))
         assert x.shape == y.shape == s.shape == x0.shape == (batch, block)  # the batch keeps its shape
         assert not torch.isin(x, torch.tensor(control)).any() and not torch.isin(y, torch.tensor(control)).any()

@@ -68,10 +68,27 @@ def test_tokens_to_level_finds_the_first_crossing_with_an_interval():
     rng = np.random.default_rng(0)
     points = [{"tokens": t, "scores": list(rng.normal(m, 0.05, 200))} for t, m in ((0, 0.1), (100, 0.3), (400, 0.6))]
     level = list(rng.normal(0.5, 0.05, 200))
-    got = tokens_to_level(points, level, np.random.default_rng(1))
+    got = tokens_to_level(points, [level], np.random.default_rng(1))
     assert got["tokens"] == 400 and got["tokens_ci95"] == [400.0, 400.0] and got["never_reached_share"] == 0
-    never = tokens_to_level(points[:2], level, np.random.default_rng(1))
+    never = tokens_to_level(points[:2], [level], np.random.default_rng(1))
     assert never["tokens"] is None and never["tokens_ci95"] == [None, None] and never["never_reached_share"] == 1
+
+
+def test_over_seeds_the_level_and_each_point_are_means_of_the_seeds_means():
+    """Two seeds that disagree: the curve crosses where the mean of the seeds' means does, and the interval,
+    which resamples seeds too, is wider than one seed's."""
+    rng = np.random.default_rng(0)
+    by_seed = {0: (0.10, 0.10), 100: (0.30, 0.60), 400: (0.55, 0.75)}  # per step: each seed's mean
+    points = [{"tokens": t, "scores_by_seed": [list(rng.normal(m, 0.05, 100)) for m in means]}
+              for t, means in by_seed.items()]
+    level = [list(rng.normal(0.5, 0.05, 100)), list(rng.normal(0.5, 0.05, 100))]
+    got = tokens_to_level(points, level, np.random.default_rng(1))
+    assert got["level"] == pytest.approx(0.5, abs=0.01)
+    assert got["tokens"] == 400  # step 100's mean over seeds is 0.45: below the level
+    assert got["tokens_ci95"] == [100.0, 400.0]  # a draw of the second seed twice crosses at 100
+    one = tokens_to_level([{"tokens": p["tokens"], "scores": p["scores_by_seed"][0]} for p in points], level[:1],
+                          np.random.default_rng(1))
+    assert one["tokens_ci95"] == [400.0, 400.0]
 
 
 def test_a_grid_of_learning_rates_full_and_lora_each_gets_its_tokens_to_the_mle_level(runs, capsys):
@@ -163,5 +180,65 @@ def test_a_bad_learning_rate_grid_is_one_line(runs, capsys, lr, message):
     root, out = runs
     with pytest.raises(SystemExit) as exc:
         main(["-q", "probe", "tamper", "--model", str(out["mle"]), "--out", str(root / "bad"), "--lr", lr])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def two_seeds(pycorpus, tmp_path_factory):
+    """A demo-like folder of two seeds, each with its mle and conditional runs (DIR/seed-<seed>/<arm>)."""
+    from phf.tasks import get_task
+    from phf.training.trainer import run_training
+    from tests.conftest import tiny_overrides
+
+    root = tmp_path_factory.mktemp("tamper-seeds")
+    corpus = shutil.copytree(pycorpus, root / "corpus")
+    for i in range(3):
+        (corpus / f"zz_messy_{i}.py").write_text(MESSY)
+    for seed in (5, 6):
+        for objective in ("mle", "conditional"):
+            cfg = get_task("pep8").run_config(objective, tiny_overrides(str(corpus)) + [
+                "train.max_steps=8", "corpus.test_fraction=0.3", "sample.max_new_tokens=32", f"train.seed={seed}"])
+            run_training(cfg, root / "demo" / f"seed-{seed}" / objective, root / "data", progress=False)
+    return root / "demo"
+
+
+def test_tamper_over_a_runs_seeds_combines_them_and_reuses_finished_seeds(two_seeds, capsys):
+    from phf.cli.main import main
+
+    args = ["-q", "probe", "tamper", "--run", str(two_seeds), "--steps", "0,4", "--lr", "1e-2",
+            "--num-samples", "8", "--heldout-chars", "2000"]
+    main(args)
+    printed = capsys.readouterr().out
+    out = two_seeds / "tamper"
+    res = json.loads((out / "results.json").read_text())
+    seeds = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (5, 6)]
+    assert res["seeds"] == ["seed-5", "seed-6"] and set(res["models"]) == {"mle", "conditional"}  # masking: absent
+    for name, c in res["models"].items():
+        for i, point in enumerate(c["points"]):
+            means = [s["models"][name]["points"][i]["misalignment_mean"] for s in seeds]
+            assert point["misalignment_mean"] == pytest.approx(np.mean(means))
+            assert point["heldout_bits_per_char_per_seed"] == [
+                s["models"][name]["points"][i]["heldout_bits_per_char"] for s in seeds]
+        assert c["to_reference_level_per_seed"] == [s["models"][name]["to_reference_level"]["tokens"] for s in seeds]
+    assert res["models"]["mle"]["to_reference_level"]["tokens"] == 0
+    assert seeds[0]["settings"]["seed"] == 0 and seeds[1]["settings"]["seed"] == 1  # each seed samples its own
+    assert "over 2 seeds" in printed and "(per seed: 0, 0)" in printed and (out / "tamper.png").exists()
+    stamps = [(out / f"seed-{s}" / "results.json").stat().st_mtime_ns for s in (5, 6)]
+    main(args)  # the finished seeds are reused
+    assert [(out / f"seed-{s}" / "results.json").stat().st_mtime_ns for s in (5, 6)] == stamps
+    assert json.loads((out / "results.json").read_text())["models"]["mle"]["points"][0]["misalignment_mean"] == \
+        res["models"]["mle"]["points"][0]["misalignment_mean"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arms", "conditional"], "has no mle run with a checkpoint in every seed"),
+    (["--model", "x"], "needs --run DIR (a demo or sweep folder) or --model (repeatable), not both"),
+])
+def test_a_run_without_the_reference_or_with_models_too_is_one_line(two_seeds, capsys, extra, message):
+    from phf.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "probe", "tamper", "--run", str(two_seeds), "--steps", "0", *extra])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("\n") == 1

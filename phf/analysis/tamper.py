@@ -35,8 +35,8 @@ from phf.analysis.registry import Probe, ProbeConfig, Study, register, results_f
 from phf.core.config import SampleConfig
 from phf.core.errors import PhfError
 from phf.core.figures import pyplot, save_figure
-from phf.core.io import write_json
-from phf.core.run_folder import results_path, run_dir_of_checkpoint
+from phf.core.io import read_json, write_json
+from phf.core.run_folder import REFERENCE_ARM, RunFolder, results_path, run_dir_of_checkpoint
 from phf.data.scorers import scorer_for
 from phf.data.segments import get_segmenter
 from phf.evaluation.evaluate import heldout_bits_per_char, judge_for, score_samples
@@ -56,10 +56,16 @@ UNITS = ("segments", "documents")
 @dataclass(frozen=True)
 class TamperConfig(ProbeConfig):
     """`phf probe tamper`: the models, the adversary's text and the grid of attacks."""
-    model: tuple[str, ...] = field(metadata={"required": True, "append": True})
+    model: tuple[str, ...] = field(default=(), metadata={"append": True})
     """A model or run folder (repeatable: e.g. the demo's mle, filtering and conditional)."""
-    out: str = field(metadata={"required": True})
-    """Folder for results.json and tamper.png."""
+    run: str | None = None
+    """Instead of --model: a folder written by `phf demo` or `phf sweep`; its --arms are attacked in every seed
+    (OUT/seed-<seed> each; a seed finished with the same settings is reused) and combined over seeds."""
+    arms: tuple[str, ...] = ()
+    """With --run: the arms to attack, of those the run has in every seed (separated by commas, e.g.
+    mle,filtering,conditional,masking; default: every arm it has)."""
+    out: str | None = None
+    """Folder for results.json and tamper.png (with --run: RUN/tamper)."""
     reference: str | None = None
     """The model whose untampered misalignment is the level to reach (a run folder's name; default: the one
     trained with MLE, else the first)."""
@@ -90,8 +96,11 @@ class TamperConfig(ProbeConfig):
     """The data folder the models were trained from (default: from run.json)."""
 
     def validate(self) -> None:
-        if not self.model:
-            raise PhfError("phf probe tamper needs at least one --model (a model or run folder)")
+        if bool(self.run) == bool(self.model):
+            raise PhfError("phf probe tamper needs --run DIR (a demo or sweep folder) or --model (repeatable), "
+                           "not both")
+        if self.out is None and not self.run:
+            raise PhfError("give --out DIR for the results (with --run it defaults to RUN/tamper)")
         if not self.steps or min(self.steps) < 0:
             raise PhfError(f"--steps must be step counts >= 0, got {list(self.steps)}")
         if self.unit not in UNITS:
@@ -104,6 +113,14 @@ class TamperConfig(ProbeConfig):
                 raise PhfError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.heldout_chars < 0:
             raise PhfError(f"--heldout-chars must be >= 0 (0: the run's eval.heldout_chars), got {self.heldout_chars}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.run) / "tamper"
+
+    def recorded(self) -> dict:
+        """The settings as results.json records them (a seed's folder is reused only under the same ones)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -294,18 +311,29 @@ class _Measure:
         return point
 
 
-def tokens_to_level(points: list[dict], level_scores: Sequence[float], rng: np.random.Generator,
+def point_groups(point: dict, key: str = "scores") -> list:
+    """A measured point's values of `key` as groups of samples: one per seed in a result combined over seeds
+    (`KEY_by_seed`), else the one group."""
+    return point.get(f"{key}_by_seed") or [point[key]]
+
+
+def _mean_of_groups(groups: Sequence[Sequence[float]]) -> float:
+    return float(np.mean([np.nanmean(g) for g in groups]))
+
+
+def tokens_to_level(points: list[dict], level_groups: Sequence[Sequence[float]], rng: np.random.Generator,
                     key: str = "scores", b: int = 2000) -> dict:
     """The adversarial tokens of the first measured point whose mean misalignment reaches the mean of
-    `level_scores` (the MLE model untampered), and its 95% interval: each bootstrap draw resamples every point's
-    samples and the level's, then finds the first point at or above it. None where it is never reached (within
-    the measured steps); the interval's upper end is None when some draws never reach it."""
-    level = float(np.nanmean(level_scores))
+    `level_groups` (the MLE model untampered: its samples' scores, one group per seed), and its 95% interval: each
+    bootstrap draw resamples every point's seeds and samples and the level's (phf.evaluation.uncertainty's
+    hierarchical bootstrap, each point on its own), then finds the first point at or above it. None where it is
+    never reached (within the measured steps); the interval's upper end is None when some draws never reach it."""
+    level = _mean_of_groups(level_groups)
     tokens = [p["tokens"] for p in points]
-    means = [float(np.nanmean(p[key])) for p in points]
+    means = [_mean_of_groups(point_groups(p, key)) for p in points]
     reached = [i for i, v in enumerate(means) if v >= level]
-    draws = np.stack([bootstrap_means([p[key]], rng, b) for p in points], axis=1)  # (b, points)
-    level_draws = bootstrap_means([level_scores], rng, b)
+    draws = np.stack([bootstrap_means(point_groups(p, key), rng, b) for p in points], axis=1)  # (b, points)
+    level_draws = bootstrap_means(level_groups, rng, b)
     hit = draws >= level_draws[:, None]
     first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
     crossing = np.array([tokens[i] if i >= 0 else math.inf for i in first], dtype=np.float64)
@@ -321,8 +349,10 @@ def run_tamper(settings: TamperConfig, progress: bool = True) -> dict:
     tokens each curve needs to reach the reference model's untampered misalignment (the reference:
     `settings.reference`, else the model trained with MLE among them, else the first), and a figure of the curves,
     a panel per attack. A curve is named after its model (its run folder), followed by its attack when the grid
-    holds more than one. Writes OUT/results.json and OUT/tamper.png."""
-    out_dir, reference = Path(settings.out), settings.reference
+    holds more than one. Writes OUT/results.json and OUT/tamper.png. With `settings.run`: every seed of a demo or
+    sweep folder, combined (run_tamper_seeds)."""
+    if settings.run:
+        return run_tamper_seeds(settings, progress)
     attacks = attack_grid(settings.lr, settings.lora, settings.lora_rank)
     curves, arms = {}, {}
     for path in settings.model:
@@ -334,20 +364,117 @@ def run_tamper(settings: TamperConfig, progress: bool = True) -> dict:
             curves[name] = tamper_curve(path, settings, attack, progress, untampered)
             curves[name]["arm"] = arm
             untampered = next((p for p in curves[name]["points"] if p["step"] == 0), None)
-    ref = reference or next((curves[n]["arm"] for n in curves if curves[n]["objective"] == "mle"), next(iter(arms)))
+    return _finish(curves, settings, {})
+
+
+def _finish(curves: dict, settings: TamperConfig, extra: dict) -> dict:
+    """The tokens each curve needs to reach the reference's untampered level, the figure, OUT/results.json."""
+    arms = list(dict.fromkeys(c["arm"] for c in curves.values()))
+    ref = settings.reference or next((c["arm"] for c in curves.values() if c["objective"] == "mle"), arms[0])
     if ref not in arms:
         raise PhfError(f"--reference {ref} is none of the models ({', '.join(arms)})")
     ref_start = next(c for c in curves.values() if c["arm"] == ref)["points"][0]
     rng = np.random.default_rng(0)
-    for name, c in curves.items():
-        c["to_reference_level"] = tokens_to_level(c["points"], ref_start["scores"], rng)
-        if c["judge"] and "judge_scores" in ref_start:
-            c["judge_to_reference_level"] = tokens_to_level(c["points"], ref_start["judge_scores"], rng,
-                                                            key="judge_scores")
-    results = {"probe": "tamper", "reference": ref, "attacks": [dataclasses.asdict(a) for a in attacks],
-               "models": curves, "figure": str(plot_tamper(curves, ref, out_dir / "tamper.png"))}
+    for c in curves.values():
+        c["to_reference_level"] = tokens_to_level(c["points"], point_groups(ref_start), rng)
+        if c["judge"] and ("judge_scores" in ref_start or "judge_scores_by_seed" in ref_start):
+            c["judge_to_reference_level"] = tokens_to_level(c["points"], point_groups(ref_start, "judge_scores"),
+                                                            rng, key="judge_scores")
+    out_dir = settings.out_dir
+    results = {"probe": "tamper", "reference": ref, **extra,
+               "attacks": [dataclasses.asdict(a) for a in attack_grid(settings.lr, settings.lora, settings.lora_rank)],
+               "settings": settings.recorded(), "models": curves,
+               "figure": str(plot_tamper(curves, ref, out_dir / "tamper.png"))}
     write_json(results_path(out_dir), results)
     return results
+
+
+def run_tamper_seeds(settings: TamperConfig, progress: bool = True) -> dict:
+    """The grid on `settings.arms` of every seed of a demo or sweep folder (`settings.run`): each seed into
+    OUT/seed-<seed> (a seed already measured with the same settings is reused, so a stopped run keeps its finished
+    seeds), sampled with seed `settings.seed` + its index; then the curves combined over seeds (combine_curves), the
+    tokens to the reference's level measured on the combined curves. A folder of one seed is measured into OUT."""
+    run = Path(settings.run)
+    roots = RunFolder(run).replicate_roots()
+    arms = _arms_in(run, roots, settings)
+    if roots == [run]:
+        return run_tamper(_seed_settings(settings, run, arms, settings.out_dir, 0), progress)
+    per_seed = []
+    for k, root in enumerate(roots):
+        one = _seed_settings(settings, root, arms, settings.out_dir / root.name, k)
+        log.info("== tamper: %s (%d of %d)", root.name, k + 1, len(roots))
+        per_seed.append(_finished(one) or run_tamper(one, progress))
+    curves = combine_curves([r["models"] for r in per_seed], np.random.default_rng(0))
+    return _finish(curves, settings, {"seeds": [root.name for root in roots],
+                                      "replicates": [str(results_path(settings.out_dir / r.name)) for r in roots]})
+
+
+def _arms_in(run: Path, roots: list[Path], settings: TamperConfig) -> list[str]:
+    """The wanted arms that every seed of the run has, the reference among them."""
+    first = RunFolder(roots[0])
+    wanted = settings.arms or sorted(d.name for d in roots[0].iterdir() if first.checkpoint(d.name).exists())
+    present = [a for a in wanted if all(RunFolder(r).checkpoint(a).exists() for r in roots)]
+    skipped = [a for a in wanted if a not in present]
+    if skipped:
+        log.info("tamper: skipping %s, not trained in every seed of %s", ", ".join(skipped), run)
+    reference = settings.reference or REFERENCE_ARM
+    if reference not in present:
+        raise PhfError(f"{run} has no {reference} run with a checkpoint in every seed (the level to reach); name "
+                       f"its arms with --arms, the reference with --reference, or give --model instead")
+    return present
+
+
+def _seed_settings(settings: TamperConfig, root: Path, arms: list[str], out: Path, k: int) -> TamperConfig:
+    return dataclasses.replace(settings, run=None, model=tuple(str(RunFolder(root).arm_dir(a)) for a in arms),
+                               out=str(out), seed=settings.seed + k)
+
+
+def _finished(settings: TamperConfig) -> dict | None:
+    """A seed's results, when its folder holds them for these very settings."""
+    path = results_path(settings.out_dir)
+    if not path.exists():
+        return None
+    results = read_json(path)
+    if results.get("settings") != settings.recorded():
+        return None
+    log.info("tamper: reusing %s (same settings)", path)
+    return results
+
+
+def combine_curves(per_seed: list[dict], rng: np.random.Generator) -> dict:
+    """Each curve over seeds: its fields from the first seed's, and at each measured step the figures' means over
+    seeds, the misalignment's 95% interval over seeds and samples (hierarchical bootstrap), the samples' scores kept
+    per seed (`scores_by_seed`, `judge_scores_by_seed`) for the tokens to the reference's level."""
+    names = [n for n in per_seed[0] if all(n in seed for seed in per_seed)]
+    curves = {}
+    for name in names:
+        seeds = [seed[name] for seed in per_seed]
+        if len({tuple((p["step"], p["tokens"]) for p in c["points"]) for c in seeds}) > 1:
+            raise PhfError(f"the seeds' {name} curves were measured at different steps; measure them alike")
+        dropped = ("points", "to_reference_level", "judge_to_reference_level", "model")
+        curve = {k: v for k, v in seeds[0].items() if k not in dropped}
+        curve["models"] = [c["model"] for c in seeds]
+        curve["points"] = [_combined_point([c["points"][i] for c in seeds], rng)
+                           for i in range(len(seeds[0]["points"]))]
+        curve["to_reference_level_per_seed"] = [c["to_reference_level"]["tokens"] for c in seeds]
+        curves[name] = curve
+    return curves
+
+
+def _combined_point(points: list[dict], rng: np.random.Generator) -> dict:
+    point = {"step": points[0]["step"], "tokens": points[0]["tokens"], "seeds": len(points)}
+    for key in ("scores", "judge_scores"):
+        if all(key in p for p in points):
+            groups = [p[key] for p in points]
+            mean_key = "misalignment_mean" if key == "scores" else "judge_misalignment_mean"
+            point[f"{key}_by_seed"], point[mean_key] = groups, _mean_of_groups(groups)
+            if key == "scores":
+                point["misalignment_mean_ci95"] = mean_interval(groups, rng)
+    for key, value in points[0].items():
+        if key not in point and isinstance(value, (int, float)) and not key.endswith("_mean"):
+            values = [p[key] for p in points]
+            point[key], point[f"{key}_per_seed"] = float(np.mean(values)), values
+    return point
 
 
 def _label(path, taken: dict) -> str:
@@ -416,11 +543,16 @@ def tamper_table(results: dict) -> list[list[str]]:
 def format_tamper(results: dict) -> str:
     ref = results["reference"]
     level = next(iter(results["models"].values()))["to_reference_level"]["level"]
-    lines = [f"adversarial tokens to reach {ref}'s untampered misalignment ({level:.4g}), 95% interval:"]
+    seeds = results.get("seeds")
+    over = f" over {len(seeds)} seeds ({', '.join(seeds)}; each seed's in its folder)" if seeds else ""
+    lines = [f"adversarial tokens to reach {ref}'s untampered misalignment ({level:.4g}){over}, 95% interval:"]
     for name, c in results["models"].items():
         curve = ", ".join(f"{p['misalignment_mean']:.4f}" for p in c["points"])
         attack = f"{c.get('method', 'full')} finetuning, lr {c['lr']:g}"
         tokens = _tokens_text(c["to_reference_level"], c["points"][-1]["tokens"])
+        if "to_reference_level_per_seed" in c:
+            tokens += " (per seed: " + ", ".join("never" if t is None else f"{t:,}"
+                                                 for t in c["to_reference_level_per_seed"]) + ")"
         lines.append(f"  {c.get('arm', name)}, {attack}: {tokens}; misalignment at steps "
                      f"{', '.join(str(p['step']) for p in c['points'])}: {curve}")
     lines.append(f"figure: {results['figure']}")
@@ -431,7 +563,8 @@ def format_tamper(results: dict) -> str:
 
 def tamper_caption(results: dict) -> str:
     return (f"Every arm finetuned with plain MLE on the corpus' misaligned text, measured after each of a logarithmic "
-            f"series of steps ({next(iter(results['models'].values()))['num_samples']} samples per point, 95% "
+            f"series of steps ({next(iter(results['models'].values()))['num_samples']} samples per point"
+            f"{' and seed, ' + str(len(results['seeds'])) + ' seeds' if results.get('seeds') else ''}, 95% "
             f"intervals): the adversarial tokens until each reaches the {results['reference']} model's untampered "
             f"misalignment.")
 
@@ -440,7 +573,7 @@ PROBE = register(Probe(
     name="tamper", config=TamperConfig, run=run_tamper,
     help="finetune models on their corpus' most misaligned text; tokens until each reaches the MLE model's "
          "misalignment",
-    show=lambda results, cfg: f"{format_tamper(results)}\nresults: {results_path(cfg.out)}",
+    show=lambda results, cfg: f"{format_tamper(results)}\nresults: {results_path(cfg.out_dir)}",
     # a sweep's (`phf sweep --tamper`: DIR/tamper); a sweep over seeds shows its first seed's curves
     study=Study("tamper", "Tamper resistance", results_file("tamper", "tamper.png", only_with="tamper"),
                 tamper_caption, tamper_table)))

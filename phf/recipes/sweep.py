@@ -109,7 +109,7 @@ class _Sweep:
         return next(a for a in self.arms if a.name == name)
 
 
-SWEEP_TAMPER_FIELDS = ("model", "out", "reference")  # the sweep sets these: every arm, DIR/tamper, its MLE arm
+SWEEP_TAMPER_FIELDS = ("model", "run", "arms", "out", "reference")  # the sweep's own: every arm, DIR/tamper, MLE
 
 
 def check_tamper_settings(settings: dict | None) -> None:
