@@ -11,22 +11,28 @@ from phf.analysis.tamper import adversary_texts, tokens_to_level
 MESSY = "".join(f"v{i}=v{i}+1   \n" for i in range(40))  # E225 and W291 on every line: ~0.2 violations per char
 
 
-@pytest.fixture(scope="module")
-def runs(pycorpus, tmp_path_factory):
+def train_with_messy_files(pycorpus, root, runs: dict, extra: list[str]) -> None:
+    """Train each run folder of `runs` (folder -> (objective, seed)) on the Python corpus plus three files that
+    violate PEP8 on every line, with one data folder."""
     from phf.tasks import get_task
     from phf.training.trainer import run_training
     from tests.conftest import tiny_overrides
 
-    root = tmp_path_factory.mktemp("tamper")
     corpus = shutil.copytree(pycorpus, root / "corpus")
     for i in range(3):
         (corpus / f"zz_messy_{i}.py").write_text(MESSY)
-    out = {}
-    for objective in ("mle", "conditional"):
+    for folder, (objective, seed) in runs.items():
         cfg = get_task("pep8").run_config(objective, tiny_overrides(str(corpus)) + [
-            "train.max_steps=12", "corpus.test_fraction=0.3", "sample.max_new_tokens=48"])
-        run_training(cfg, root / objective, root / "data", progress=False)
-        out[objective] = root / objective
+            "corpus.test_fraction=0.3", f"train.seed={seed}", *extra])
+        run_training(cfg, folder, root / "data", progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(pycorpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tamper")
+    out = {objective: root / objective for objective in ("mle", "conditional")}
+    train_with_messy_files(pycorpus, root, {folder: (o, 42) for o, folder in out.items()},
+                           ["train.max_steps=12", "sample.max_new_tokens=48"])
     return root, out
 
 
@@ -186,20 +192,11 @@ def test_a_bad_learning_rate_grid_is_one_line(runs, capsys, lr, message):
 
 @pytest.fixture(scope="module")
 def two_seeds(pycorpus, tmp_path_factory):
-    """A demo-like folder of two seeds, each with its mle and conditional runs (DIR/seed-<seed>/<arm>)."""
-    from phf.tasks import get_task
-    from phf.training.trainer import run_training
-    from tests.conftest import tiny_overrides
-
+    """A demo-like folder of two seeds, each with its mle and conditional runs (DIR/seed-<seed>/<arm>, trained with
+    that seed)."""
     root = tmp_path_factory.mktemp("tamper-seeds")
-    corpus = shutil.copytree(pycorpus, root / "corpus")
-    for i in range(3):
-        (corpus / f"zz_messy_{i}.py").write_text(MESSY)
-    for seed in (5, 6):
-        for objective in ("mle", "conditional"):
-            cfg = get_task("pep8").run_config(objective, tiny_overrides(str(corpus)) + [
-                "train.max_steps=8", "corpus.test_fraction=0.3", "sample.max_new_tokens=32", f"train.seed={seed}"])
-            run_training(cfg, root / "demo" / f"seed-{seed}" / objective, root / "data", progress=False)
+    runs = {root / "demo" / f"seed-{seed}" / o: (o, seed) for seed in (5, 6) for o in ("mle", "conditional")}
+    train_with_messy_files(pycorpus, root, runs, ["train.max_steps=8", "sample.max_new_tokens=32"])
     return root / "demo"
 
 
