@@ -197,6 +197,9 @@ def two_seeds(pycorpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("tamper-seeds")
     runs = {root / "demo" / f"seed-{seed}" / o: (o, seed) for seed in (5, 6) for o in ("mle", "conditional")}
     train_with_messy_files(pycorpus, root, runs, ["train.max_steps=8", "sample.max_new_tokens=32"])
+    arms = {o: {"misalignment_mean": 0.05, "heldout_bits_per_char": 3.0, "run_dir": f"seed-5/{o}"}
+            for o in ("mle", "conditional")}  # the figures a demo's record holds, for its report
+    (root / "demo" / "results.json").write_text(json.dumps({"task": "pep8", "objectives": arms}))
     return root / "demo"
 
 
@@ -221,6 +224,8 @@ def test_tamper_over_a_runs_seeds_combines_them_and_reuses_finished_seeds(two_se
     assert res["models"]["mle"]["to_reference_level"]["tokens"] == 0
     assert seeds[0]["settings"]["seed"] == 0 and seeds[1]["settings"]["seed"] == 1  # each seed samples its own
     assert "over 2 seeds" in printed and "(per seed: 0, 0)" in printed and (out / "tamper.png").exists()
+    page = (two_seeds / "report.html").read_text()  # the run's report shows the curves beside its arms
+    assert "report:" in printed and "Tamper resistance" in page and "2 seeds" in page
     stamps = [(out / f"seed-{s}" / "results.json").stat().st_mtime_ns for s in (5, 6)]
     main(args)  # the finished seeds are reused
     assert [(out / f"seed-{s}" / "results.json").stat().st_mtime_ns for s in (5, 6)] == stamps

@@ -569,11 +569,19 @@ def tamper_caption(results: dict) -> str:
             f"misalignment.")
 
 
+def _report_folder(cfg: TamperConfig) -> Path | None:
+    """With --run and its default --out, the run folder: its report shows the curves beside the arms."""
+    run = Path(cfg.run) if cfg.run else None
+    if run is not None and cfg.out_dir == run / "tamper" and results_path(run).exists():
+        return run
+    return None
+
+
 PROBE = register(Probe(
     name="tamper", config=TamperConfig, run=run_tamper,
     help="finetune models on their corpus' most misaligned text; tokens until each reaches the MLE model's "
          "misalignment",
     show=lambda results, cfg: f"{format_tamper(results)}\nresults: {results_path(cfg.out_dir)}",
-    # a sweep's (`phf sweep --tamper`: DIR/tamper); a sweep over seeds shows its first seed's curves
-    study=Study("tamper", "Tamper resistance", results_file("tamper", "tamper.png", only_with="tamper"),
-                tamper_caption, tamper_table)))
+    # DIR/tamper: a sweep's (`phf sweep --tamper`; over seeds, its first seed's curves) or `--run DIR`'s
+    study=Study("tamper", "Tamper resistance", results_file("tamper", "tamper.png"), tamper_caption, tamper_table),
+    report_folder=_report_folder))
