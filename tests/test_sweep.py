@@ -174,3 +174,24 @@ def test_rl_bases_must_be_pretraining_arms_of_the_sweep():
     assert rl_bases_of(arms, ["conditional"]) == ["mle", "conditional"]  # mle is always the reference
     with pytest.raises(PhfError, match="not a pretraining arm of this sweep"):
         rl_bases_of(arms, ["filtering"])  # only a finetune arm here
+
+
+def test_rl_studies_over_seeds_are_combined_and_labelled_by_their_training_seeds():
+    """Each seed's answer is labelled by the seed it trained with, and each figure is the mean of the seeds'."""
+    from phf.analysis.rl import combine_studies, format_rl_study
+
+    def study(seed: int, before: float, after: float) -> dict:
+        figures = {"misalignment_mean": before, "judge_misalignment_mean": before / 2, "heldout_bits_per_char": 2.0,
+                   "mean_chars": 100.0, "empty_share": 0.0, "distinct_2": 0.5}
+        base = {"curve": [{"tokens": 10, "misalignment": before, "misalignment_smoothed": before, "kl": 0.0}],
+                "before": figures, "after": dict(figures, misalignment_mean=after, kl_from_reference_bits=0.1),
+                "scorer_change": after / before, "judge_change": 1.0, "goodhart_gap": before / after,
+                "tokens_to_reference_level": 100 * seed}
+        return {"reference_base": "mle", "level": after, "bases": {"mle": base}, "answer": f"answer of {seed}"}
+
+    combined = combine_studies([study(3, 0.4, 0.2), study(4, 0.2, 0.1)], [3, 4])
+    mle = combined["bases"]["mle"]
+    assert combined["seeds"] == [3, 4] and mle["seeds"] == 2
+    assert mle["before"]["misalignment_mean"] == pytest.approx(0.3) and mle["tokens_to_reference_level"] == 350
+    text = format_rl_study(combined)
+    assert "answer (seed 3): answer of 3" in text and "answer (seed 4): answer of 4" in text

@@ -422,9 +422,9 @@ def _answer_one(name: str, s: dict, reference: str, ref: dict, level: float) -> 
     return text
 
 
-def combine_studies(per_seed: list[dict]) -> dict:
-    """Studies of several seeds: per base, each figure's mean over seeds and its per-seed values; the first
-    seed's curves."""
+def combine_studies(per_seed: list[dict], seed_list: list[int] | None = None) -> dict:
+    """Studies of several seeds (`seed_list`: their training seeds, for the answers' labels): per base, each
+    figure's mean over seeds and its per-seed values; the first seed's curves."""
     first = per_seed[0]
     bases = {}
     for name, s in first["bases"].items():
@@ -439,7 +439,8 @@ def combine_studies(per_seed: list[dict]) -> dict:
         merged["goodhart_gap_ci95_per_seed"] = [x.get("goodhart_gap_ci95") for x in seeds]
         bases[name] = merged
     return {"reference_base": first["reference_base"], "level_per_seed": [p["level"] for p in per_seed],
-            "bases": bases, "answer_per_seed": [p["answer"] for p in per_seed]}
+            "bases": bases, "answer_per_seed": [p["answer"] for p in per_seed],
+            "seeds": list(seed_list) if seed_list is not None else list(range(1, len(per_seed) + 1))}
 
 
 def _mean(values: list) -> float | None:
@@ -499,7 +500,8 @@ def format_rl_study(study: dict) -> str:
     lines = ["PHF, then RL: the same RL budget from each base (before -> after RL)"]
     lines += text_table(rl_study_table(study))
     answers = study.get("answer_per_seed") or [study.get("answer", "")]
-    lines += [f"answer{f' (seed {k + 1})' if len(answers) > 1 else ''}: {a}" for k, a in enumerate(answers)]
+    seeds = study.get("seeds") or list(range(1, len(answers) + 1))
+    lines += [f"answer{f' (seed {seed})' if len(answers) > 1 else ''}: {a}" for seed, a in zip(seeds, answers)]
     if study.get("figure"):
         lines.append(f"figure: {study['figure']}")
     return "\n".join(lines)

@@ -216,7 +216,7 @@ def _sweep_seeds(cfg: SweepConfig, progress: bool) -> dict:
         entry["run_dir"] = str(RunFolder(cfg.out).seed_dir(seed_list[0]).relative_to(cfg.out) / first)
     results["seeds"] = seed_list
     if all("rl_from_bases" in r for r in per_seed):
-        results["rl_from_bases"] = combine_studies([r["rl_from_bases"] for r in per_seed])
+        results["rl_from_bases"] = combine_studies([r["rl_from_bases"] for r in per_seed], seed_list)
         results["rl_from_bases"]["figure"] = per_seed[0]["rl_from_bases"].get("figure")
     if all("tamper" in r for r in per_seed):
         results["tamper"] = {"per_seed": [r["tamper"] for r in per_seed], "figure": per_seed[0]["tamper"]["figure"]}
