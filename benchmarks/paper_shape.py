@@ -18,6 +18,7 @@ import torch
 
 from phf.core.config import RunConfig, load_config
 from phf.core.io import write_json
+from phf.core.runtime import cpu_has_native_bf16
 from phf.core.tokens import CONTROL_TOKENS, EOS
 from phf.tasks import get_task
 
@@ -121,10 +122,14 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
-def peak_bf16_tflops(device: torch.device, quick: bool) -> float:
-    """The device's bf16 matmul peak, measured now: the best of a few large square matmuls."""
+def peak_matmul(device: torch.device, quick: bool) -> tuple[float, str]:
+    """The device's matmul peak (TFLOP/s) measured now, the best of a few large square matmuls, and the precision
+    it was measured in: bf16 on a GPU and on a CPU that has bf16 in hardware; fp32 on a CPU without it, which
+    converts bf16 products in software (~1 GFLOP/s against fp32's ~80 on a 2-core AVX2 machine), so that an MFU
+    against its bf16 "peak" would exceed 1."""
+    dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     n = 1024 if quick or device.type == "cpu" else 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for i in range(4 if quick else 12):
         sync(device)
@@ -134,7 +139,7 @@ def peak_bf16_tflops(device: torch.device, quick: bool) -> float:
         sync(device)
         if i:  # the first is a warm-up
             best = min(best, (time.perf_counter() - t) / (1 if device.type == "cpu" else 10))
-    return 2 * n**3 / best / 1e12
+    return 2 * n**3 / best / 1e12, "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def train_flops_per_token(model, context: int) -> float:

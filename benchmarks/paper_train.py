@@ -30,7 +30,7 @@ import torch
 from benchmarks.paper_shape import (
     Shape,
     measure,
-    peak_bf16_tflops,
+    peak_matmul,
     ratios,
     save_partial,
     selected,
@@ -59,12 +59,13 @@ def run(device: str, quick: bool, skip: str = "", out: Path | None = None, figur
     section = {"shape": describe(s), "note": NOTE, "contenders": {}}
     figures = figures if figures is not None else {}
     figures["train"] = section
-    section["peak_bf16_tflops"] = round(peak_bf16_tflops(dev, quick), 3)
+    peak, section["peak_dtype"] = peak_matmul(dev, quick)
+    section["peak_tflops"] = round(peak, 3)
     for name in selected(ORDER, skip):
         result = measure(name, lambda: CONTENDERS[name](s, dev), dev)
         if result.get("tokens_per_s") and result.get("flops_per_token"):
             achieved = result["tokens_per_s"] * result["flops_per_token"]
-            result["mfu"] = round(achieved / (section["peak_bf16_tflops"] * 1e12), 4)
+            result["mfu"] = round(achieved / (section["peak_tflops"] * 1e12), 4)
         section["contenders"][name] = result
         section["ratios"] = ratios(section["contenders"], PHF, REFERENCES)
         section["sync_check"] = {k: v["sync_check"] for k, v in section["contenders"].items() if "sync_check" in v}
