@@ -46,6 +46,9 @@ def test_a_killed_demo_keeps_its_finished_seeds_and_a_rerun_trains_only_what_is_
                               "== seed-43/mle: reusing its finished run (same config)"]
     assert digest(first_mle) == before and results["seeds"] == [42, 43]
     assert len(results["objectives"]["conditional"]["per_seed"]["misalignment_mean"]) == 2
+    # the table's wall time is this rerun's, and it says that three of the four arms were timed by the first run
+    assert (results["reused_arms"], results["arms_total"]) == (3, 4)
+    assert "reusing 3 of 4 arms finished earlier" in demo.format_table(results)
 
     # the same folder with another config trains again instead of reusing
     caplog.clear()
