@@ -49,6 +49,11 @@ def test_a_killed_demo_keeps_its_finished_seeds_and_a_rerun_trains_only_what_is_
     # the table's wall time is this rerun's, and it says that three of the four arms were timed by the first run
     assert (results["reused_arms"], results["arms_total"]) == (3, 4)
     assert "reusing 3 of 4 arms finished earlier" in demo.format_table(results)
+    # held-out bits/char on the aligned segments alone, combined over the seeds like the whole documents' figure
+    conditional = results["objectives"]["conditional"]
+    assert 0 < conditional["heldout_aligned_char_share"] < 1 and conditional["heldout_aligned_ratio_to_mle"] > 0
+    assert len(conditional["heldout_aligned_ratio_ci95"]) == 2
+    assert "on aligned segments alone" in demo.format_table(results)
 
     # the same folder with another config trains again instead of reusing
     caplog.clear()

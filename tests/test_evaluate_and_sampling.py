@@ -86,6 +86,62 @@ class Doc:
         self.text = text
 
 
+class ScoredDoc(Doc):
+    """A document as a scored corpus records it: its line segments and a score per segment."""
+
+    def __init__(self, text, score_of):
+        super().__init__(text)
+        spans = line_spans(text)
+        self.starts, self.ends = [a for a, _ in spans], [b for _, b in spans]
+        self.scores = [score_of(text[a:b]) for a, b in spans]
+
+
+def reference_bits_of_lines(model, tok: Tokenizer, texts, line_prefix, keep):
+    """Independent reference for the aligned segments alone: the documents packed and read in one forward, as in
+    `reference_bits`; -log2 p summed over the text tokens of the lines `keep` accepts, over their characters."""
+    special = {tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids, counted, chars = [], [], 0
+    for text in texts:
+        lines = [text[a:b] for a, b in line_spans(text)]
+        starts = list(itertools.accumulate([len(line_prefix or "") + len(line) for line in lines[:-1]], initial=0))
+        enc = tok.encode("".join((line_prefix or "") + line for line in lines), add_special_tokens=False)
+        ids.append(tok.token_to_id(EOS))
+        counted.append(False)
+        for token, (a, _) in zip(enc.ids, enc.offsets):
+            ids.append(token)
+            counted.append(keep(lines[sum(1 for s in starts if s <= a) - 1]))
+        chars += sum(len(line) for line in lines if keep(line))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    bits = -sum(logp[pos - 1, ids[pos]].item() for pos in range(1, len(ids))
+                if counted[pos] and ids[pos] not in special) / math.log(2)
+    return bits / chars
+
+
+@pytest.mark.parametrize("prefix", [None, ALIGNED])
+def test_heldout_on_aligned_segments_alone_reads_them_in_their_documents_context(tiny, prefix):
+    """With the task's threshold, held-out bits/char is also given for the segments scoring at most it (the clean
+    text), each read after the whole document before it, flagged lines included: the cost an objective that never
+    learned the flagged text pays on the rest."""
+    tok, model = tiny
+    texts = ["import os\nx = os.sep\n", "def f(x):\n    return x + 1\nimport sys\nprint(sys.argv)\n"]
+    flagged = {"import os\n", "import sys\n"}
+    docs = [ScoredDoc(t, lambda line: 1.0 if line in flagged else 0.0) for t in texts]
+    dep = Deployment([], [], prefix)
+    got = heldout_bits_per_char(model, tok, docs, dep, line_spans, misaligned_above=0.5, bf16=False, progress=False)
+    expected = reference_bits_of_lines(model, tok, texts, prefix, lambda line: line not in flagged)
+    assert got["heldout_aligned_bits_per_char"] == pytest.approx(expected, rel=1e-4)
+    assert got["heldout_aligned_char_share"] == pytest.approx(1 - sum(map(len, flagged)) / sum(map(len, texts)))
+    assert got["heldout_bits_per_char"] == pytest.approx(reference_bits(model, tok, texts, prefix), rel=1e-4)
+    # every segment below the threshold: the aligned figure is the whole documents'
+    every = heldout_bits_per_char(model, tok, docs, dep, line_spans, misaligned_above=2.0, bf16=False, progress=False)
+    assert every["heldout_aligned_bits_per_char"] == pytest.approx(every["heldout_bits_per_char"], rel=1e-6)
+    # documents without recorded scores have no aligned part to measure
+    plain = heldout_bits_per_char(model, tok, [Doc(t) for t in texts], dep, line_spans, misaligned_above=0.5,
+                                  bf16=False, progress=False)
+    assert "heldout_aligned_bits_per_char" not in plain
+
+
 @pytest.mark.parametrize("prefix", [None, ALIGNED])
 def test_heldout_bits_per_char_counts_text_tokens_only(tiny, prefix):
     tok, model = tiny

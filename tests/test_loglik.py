@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from phf.core.tokens import CONTROL_TOKENS, EOS, SPECIAL_TOKENS
-from phf.evaluation.loglik import sliding_windows, sum_cross_entropy, sum_logprobs, token_logprobs, windows_at
+from phf.evaluation.loglik import (sliding_windows, sum_cross_entropy, sum_logprobs, sum_logprobs_within,
+                                  token_logprobs, windows_at)
 from phf.model.conditioning import control_types, set_markers, type_inputs
 from tests.helpers import tiny_untrained_model
 
@@ -95,6 +96,22 @@ def test_batched_sliding_windows_equal_direct_forwards_of_each_window(model_and_
     total, count = sum_logprobs(model, [ids, other], windows, given=given, batch_size=batch_size)
     assert count == sum(int(s.sum()) for _, s in got)
     assert total == pytest.approx(sum(float(lp[s].sum()) for lp, s in got), rel=1e-5)
+
+
+def test_a_part_of_the_targets_is_summed_in_the_same_forwards_as_the_whole(model_and_ids):
+    """sum_logprobs_within: the whole equals sum_logprobs, the part equals the per-target log-probabilities summed
+    over the scored targets inside the mask, for streams longer than a context read in batches of windows."""
+    tok, model, ids, _ = model_and_ids
+    streams = [ids, ids[::-1].copy()]
+    windows = sliding_windows([len(s) for s in streams], BLOCK)
+    rng = np.random.default_rng(0)
+    within = [rng.random(len(s) - 1) < 0.3 for s in streams]
+    given = [tok.token_to_id(t) for t in (EOS, *CONTROL_TOKENS)]
+    whole, count, part, inside = sum_logprobs_within(model, streams, windows, within, given=given, batch_size=3)
+    assert (whole, count) == pytest.approx(sum_logprobs(model, streams, windows, given=given, batch_size=3))
+    per_target = token_logprobs(model, streams, windows, given=given, batch_size=3)
+    assert inside == sum(int((s & w).sum()) for (_, s), w in zip(per_target, within)) > 0
+    assert part == pytest.approx(sum(float(lp[s & w].sum()) for (lp, s), w in zip(per_target, within)), rel=1e-5)
 
 
 def test_fixed_windows_cross_entropy_counts_every_target(model_and_ids):

@@ -37,7 +37,7 @@ from phf.data.scoring import score_texts_pooled
 from phf.data.segments import get_segmenter
 from phf.data.token_stream import annotate_for_deployment, encode_annotated
 from phf.data.tokenizer import of_transformers
-from phf.evaluation.loglik import sliding_windows, sum_logprobs
+from phf.evaluation.loglik import sliding_windows, sum_logprobs_within
 from phf.evaluation.sampling import Deployment, Sample, generate
 from phf.evaluation.strength import conditioning_strength
 from phf.model.decoding import context_length
@@ -237,7 +237,7 @@ def diversity_metrics(texts: Sequence[str]) -> dict:
 
 @torch.no_grad()
 def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, segmenter, max_chars: int = 0,
-                          guidance: float = 0.0, **reading) -> dict:
+                          guidance: float = 0.0, misaligned_above: float | None = None, **reading) -> dict:
     """Bits per character of held-out documents under the deployed model (with `guidance` g > 0: under the
     normalised guided distribution, phf.evaluation.loglik).
 
@@ -245,34 +245,51 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     the documents are concatenated. Windows of the context length slide by half a context, so every scored
     token has at least half a context of history. Only text tokens are scored: control tokens and
     <|endoftext|> are given to the model, not predicted (phf.evaluation.loglik, with an all-ones attention mask).
+
+    With `misaligned_above` and documents of a scored corpus, the same pass also gives the bits per character of
+    the aligned segments alone (scoring at most `misaligned_above`), read in their documents' full context: the
+    capability cost on clean text of an objective that never learned the flagged segments (masking), which the
+    whole-document figure mixes with not knowing the flagged text itself.
     `reading`: `WindowReading`'s batch_size (default as many windows as the model's device holds), progress and
     bf16 (autocast), both on by default here."""
-    annotated, chars = _annotate_heldout(docs, deployment, segmenter, max_chars)
-    ids = [t for t, _ in encode_annotated(tok, annotated)]
-    if not ids:
+    annotated, chars, segments = _annotate_heldout(docs, deployment, segmenter, max_chars)
+    encoded = list(encode_annotated(tok, annotated))
+    if not encoded:
         return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
-    stream = np.concatenate(ids).astype(np.int64)  # one stream: a document's windows read the one before it too
+    stream = np.concatenate([t for t, _ in encoded]).astype(np.int64)  # a document's windows read the one before
+    # each target's segment score: aligned targets are those of segments scoring at most `misaligned_above`
+    targets_aligned = np.concatenate([s for _, s in encoded])[1:] <= (math.nan if misaligned_above is None
+                                                                     else misaligned_above)  # NaN: never aligned
     reading = {"progress": True, "bf16": True, **reading}
-    logp, scored_tokens = sum_logprobs(model, [stream], sliding_windows([len(stream)], context_length(model)),
-                                       given=tok.special_ids(), pad_id=tok.eos_id, desc="held-out bits/char",
-                                       guidance=guidance, negative=deployment.negative(tok.token_to_id, guidance),
-                                       **reading)
-    return {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
-            "heldout_tokens": scored_tokens}
+    logp, scored_tokens, aligned_logp, _ = sum_logprobs_within(
+        model, [stream], sliding_windows([len(stream)], context_length(model)), [targets_aligned],
+        given=tok.special_ids(), pad_id=tok.eos_id, desc="held-out bits/char", guidance=guidance,
+        negative=deployment.negative(tok.token_to_id, guidance), **reading)
+    out = {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
+           "heldout_tokens": scored_tokens}
+    aligned_chars = sum(n for n, score in segments if score <= misaligned_above) if misaligned_above is not None else 0
+    if aligned_chars:
+        out.update(heldout_aligned_bits_per_char=-aligned_logp / math.log(2) / aligned_chars,
+                   heldout_aligned_char_share=aligned_chars / max(sum(n for n, _ in segments), 1))
+    return out
 
 
-def _annotate_heldout(docs: Iterable, deployment: Deployment, segmenter, max_chars: int) -> tuple[list, int]:
-    """The documents annotated as the model is deployed, until `max_chars` characters are taken (0: all; the
-    document that crosses the limit is kept whole), and their characters."""
-    annotated, chars = [], 0
+def _annotate_heldout(docs: Iterable, deployment: Deployment, segmenter, max_chars: int) -> tuple[list, int, list]:
+    """The documents annotated as the model is deployed (`max_chars` characters taken, 0: all; the document that
+    crosses the limit is kept whole), their characters, and each segment's (characters, score): the score a scored
+    corpus recorded for that span, NaN where there is none."""
+    annotated, chars, segments = [], 0, []
     for doc in docs:
         text = doc.text
         if max_chars and chars >= max_chars:
             break
         spans = segmenter(text)
-        annotated.append(annotate_for_deployment([text[a:b] for a, b in spans], [0.0] * len(spans), deployment))
+        recorded = dict(zip(zip(getattr(doc, "starts", ()), getattr(doc, "ends", ())), getattr(doc, "scores", ())))
+        scores = [recorded.get((a, b), math.nan) for a, b in spans]
+        annotated.append(annotate_for_deployment([text[a:b] for a, b in spans], scores, deployment))
+        segments += [(b - a, sc) for (a, b), sc in zip(spans, scores)]
         chars += len(text)
-    return annotated, chars
+    return annotated, chars, segments
 
 
 def sample_records(samples: list[Sample], scores: list[float], judge_scores: list[float] | None = None) -> list[dict]:
@@ -353,7 +370,8 @@ class CheckpointEvaluation:
     def heldout(self, deployment: Deployment) -> dict:
         """Held-out bits/char of the test documents under `deployment`."""
         return heldout_bits_per_char(self.model, of_transformers(self.hf_tok), self.scored.documents("test"),
-                                     deployment, self.segmenter, self.cfg.eval.heldout_chars, progress=self.progress,
+                                     deployment, self.segmenter, self.cfg.eval.heldout_chars,
+                                     misaligned_above=self.task.misaligned_above, progress=self.progress,
                                      bf16=self.bf16)
 
     def sample_and_score(self, prompts: list[str], sample_cfg, deployment: Deployment, scenario: str,

@@ -77,14 +77,26 @@ class WindowBatch:
         """log p(target) (B, T), float32, on the CPU."""
         return torch.log_softmax(self.logits, -1).gather(-1, self.targets[..., None]).squeeze(-1).cpu()
 
-    def scored_logprob_sum(self) -> torch.Tensor:
+    def scored_logprob_sum(self, within: torch.Tensor | None = None) -> torch.Tensor:
         """The summed log p(target) (nats) of the scored targets, a float32 0-d tensor on the model's device. On
         the CPU the exact reduction `token_logprobs()[scored].sum()`; on a GPU a masked sum, which needs no
-        host round trip (boolean indexing would wait for the device to count the selected elements)."""
+        host round trip (boolean indexing would wait for the device to count the selected elements). With
+        `within` ((B, T) bool, on the CPU): two sums from one log-softmax, all scored targets and those within."""
         lp = torch.log_softmax(self.logits, -1).gather(-1, self.targets[..., None]).squeeze(-1)
+        masks = [self.scored] if within is None else [self.scored, self.scored & within]
         if lp.device.type == "cpu":
-            return lp[self.scored].sum()
-        return torch.where(self.scored.to(lp.device, non_blocking=True), lp, 0.0).sum()
+            sums = [lp[m].sum() for m in masks]
+        else:
+            sums = [torch.where(m.to(lp.device, non_blocking=True), lp, 0.0).sum() for m in masks]
+        return sums[0] if within is None else torch.stack(sums)
+
+    def window_mask(self, per_stream: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, T) bool on the CPU: each window's slice of its stream's per-target mask (n-1 values per stream)."""
+        out = np.zeros(tuple(self.scored.shape), dtype=bool)
+        for j, w in enumerate(self.windows):
+            part = per_stream[w.stream][w.start:w.start + out.shape[1]]
+            out[j, :len(part)] = part
+        return torch.from_numpy(out)
 
     def cross_entropy_sum(self) -> torch.Tensor:
         """The summed cross-entropy (nats) of the scored targets, a 0-d tensor on the model's device."""
@@ -210,6 +222,24 @@ def sum_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window]
         total = part if total is None else total + part
         count += int(batch.scored.sum())
     return (float(total) if total is not None else 0.0), count
+
+
+def sum_logprobs_within(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
+                        within: Sequence[np.ndarray], types: Sequence[np.ndarray] | None = None,
+                        **reading) -> tuple[float, int, float, int]:
+    """`sum_logprobs`, and the same sum and count over the scored targets inside `within` (per stream of n tokens,
+    n-1 bools, one per target): a part of the text measured in the same forwards as the whole."""
+    total, count, inside = None, 0, 0
+    for batch in window_batches(model, streams, windows, WindowReading(**reading), types):
+        mask = batch.window_mask(within)
+        part = batch.scored_logprob_sum(mask).double()
+        total = part if total is None else total + part
+        count += int(batch.scored.sum())
+        inside += int((batch.scored & mask).sum())
+    if total is None:
+        return 0.0, 0, 0.0, 0
+    whole, part = total.tolist()
+    return whole, count, part, inside
 
 
 def sum_cross_entropy(model, streams: Sequence[np.ndarray], windows: Sequence[Window],

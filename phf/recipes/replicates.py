@@ -179,6 +179,11 @@ def _heldout_fields(entries: list[dict], reference: list[dict] | None, rng: np.r
         mean, ref_mean = np.nanmean(values), np.nanmean(ref)
         out["heldout_ratio_to_mle"] = float(mean / ref_mean) if ref_mean else math.nan
         out["heldout_ratio_ci95"] = seed_ratio_interval(values, ref, rng)
+        aligned = [e.get("heldout_aligned_bits_per_char") for e in entries]
+        ref_aligned = [e.get("heldout_aligned_bits_per_char") for e in reference]
+        if all(isinstance(v, float) for v in aligned + ref_aligned):  # runs evaluated before the split have none
+            out["heldout_aligned_ratio_to_mle"] = float(np.mean(aligned) / np.mean(ref_aligned))
+            out["heldout_aligned_ratio_ci95"] = seed_ratio_interval(aligned, ref_aligned, rng)
     return out
 
 
