@@ -9,7 +9,7 @@ import torch
 
 from phf.core.tokens import CONTROL_TOKENS, EOS, SPECIAL_TOKENS
 from phf.evaluation.loglik import (sliding_windows, sum_cross_entropy, sum_logprobs, sum_logprobs_within,
-                                  token_logprobs, windows_at)
+                                   token_logprobs, windows_at)
 from phf.model.conditioning import control_types, set_markers, type_inputs
 from tests.helpers import tiny_untrained_model
 

@@ -257,9 +257,9 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     if not encoded:
         return {"heldout_bits_per_char": math.nan, "heldout_chars": 0, "heldout_tokens": 0}
     stream = np.concatenate([t for t, _ in encoded]).astype(np.int64)  # a document's windows read the one before
-    # each target's segment score: aligned targets are those of segments scoring at most `misaligned_above`
-    targets_aligned = np.concatenate([s for _, s in encoded])[1:] <= (math.nan if misaligned_above is None
-                                                                     else misaligned_above)  # NaN: never aligned
+    # aligned targets: those of segments scoring at most `misaligned_above` (a NaN score or threshold: none)
+    threshold = math.nan if misaligned_above is None else misaligned_above
+    targets_aligned = np.concatenate([s for _, s in encoded])[1:] <= threshold
     reading = {"progress": True, "bf16": True, **reading}
     logp, scored_tokens, aligned_logp, _ = sum_logprobs_within(
         model, [stream], sliding_windows([len(stream)], context_length(model)), [targets_aligned],
