@@ -237,9 +237,9 @@ def diversity_metrics(texts: Sequence[str]) -> dict:
 
 @torch.no_grad()
 def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, segmenter, max_chars: int = 0,
-                          guidance: float = 0.0, misaligned_above: float | None = None, **reading) -> dict:
-    """Bits per character of held-out documents under the deployed model (with `guidance` g > 0: under the
-    normalised guided distribution, phf.evaluation.loglik).
+                          misaligned_above: float | None = None, **reading) -> dict:
+    """Bits per character of held-out documents under the deployed model (with `guidance=g` > 0 among `reading`:
+    under the normalised guided distribution, phf.evaluation.loglik).
 
     Each document is annotated as the model is deployed (`line_prefix` before every segment), tokenized, and
     the documents are concatenated. Windows of the context length slide by half a context, so every scored
@@ -250,8 +250,8 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     the aligned segments alone (scoring at most `misaligned_above`), read in their documents' full context: the
     capability cost on clean text of an objective that never learned the flagged segments (masking), which the
     whole-document figure mixes with not knowing the flagged text itself.
-    `reading`: `WindowReading`'s batch_size (default as many windows as the model's device holds), progress and
-    bf16 (autocast), both on by default here."""
+    `reading`: `WindowReading`'s batch_size (default as many windows as the model's device holds), guidance,
+    progress and bf16 (autocast), the last two on by default here."""
     annotated, chars, segments = _annotate_heldout(docs, deployment, segmenter, max_chars)
     encoded = list(encode_annotated(tok, annotated))
     if not encoded:
@@ -263,8 +263,8 @@ def heldout_bits_per_char(model, tok, docs: Iterable, deployment: Deployment, se
     reading = {"progress": True, "bf16": True, **reading}
     logp, scored_tokens, aligned_logp, _ = sum_logprobs_within(
         model, [stream], sliding_windows([len(stream)], context_length(model)), [targets_aligned],
-        given=tok.special_ids(), pad_id=tok.eos_id, desc="held-out bits/char", guidance=guidance,
-        negative=deployment.negative(tok.token_to_id, guidance), **reading)
+        given=tok.special_ids(), pad_id=tok.eos_id, desc="held-out bits/char",
+        negative=deployment.negative(tok.token_to_id, reading.get("guidance", 0.0)), **reading)
     out = {"heldout_bits_per_char": -logp / math.log(2) / chars, "heldout_chars": chars,
            "heldout_tokens": scored_tokens}
     aligned_chars = sum(n for n, score in segments if score <= misaligned_above) if misaligned_above is not None else 0
