@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from phf.analysis.tamper import adversary_texts, tokens_to_level
+from phf.analysis.tamper import adversary_texts, combine_curves, tokens_to_level
 
 MESSY = "".join(f"v{i}=v{i}+1   \n" for i in range(40))  # E225 and W291 on every line: ~0.2 violations per char
 
@@ -65,6 +65,7 @@ def test_tamper_moves_misalignment_upward_and_measures_tokens_to_the_mle_level(r
         assert after["tokens"] == 40 * c["batch_size"] * c["block"]
         assert after["misalignment_mean"] > before["misalignment_mean"], name  # the adversary's style took
         assert "judge_misalignment_mean" in after and np.isfinite(after["heldout_bits_per_char"])
+        assert 0 < after["heldout_aligned_char_share"] < 1 and np.isfinite(after["heldout_aligned_bits_per_char"])
         assert "to_reference_level" in c
     assert res["models"]["mle"]["to_reference_level"]["tokens"] == 0  # the reference starts at its own level
     assert "adversarial tokens to reach mle's untampered misalignment" in printed
@@ -218,8 +219,8 @@ def test_tamper_over_a_runs_seeds_combines_them_and_reuses_finished_seeds(two_se
         for i, point in enumerate(c["points"]):
             means = [s["models"][name]["points"][i]["misalignment_mean"] for s in seeds]
             assert point["misalignment_mean"] == pytest.approx(np.mean(means))
-            assert point["heldout_bits_per_char_per_seed"] == [
-                s["models"][name]["points"][i]["heldout_bits_per_char"] for s in seeds]
+            for key in ("heldout_bits_per_char", "heldout_aligned_bits_per_char"):
+                assert point[f"{key}_per_seed"] == [s["models"][name]["points"][i][key] for s in seeds]
         assert c["to_reference_level_per_seed"] == [s["models"][name]["to_reference_level"]["tokens"] for s in seeds]
     assert res["models"]["mle"]["to_reference_level"]["tokens"] == 0
     assert seeds[0]["settings"]["seed"] == 0 and seeds[1]["settings"]["seed"] == 1  # each seed samples its own
@@ -244,3 +245,20 @@ def test_a_run_without_the_reference_or_with_models_too_is_one_line(two_seeds, c
         main(["-q", "probe", "tamper", "--run", str(two_seeds), "--steps", "0", *extra])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_seed_measured_before_a_figure_existed_combines_without_it():
+    """A finished seed is reused as it was recorded: a figure later seeds measure (held-out bits/char on the
+    aligned segments) is left out of the combined points rather than failing the combination."""
+    def curve(aligned: bool) -> dict:
+        point = {"step": 0, "tokens": 0, "scores": [0.1, 0.2], "heldout_bits_per_char": 2.0}
+        if aligned:
+            point["heldout_aligned_bits_per_char"] = 1.9
+        return {"mle": {"arm": "mle", "model": "m", "points": [point], "to_reference_level": {"tokens": 0}}}
+
+    for seeds in ([curve(True), curve(False)], [curve(False), curve(True)]):
+        [point] = combine_curves(seeds, np.random.default_rng(0))["mle"]["points"]
+        assert point["heldout_bits_per_char_per_seed"] == [2.0, 2.0]
+        assert "heldout_aligned_bits_per_char" not in point
+    [point] = combine_curves([curve(True), curve(True)], np.random.default_rng(0))["mle"]["points"]
+    assert point["heldout_aligned_bits_per_char_per_seed"] == [1.9, 1.9]

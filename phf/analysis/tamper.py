@@ -289,6 +289,8 @@ class _Measure:
         self.m, self.cfg, self.scored, self.scorer, self.judge, self.scfg = m, cfg, scored, scorer, judge, scfg
         self.heldout_chars, self.progress = heldout_chars, progress
         self.segmenter = get_segmenter(scorer.segmenter)
+        # held-out bits/char on the aligned segments too: does an attack restore the flagged text or damage the rest
+        self.misaligned_above = task_for(cfg).misaligned_above
 
     def __call__(self, step: int, tokens: int) -> dict:
         with adapters_merged(self.m.model):
@@ -307,7 +309,8 @@ class _Measure:
             judged = score_samples(samples, self.judge)
             point.update(judge_scores=judged, judge_misalignment_mean=float(np.nanmean(judged)))
         point.update(heldout_bits_per_char(m.model, m.backend, self.scored.documents("test"), m.deployment,
-                                           self.segmenter, self.heldout_chars, progress=False, bf16=False))
+                                           self.segmenter, self.heldout_chars, self.misaligned_above,
+                                           progress=False, bf16=False))
         return point
 
 
@@ -471,7 +474,8 @@ def _combined_point(points: list[dict], rng: np.random.Generator) -> dict:
             if key == "scores":
                 point["misalignment_mean_ci95"] = mean_interval(groups, rng)
     for key, value in points[0].items():
-        if key not in point and isinstance(value, (int, float)) and not key.endswith("_mean"):
+        if key not in point and isinstance(value, (int, float)) and not key.endswith("_mean") and \
+                all(key in p for p in points):  # a seed measured before a figure existed has none
             values = [p[key] for p in points]
             point[key], point[f"{key}_per_seed"] = float(np.mean(values)), values
     return point
