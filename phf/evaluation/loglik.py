@@ -216,30 +216,27 @@ def sum_logprobs(model, streams: Sequence[np.ndarray], windows: Sequence[Window]
     """The summed log-probability (nats) of all scored targets, and their count (held-out bits per character).
     Each batch is summed in float32 (`scored_logprob_sum`), the batches in float64 on the model's device: the
     host reads the total once, at the end, so a GPU is never made to wait between batches."""
-    total, count = None, 0
-    for batch in window_batches(model, streams, windows, WindowReading(**reading), types):
-        part = batch.scored_logprob_sum().double()
-        total = part if total is None else total + part
-        count += int(batch.scored.sum())
-    return (float(total) if total is not None else 0.0), count
+    total, count, _, _ = sum_logprobs_within(model, streams, windows, None, types, **reading)
+    return total, count
 
 
 def sum_logprobs_within(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
-                        within: Sequence[np.ndarray], types: Sequence[np.ndarray] | None = None,
+                        within: Sequence[np.ndarray] | None, types: Sequence[np.ndarray] | None = None,
                         **reading) -> tuple[float, int, float, int]:
     """`sum_logprobs`, and the same sum and count over the scored targets inside `within` (per stream of n tokens,
-    n-1 bools, one per target): a part of the text measured in the same forwards as the whole."""
+    n-1 bools, one per target; None: no part, 0 and 0): a part of the text measured in the same forwards as the
+    whole."""
     total, count, inside = None, 0, 0
     for batch in window_batches(model, streams, windows, WindowReading(**reading), types):
-        mask = batch.window_mask(within)
-        part = batch.scored_logprob_sum(mask).double()
-        total = part if total is None else total + part
+        mask = batch.window_mask(within) if within is not None else None
+        sums = batch.scored_logprob_sum(mask).double()  # the whole's sum, and the part's after it when asked
+        total = sums if total is None else total + sums
         count += int(batch.scored.sum())
-        inside += int((batch.scored & mask).sum())
+        inside += int((batch.scored & mask).sum()) if mask is not None else 0
     if total is None:
         return 0.0, 0, 0.0, 0
-    whole, part = total.tolist()
-    return whole, count, part, inside
+    whole, *part = total.reshape(-1).tolist()
+    return whole, count, (part[0] if part else 0.0), inside
 
 
 def sum_cross_entropy(model, streams: Sequence[np.ndarray], windows: Sequence[Window],
