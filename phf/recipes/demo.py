@@ -242,7 +242,7 @@ def _heldout_ratio(r: dict, mle: dict) -> tuple[float | None, list[float] | None
 
 
 def _aligned_heldout_text(r: dict, mle: dict) -> str:
-    """`, +0.6% [...] on aligned segments alone`: the held-out cost on clean text, which the whole documents' figure
+    """` (+0.6% [...] on aligned segments alone)`: the held-out cost on clean text, which the whole documents' figure
     mixes with not knowing the flagged segments (what masking and filtering are for); empty for runs without it."""
     if "heldout_aligned_ratio_to_mle" in r:
         ratio, ci = r["heldout_aligned_ratio_to_mle"], r.get("heldout_aligned_ratio_ci95")
