@@ -235,22 +235,22 @@ def _ratio(r: dict, mle: dict) -> tuple[float | None, list[float] | None]:
     return r["misalignment_mean"] / mle["misalignment_mean"], None
 
 
-def _heldout_ratio(r: dict, mle: dict) -> tuple[float | None, list[float] | None]:
-    if "heldout_ratio_to_mle" in r:
-        return r["heldout_ratio_to_mle"], r.get("heldout_ratio_ci95")
-    return r["heldout_bits_per_char"] / mle["heldout_bits_per_char"], None
+def _heldout_ratio(r: dict, mle: dict, part: str = "") -> tuple[float | None, list[float] | None]:
+    """An arm's held-out bits/char over MLE's and its interval over seeds (computed here, without one, for results
+    that lack them); `part` "_aligned": the aligned segments' alone. None where either run has no such figure."""
+    if f"heldout{part}_ratio_to_mle" in r:
+        return r[f"heldout{part}_ratio_to_mle"], r.get(f"heldout{part}_ratio_ci95")
+    value, reference = r.get(f"heldout{part}_bits_per_char"), mle.get(f"heldout{part}_bits_per_char")
+    if not (_finite(value) and _finite(reference)):
+        return None, None
+    return value / reference, None
 
 
 def _aligned_heldout_text(r: dict, mle: dict) -> str:
     """` (+0.6% [...] on aligned segments alone)`: the held-out cost on clean text, which the whole documents' figure
     mixes with not knowing the flagged segments (what masking and filtering are for); empty for runs without it."""
-    if "heldout_aligned_ratio_to_mle" in r:
-        ratio, ci = r["heldout_aligned_ratio_to_mle"], r.get("heldout_aligned_ratio_ci95")
-    elif _finite(r.get("heldout_aligned_bits_per_char")) and _finite(mle.get("heldout_aligned_bits_per_char")):
-        ratio, ci = r["heldout_aligned_bits_per_char"] / mle["heldout_aligned_bits_per_char"], None
-    else:
-        return ""
-    return f" ({percent_text(ratio, ci)} on aligned segments alone)"
+    ratio, ci = _heldout_ratio(r, mle, "_aligned")
+    return "" if ratio is None else f" ({percent_text(ratio, ci)} on aligned segments alone)"
 
 
 def misalignment_note(r: dict, mle: dict) -> str:
